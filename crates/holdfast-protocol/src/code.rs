@@ -21,7 +21,11 @@ pub struct ErrorReply {
 impl ErrorReply {
     /// A custom error (application codes 400–1999).
     pub fn new(code: u32, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into(), temporary: false }
+        Self {
+            code,
+            message: message.into(),
+            temporary: false,
+        }
     }
 
     /// The same error marked temporary.
@@ -32,7 +36,11 @@ impl ErrorReply {
     }
 
     const fn fixed(code: u32, message: &'static str, temporary: bool) -> Self {
-        Self { code, message: Cow::Borrowed(message), temporary }
+        Self {
+            code,
+            message: Cow::Borrowed(message),
+            temporary,
+        }
     }
 
     /// 100: the server failed; the client may retry.
@@ -95,7 +103,10 @@ impl Disconnect {
     }
 
     const fn fixed(code: u16, reason: &'static str) -> Self {
-        Self { code, reason: Cow::Borrowed(reason) }
+        Self {
+            code,
+            reason: Cow::Borrowed(reason),
+        }
     }
 
     /// Whether a client should reconnect after this disconnect.

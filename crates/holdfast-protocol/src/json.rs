@@ -90,7 +90,12 @@ pub fn decode_command(line: &[u8]) -> Result<Command, DecodeError> {
 pub fn raw_to_bytes(raw: &RawValue) -> Bytes {
     let s = raw.get().as_bytes();
     if s.iter().any(|&b| b == b'\n' || b == b'\r') {
-        Bytes::from(s.iter().copied().filter(|&b| b != b'\n' && b != b'\r').collect::<Vec<u8>>())
+        Bytes::from(
+            s.iter()
+                .copied()
+                .filter(|&b| b != b'\n' && b != b'\r')
+                .collect::<Vec<u8>>(),
+        )
     } else {
         Bytes::copy_from_slice(s)
     }
@@ -144,7 +149,10 @@ impl WireCommand<'_> {
         } else if let Some(u) = self.unsubscribe {
             Request::Unsubscribe { channel: u.channel }
         } else if let Some(p) = self.publish {
-            Request::Publish(PublishRequest { channel: p.channel, data: raw_or_empty(p.data) })
+            Request::Publish(PublishRequest {
+                channel: p.channel,
+                data: raw_or_empty(p.data),
+            })
         } else if let Some(p) = self.presence {
             Request::Presence { channel: p.channel }
         } else if let Some(p) = self.presence_stats {
@@ -153,22 +161,39 @@ impl WireCommand<'_> {
             Request::History(HistoryRequest {
                 channel: h.channel,
                 limit: h.limit,
-                since: h.since.map(|s| StreamPosition { offset: s.offset, epoch: s.epoch }),
+                since: h.since.map(|s| StreamPosition {
+                    offset: s.offset,
+                    epoch: s.epoch,
+                }),
                 reverse: h.reverse,
             })
         } else if self.ping.is_some() {
             // Clients never send `ping`; the reference server closes with bad request.
             return Err(DecodeError::UnknownCommand);
         } else if let Some(s) = self.send {
-            return Ok(Command { id, request: Request::Send { data: raw_or_empty(s.data) } });
+            return Ok(Command {
+                id,
+                request: Request::Send {
+                    data: raw_or_empty(s.data),
+                },
+            });
         } else if let Some(r) = self.rpc {
-            Request::Rpc { method: r.method, data: raw_or_empty(r.data) }
+            Request::Rpc {
+                method: r.method,
+                data: raw_or_empty(r.data),
+            }
         } else if let Some(r) = self.refresh {
             Request::Refresh { token: r.token }
         } else if let Some(r) = self.sub_refresh {
-            Request::SubRefresh { channel: r.channel, token: r.token }
+            Request::SubRefresh {
+                channel: r.channel,
+                token: r.token,
+            }
         } else if id == 0 {
-            return Ok(Command { id, request: Request::Pong });
+            return Ok(Command {
+                id,
+                request: Request::Pong,
+            });
         } else {
             return Err(DecodeError::UnknownCommand);
         };
@@ -544,7 +569,10 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u32, body: &ReplyBody) {
             p.end();
             out.push(b'}');
         }
-        ReplyBody::PresenceStats { num_clients, num_users } => {
+        ReplyBody::PresenceStats {
+            num_clients,
+            num_users,
+        } => {
             let mut r = Obj::new(o.key("presence_stats"));
             r.u64_always("num_clients", u64::from(*num_clients));
             r.u64_always("num_users", u64::from(*num_users));
@@ -570,7 +598,11 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u32, body: &ReplyBody) {
             r.end();
         }
         ReplyBody::Refresh(r) | ReplyBody::SubRefresh(r) => {
-            let key = if matches!(body, ReplyBody::Refresh(_)) { "refresh" } else { "sub_refresh" };
+            let key = if matches!(body, ReplyBody::Refresh(_)) {
+                "refresh"
+            } else {
+                "sub_refresh"
+            };
             let mut x = Obj::new(o.key(key));
             x.bool("expires", r.expires);
             x.u64("ttl", u64::from(r.ttl));
@@ -585,7 +617,10 @@ pub fn encode_push(out: &mut Vec<u8>, push: &Push<'_>) {
     out.extend_from_slice(b"{\"push\":");
     let mut o = Obj::new(out);
     match push {
-        Push::Pub { channel, publication } => {
+        Push::Pub {
+            channel,
+            publication,
+        } => {
             o.str("channel", channel);
             write_publication(o.key("pub"), publication);
         }
@@ -603,7 +638,11 @@ pub fn encode_push(out: &mut Vec<u8>, push: &Push<'_>) {
             write_client_info(out, info);
             out.push(b'}');
         }
-        Push::Unsubscribe { channel, code, reason } => {
+        Push::Unsubscribe {
+            channel,
+            code,
+            reason,
+        } => {
             o.str("channel", channel);
             let mut u = Obj::new(o.key("unsubscribe"));
             u.u64("code", u64::from(*code));

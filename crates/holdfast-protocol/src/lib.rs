@@ -19,8 +19,6 @@ pub enum Encoding {
     /// Text frames, messages separated by `\n`.
     #[default]
     Json,
-    /// Binary frames, messages prefixed by their varint length.
-    Protobuf,
 }
 
 impl Encoding {
@@ -28,7 +26,6 @@ impl Encoding {
     pub fn as_str(self) -> &'static str {
         match self {
             Encoding::Json => "json",
-            Encoding::Protobuf => "protobuf",
         }
     }
 }

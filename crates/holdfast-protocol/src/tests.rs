@@ -28,20 +28,27 @@ fn push(p: Push<'_>) -> String {
 fn decode_connect() {
     let c = one(r##"{"id":1,"connect":{"token":"t.k.n","name":"js","version":"1.2.3","data":{"a": 1},"subs":{"#42":{"recover":true,"offset":5,"epoch":"xyz"}},"headers":{"x":"y"},"flag":3,"dict":"d"}}"##).expect("decode");
     assert_eq!(c.id, 1);
-    let Request::Connect(r) = c.request else { panic!("not connect") };
+    let Request::Connect(r) = c.request else {
+        panic!("not connect")
+    };
     assert_eq!(r.token, "t.k.n");
     assert_eq!(r.name, "js");
     assert_eq!(r.version, "1.2.3");
     assert_eq!(r.data.as_deref(), Some(&b"{\"a\": 1}"[..]));
     let s = &r.subs["#42"];
-    assert_eq!((s.channel.as_str(), s.recover, s.offset, s.epoch.as_str()), ("#42", true, 5, "xyz"));
+    assert_eq!(
+        (s.channel.as_str(), s.recover, s.offset, s.epoch.as_str()),
+        ("#42", true, 5, "xyz")
+    );
     assert_eq!(r.headers["x"], "y");
 }
 
 #[test]
 fn decode_subscribe_ignores_unimplemented_fields() {
     let c = one(r#"{"id":2,"subscribe":{"channel":"chat:index","flag":1,"recover":true,"epoch":"kqXb","offset":12,"positioned":true,"recoverable":true,"join_leave":true,"delta":"fossil","tf":{"op":"eq","key":"a","val":"b"},"type":0,"phase":0,"cursor":"","limit":10,"asc":true,"data":{"x":1}}}"#).expect("decode");
-    let Request::Subscribe(s) = c.request else { panic!() };
+    let Request::Subscribe(s) = c.request else {
+        panic!()
+    };
     assert_eq!(s.channel, "chat:index");
     assert!(s.recover && s.positioned && s.recoverable && s.join_leave);
     assert_eq!((s.offset, s.epoch.as_str(), s.flag), (12, "kqXb", 1));
@@ -51,22 +58,50 @@ fn decode_subscribe_ignores_unimplemented_fields() {
 #[test]
 fn decode_every_other_command() {
     let cases: Vec<(&str, Request)> = vec![
-        (r#"{"id":3,"unsubscribe":{"channel":"a"}}"#, Request::Unsubscribe { channel: "a".into() }),
-        (r#"{"id":3,"presence":{"channel":"a"}}"#, Request::Presence { channel: "a".into() }),
+        (
+            r#"{"id":3,"unsubscribe":{"channel":"a"}}"#,
+            Request::Unsubscribe {
+                channel: "a".into(),
+            },
+        ),
+        (
+            r#"{"id":3,"presence":{"channel":"a"}}"#,
+            Request::Presence {
+                channel: "a".into(),
+            },
+        ),
         (
             r#"{"id":3,"presence_stats":{"channel":"a"}}"#,
-            Request::PresenceStats { channel: "a".into() },
+            Request::PresenceStats {
+                channel: "a".into(),
+            },
         ),
-        (r#"{"id":3,"refresh":{"token":"tok"}}"#, Request::Refresh { token: "tok".into() }),
+        (
+            r#"{"id":3,"refresh":{"token":"tok"}}"#,
+            Request::Refresh {
+                token: "tok".into(),
+            },
+        ),
         (
             r#"{"id":3,"sub_refresh":{"channel":"$a","token":"tok","type":0}}"#,
-            Request::SubRefresh { channel: "$a".into(), token: "tok".into() },
+            Request::SubRefresh {
+                channel: "$a".into(),
+                token: "tok".into(),
+            },
         ),
         (
             r#"{"id":3,"rpc":{"method":"getPrice","data":{"object_id":12}}}"#,
-            Request::Rpc { method: "getPrice".into(), data: Bytes::from_static(b"{\"object_id\":12}") },
+            Request::Rpc {
+                method: "getPrice".into(),
+                data: Bytes::from_static(b"{\"object_id\":12}"),
+            },
         ),
-        (r#"{"send":{"data":{"typing":true}}}"#, Request::Send { data: Bytes::from_static(b"{\"typing\":true}") }),
+        (
+            r#"{"send":{"data":{"typing":true}}}"#,
+            Request::Send {
+                data: Bytes::from_static(b"{\"typing\":true}"),
+            },
+        ),
         (r#"{}"#, Request::Pong),
         (r#"{"id":0}"#, Request::Pong),
     ];
@@ -79,7 +114,9 @@ fn decode_every_other_command() {
 fn decode_publish_strips_raw_newlines_from_payload() {
     let c = one("{\"id\":4,\"publish\":{\"channel\":\"c\",\"data\":{\r\"text\":  \"a\\nb\"\r}}}")
         .expect("decode");
-    let Request::Publish(p) = c.request else { panic!() };
+    let Request::Publish(p) = c.request else {
+        panic!()
+    };
     assert_eq!(p.channel, "c");
     assert_eq!(&p.data[..], &b"{\"text\":  \"a\\nb\"}"[..]);
 }
@@ -87,12 +124,22 @@ fn decode_publish_strips_raw_newlines_from_payload() {
 #[test]
 fn decode_history() {
     let c = one(r#"{"id":6,"history":{"channel":"chat:index","limit":2,"since":{"offset":10,"epoch":"kq"},"reverse":true}}"#).expect("decode");
-    let Request::History(h) = c.request else { panic!() };
+    let Request::History(h) = c.request else {
+        panic!()
+    };
     assert_eq!(h.limit, 2);
-    assert_eq!(h.since, Some(StreamPosition { offset: 10, epoch: "kq".into() }));
+    assert_eq!(
+        h.since,
+        Some(StreamPosition {
+            offset: 10,
+            epoch: "kq".into()
+        })
+    );
     assert!(h.reverse);
     let c = one(r#"{"id":7,"history":{"channel":"x","limit":-1}}"#).expect("decode");
-    let Request::History(h) = c.request else { panic!() };
+    let Request::History(h) = c.request else {
+        panic!()
+    };
     assert_eq!((h.limit, h.since), (-1, None));
 }
 
@@ -106,17 +153,23 @@ fn decode_batched_frame() {
 
 #[test]
 fn decode_errors() {
-    assert_eq!(json::decode_frame(b"").unwrap_err(), DecodeError::EmptyFrame);
-    assert_eq!(json::decode_frame(b"\n").unwrap_err(), DecodeError::EmptyFrame);
+    assert_eq!(
+        json::decode_frame(b"").unwrap_err(),
+        DecodeError::EmptyFrame
+    );
+    assert_eq!(
+        json::decode_frame(b"\n").unwrap_err(),
+        DecodeError::EmptyFrame
+    );
     // A second trailing newline is an empty command.
     let cmds: Vec<_> = json::decode_frame(b"{}\n\n").expect("frame").collect();
     assert_eq!(cmds[1], Err(DecodeError::EmptyCommand));
     for bad in [
-        r#"{"id":1,"connect":{"token":"#,                // truncated
-        r#"{"id":"1","connect":{}}"#,                   // wrong type
-        r#"{"id":99999999999,"connect":{}}"#,           // id beyond u32
-        r#"{"id":-1,"connect":{}}"#,                    // negative id
-        r#"{"id":1,"subscribe":{"channel":5}}"#,        // wrong type in request
+        r#"{"id":1,"connect":{"token":"#,        // truncated
+        r#"{"id":"1","connect":{}}"#,            // wrong type
+        r#"{"id":99999999999,"connect":{}}"#,    // id beyond u32
+        r#"{"id":-1,"connect":{}}"#,             // negative id
+        r#"{"id":1,"subscribe":{"channel":5}}"#, // wrong type in request
         r#"{"id":1,"history":{"channel":"a","since":{"offset":-3}}}"#,
         r#"[1,2,3]"#,
         r#"garbage"#,
@@ -124,9 +177,18 @@ fn decode_errors() {
         assert!(matches!(one(bad), Err(DecodeError::Malformed(_))), "{bad}");
     }
     assert_eq!(one(r#"{"id":5}"#).unwrap_err(), DecodeError::UnknownCommand);
-    assert_eq!(one(r#"{"id":5,"ping":{}}"#).unwrap_err(), DecodeError::UnknownCommand);
-    assert_eq!(one(r#"{"id":5,"frobnicate":{}}"#).unwrap_err(), DecodeError::UnknownCommand);
-    assert_eq!(one(r#"{"subscribe":{"channel":"a"}}"#).unwrap_err(), DecodeError::MissingId);
+    assert_eq!(
+        one(r#"{"id":5,"ping":{}}"#).unwrap_err(),
+        DecodeError::UnknownCommand
+    );
+    assert_eq!(
+        one(r#"{"id":5,"frobnicate":{}}"#).unwrap_err(),
+        DecodeError::UnknownCommand
+    );
+    assert_eq!(
+        one(r#"{"subscribe":{"channel":"a"}}"#).unwrap_err(),
+        DecodeError::MissingId
+    );
     assert!(one("{\"id\":1,\"connect\":{\"token\":\"\u{1}\"}}").is_err());
 }
 
@@ -174,10 +236,21 @@ fn encode_connect_results() {
 
 #[test]
 fn encode_subscribe_results() {
-    assert_eq!(reply(2, ReplyBody::Subscribe(Box::default())), r#"{"id":2,"subscribe":{}}"#);
+    assert_eq!(
+        reply(2, ReplyBody::Subscribe(Box::default())),
+        r#"{"id":2,"subscribe":{}}"#
+    );
     let pubs = vec![
-        Arc::new(Publication { offset: 13, data: Bytes::from_static(b"{\"n\":13}"), ..Default::default() }),
-        Arc::new(Publication { offset: 14, data: Bytes::from_static(b"{\"n\":14}"), ..Default::default() }),
+        Arc::new(Publication {
+            offset: 13,
+            data: Bytes::from_static(b"{\"n\":13}"),
+            ..Default::default()
+        }),
+        Arc::new(Publication {
+            offset: 14,
+            data: Bytes::from_static(b"{\"n\":14}"),
+            ..Default::default()
+        }),
     ];
     let r = SubscribeResult {
         recoverable: true,
@@ -198,7 +271,10 @@ fn encode_subscribe_results() {
 #[test]
 fn encode_simple_results_and_errors() {
     assert_eq!(reply(3, ReplyBody::Publish), r#"{"id":3,"publish":{}}"#);
-    assert_eq!(reply(11, ReplyBody::Unsubscribe), r#"{"id":11,"unsubscribe":{}}"#);
+    assert_eq!(
+        reply(11, ReplyBody::Unsubscribe),
+        r#"{"id":11,"unsubscribe":{}}"#
+    );
     assert_eq!(
         reply(2, ReplyBody::Error(ErrorReply::PERMISSION_DENIED)),
         r#"{"id":2,"error":{"code":103,"message":"permission denied"}}"#
@@ -208,32 +284,67 @@ fn encode_simple_results_and_errors() {
         r#"{"id":2,"error":{"code":100,"message":"internal server error","temporary":true}}"#
     );
     assert_eq!(
-        reply(5, ReplyBody::PresenceStats { num_clients: 0, num_users: 0 }),
+        reply(
+            5,
+            ReplyBody::PresenceStats {
+                num_clients: 0,
+                num_users: 0
+            }
+        ),
         r#"{"id":5,"presence_stats":{"num_clients":0,"num_users":0}}"#
     );
-    assert_eq!(reply(4, ReplyBody::Presence(vec![])), r#"{"id":4,"presence":{"presence":{}}}"#);
+    assert_eq!(
+        reply(4, ReplyBody::Presence(vec![])),
+        r#"{"id":4,"presence":{"presence":{}}}"#
+    );
     assert_eq!(
         reply(
             4,
-            ReplyBody::Presence(vec![Arc::new(info("42", "9336", Some(b"{\"name\":\"Alex\"}")))])
+            ReplyBody::Presence(vec![Arc::new(info(
+                "42",
+                "9336",
+                Some(b"{\"name\":\"Alex\"}")
+            ))])
         ),
         r#"{"id":4,"presence":{"presence":{"9336":{"user":"42","client":"9336","conn_info":{"name":"Alex"}}}}}"#
     );
-    assert_eq!(reply(8, ReplyBody::Rpc(Some(Bytes::from_static(b"{\"answer\":\"2019\"}")))), r#"{"id":8,"rpc":{"data":{"answer":"2019"}}}"#);
+    assert_eq!(
+        reply(
+            8,
+            ReplyBody::Rpc(Some(Bytes::from_static(b"{\"answer\":\"2019\"}")))
+        ),
+        r#"{"id":8,"rpc":{"data":{"answer":"2019"}}}"#
+    );
     assert_eq!(reply(8, ReplyBody::Rpc(None)), r#"{"id":8,"rpc":{}}"#);
     assert_eq!(
-        reply(9, ReplyBody::Refresh(RefreshResult { expires: true, ttl: 600 })),
+        reply(
+            9,
+            ReplyBody::Refresh(RefreshResult {
+                expires: true,
+                ttl: 600
+            })
+        ),
         r#"{"id":9,"refresh":{"expires":true,"ttl":600}}"#
     );
     assert_eq!(
-        reply(10, ReplyBody::SubRefresh(RefreshResult { expires: true, ttl: 3600 })),
+        reply(
+            10,
+            ReplyBody::SubRefresh(RefreshResult {
+                expires: true,
+                ttl: 3600
+            })
+        ),
         r#"{"id":10,"sub_refresh":{"expires":true,"ttl":3600}}"#
     );
 }
 
 #[test]
 fn encode_history() {
-    let h = HistoryResult { publications: vec![], epoch: "kq".into(), offset: 13 };
+    let h = HistoryResult {
+        publications: vec![],
+        epoch: "kq".into(),
+        offset: 13,
+    };
     assert_eq!(
         reply(7, ReplyBody::History(Box::new(h))),
         r#"{"id":7,"history":{"publications":[],"epoch":"kq","offset":13}}"#
@@ -247,7 +358,11 @@ fn encode_history() {
         tags: Some(Arc::new(tags)),
         time: 5,
     };
-    let h = HistoryResult { publications: vec![Arc::new(p)], epoch: "kq".into(), offset: 13 };
+    let h = HistoryResult {
+        publications: vec![Arc::new(p)],
+        epoch: "kq".into(),
+        offset: 13,
+    };
     assert_eq!(
         reply(6, ReplyBody::History(Box::new(h))),
         r#"{"id":6,"history":{"publications":[{"data":{"n":11},"info":{"user":"42","client":"c1"},"offset":11,"tags":{"k\"":"v"}}],"epoch":"kq","offset":13}}"#
@@ -263,16 +378,25 @@ fn encode_pushes() {
         ..Default::default()
     };
     assert_eq!(
-        push(Push::Pub { channel: "chat:index", publication: &p }),
+        push(Push::Pub {
+            channel: "chat:index",
+            publication: &p
+        }),
         r#"{"push":{"channel":"chat:index","pub":{"data":{"text":"hello"},"info":{"user":"42","client":"9336"},"offset":13}}}"#
     );
     let anon = info("", "d451", Some(b"{\"name\":\"Alice\"}"));
     assert_eq!(
-        push(Push::Join { channel: "chat", info: &anon }),
+        push(Push::Join {
+            channel: "chat",
+            info: &anon
+        }),
         r#"{"push":{"channel":"chat","join":{"info":{"user":"","client":"d451","conn_info":{"name":"Alice"}}}}}"#
     );
     assert_eq!(
-        push(Push::Leave { channel: "chat", info: &anon }),
+        push(Push::Leave {
+            channel: "chat",
+            info: &anon
+        }),
         r#"{"push":{"channel":"chat","leave":{"info":{"user":"","client":"d451","conn_info":{"name":"Alice"}}}}}"#
     );
     let r = SubscribeResult {
@@ -283,20 +407,32 @@ fn encode_pushes() {
         ..Default::default()
     };
     assert_eq!(
-        push(Push::Subscribe { channel: "news", result: &r }),
+        push(Push::Subscribe {
+            channel: "news",
+            result: &r
+        }),
         r#"{"push":{"channel":"news","subscribe":{"recoverable":true,"epoch":"aBcDeFgH","offset":5,"positioned":true}}}"#
     );
     assert_eq!(
-        push(Push::Unsubscribe { channel: "news", code: 2000, reason: "server unsubscribe" }),
+        push(Push::Unsubscribe {
+            channel: "news",
+            code: 2000,
+            reason: "server unsubscribe"
+        }),
         r#"{"push":{"channel":"news","unsubscribe":{"code":2000,"reason":"server unsubscribe"}}}"#
     );
     assert_eq!(
-        push(Push::Message { data: b"{\"alert\":\"hi\"}" }),
+        push(Push::Message {
+            data: b"{\"alert\":\"hi\"}"
+        }),
         r#"{"push":{"message":{"data":{"alert":"hi"}}}}"#
     );
     let d = Disconnect::SHUTDOWN;
     assert_eq!(
-        push(Push::Disconnect { code: d.code, reason: &d.reason }),
+        push(Push::Disconnect {
+            code: d.code,
+            reason: &d.reason
+        }),
         r#"{"push":{"disconnect":{"code":3001,"reason":"shutdown"}}}"#
     );
     assert_eq!(json::PING, b"{}");
@@ -314,10 +450,23 @@ fn string_escaping_round_trips() {
 
 #[test]
 fn every_encoded_message_is_valid_single_line_json() {
-    let p = Publication { offset: 1, data: Bytes::from_static(b"[1,2]"), ..Default::default() };
+    let p = Publication {
+        offset: 1,
+        data: Bytes::from_static(b"[1,2]"),
+        ..Default::default()
+    };
     let msgs = [
-        reply(1, ReplyBody::Subscribe(Box::new(SubscribeResult { publications: vec![Arc::new(p.clone())], ..Default::default() }))),
-        push(Push::Pub { channel: "x\ny", publication: &p }),
+        reply(
+            1,
+            ReplyBody::Subscribe(Box::new(SubscribeResult {
+                publications: vec![Arc::new(p.clone())],
+                ..Default::default()
+            })),
+        ),
+        push(Push::Pub {
+            channel: "x\ny",
+            publication: &p,
+        }),
     ];
     for m in msgs {
         assert!(!m.contains('\n'));

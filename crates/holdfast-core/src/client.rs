@@ -1,0 +1,319 @@
+//! The shared half of a connection: its outbound queue and the signals between the reader, the
+//! writer and the rest of the node.
+//!
+//! Fan-out, API calls and the session all reach a connection through [`ClientHandle`]: they push
+//! encoded messages into the bounded outbox (never waiting), ask it to close, or leave a control
+//! message for the session. The transport's writer drains the outbox.
+
+use bytes::Bytes;
+use holdfast_protocol::{Disconnect, Encoding};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::Notify;
+
+/// Control messages for the session, left by other parts of the node. Bounded by
+/// [`MAX_CONTROL`]; beyond it the connection is closed to resynchronise.
+#[derive(Debug, Clone)]
+pub(crate) enum Control {
+    /// The subscription was ended by fan-out (gap detected); the unsubscribe push was sent.
+    SubscriptionLost { channel: Arc<str> },
+    /// Unsubscribe (server API): push `unsubscribe` with this code.
+    Unsubscribe {
+        channel: String,
+        code: u32,
+        reason: String,
+    },
+    /// Subscribe on behalf of the server (server API).
+    Subscribe(Box<crate::session::ServerSubscribe>),
+    /// Refresh the connection's expiry (server API).
+    Refresh {
+        expire_at: Option<i64>,
+        info: Option<Bytes>,
+    },
+}
+
+const MAX_CONTROL: usize = 256;
+
+/// State of the outbound queue.
+#[derive(Debug)]
+struct Outbox {
+    /// Encoded messages (no framing), oldest first.
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    bytes: usize,
+    /// Set once: the connection is closing with this disconnect.
+    closing: Option<Disconnect>,
+    /// Write what is queued before closing (false for 3008, whose queue is dropped).
+    flush_on_close: bool,
+}
+
+/// What the writer takes from the outbox in one go.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Messages to write, oldest first.
+    pub messages: VecDeque<Bytes>,
+    /// Close with this after writing `messages`.
+    pub close: Option<Disconnect>,
+}
+
+/// One connection as seen by the rest of the node.
+#[derive(Debug)]
+pub struct ClientHandle {
+    /// Connection id (UUID), sent in the connect result.
+    pub(crate) id: Arc<str>,
+    /// Small unique number used as the key in per-channel subscriber maps.
+    pub(crate) seq: u64,
+    /// Frame encoding of this connection.
+    pub(crate) encoding: Encoding,
+    /// Queue limit in bytes; overflow closes the connection with 3008.
+    max_queue: usize,
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer: messages queued, close requested, or timers changed.
+    writer_wake: Notify,
+    /// Wakes the reader: control message or close.
+    reader_wake: Notify,
+    control: Mutex<VecDeque<Control>>,
+    /// The connect command succeeded.
+    connected: AtomicBool,
+    /// A ping was written and no pong has arrived yet.
+    ping_outstanding: AtomicBool,
+    /// When the connection expires (None = never); the writer closes it with 3005 after the
+    /// grace delay unless a refresh moves this.
+    expires_at: Mutex<Option<tokio::time::Instant>>,
+    /// User id, set on connect.
+    user: std::sync::OnceLock<Arc<str>>,
+    /// Messages written to the socket (for the metrics of this connection).
+    pub(crate) sent: AtomicU64,
+}
+
+impl ClientHandle {
+    pub(crate) fn new(id: Arc<str>, seq: u64, encoding: Encoding, max_queue: usize) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            seq,
+            encoding,
+            max_queue,
+            outbox: Mutex::new(Outbox {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closing: None,
+                flush_on_close: true,
+            }),
+            writer_wake: Notify::new(),
+            reader_wake: Notify::new(),
+            control: Mutex::new(VecDeque::new()),
+            connected: AtomicBool::new(false),
+            ping_outstanding: AtomicBool::new(false),
+            expires_at: Mutex::new(None),
+            user: std::sync::OnceLock::new(),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// Connection id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// User id (empty before connect and for anonymous users).
+    pub fn user(&self) -> &str {
+        self.user.get().map_or("", |u| u)
+    }
+
+    pub(crate) fn set_user(&self, user: Arc<str>) {
+        let _ = self.user.set(user);
+    }
+
+    /// Frame encoding.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// Queues one encoded message. Never waits: on overflow the connection is closed with 3008
+    /// and its queue dropped. Returns false when the message was not queued.
+    pub fn send(&self, msg: Bytes) -> bool {
+        let mut ob = self.outbox.lock();
+        if ob.closing.is_some() {
+            return false;
+        }
+        if ob.bytes + msg.len() > self.max_queue {
+            ob.queue.clear();
+            ob.bytes = 0;
+            ob.closing = Some(Disconnect::SLOW);
+            ob.flush_on_close = false;
+            drop(ob);
+            metrics::counter!("holdfast_queue_overflow_disconnects_total").increment(1);
+            tracing::info!(client = %self.id, user = self.user(), "outbound queue overflow, closing with 3008");
+            self.wake_all();
+            return false;
+        }
+        let was_empty = ob.queue.is_empty();
+        ob.bytes += msg.len();
+        ob.queue.push_back(msg);
+        drop(ob);
+        if was_empty {
+            self.writer_wake.notify_one();
+        }
+        true
+    }
+
+    /// Asks the connection to close: queued messages are written first, then the close frame.
+    /// The first close wins.
+    pub fn close(&self, d: Disconnect) {
+        let mut ob = self.outbox.lock();
+        if ob.closing.is_some() {
+            return;
+        }
+        ob.closing = Some(d);
+        drop(ob);
+        self.wake_all();
+    }
+
+    /// Whether the connection is closing or closed.
+    pub fn is_closing(&self) -> bool {
+        self.outbox.lock().closing.is_some()
+    }
+
+    /// The disconnect the connection is closing with.
+    pub fn closing_reason(&self) -> Option<Disconnect> {
+        self.outbox.lock().closing.clone()
+    }
+
+    /// Bytes waiting in the outbox.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox.lock().bytes
+    }
+
+    /// Takes everything queued (and the close request, if any) for the writer.
+    pub fn drain(&self) -> Drained {
+        let mut ob = self.outbox.lock();
+        let close = ob.closing.clone();
+        if close.is_some() && !ob.flush_on_close {
+            ob.queue.clear();
+            ob.bytes = 0;
+        }
+        ob.bytes = 0;
+        Drained {
+            messages: std::mem::take(&mut ob.queue),
+            close,
+        }
+    }
+
+    /// Waits until the writer has something to do.
+    pub async fn writer_notified(&self) {
+        self.writer_wake.notified().await;
+    }
+
+    /// Wakes the writer (timers changed).
+    pub(crate) fn wake_writer(&self) {
+        self.writer_wake.notify_one();
+    }
+
+    /// Waits until the reader has something to do.
+    pub async fn reader_notified(&self) {
+        self.reader_wake.notified().await;
+    }
+
+    fn wake_all(&self) {
+        self.writer_wake.notify_one();
+        self.reader_wake.notify_one();
+    }
+
+    pub(crate) fn push_control(&self, c: Control) {
+        let mut q = self.control.lock();
+        if q.len() >= MAX_CONTROL {
+            drop(q);
+            tracing::warn!(client = %self.id, "control queue full, closing to resynchronise");
+            self.close(Disconnect::SERVER_ERROR);
+            return;
+        }
+        q.push_back(c);
+        drop(q);
+        self.reader_wake.notify_one();
+    }
+
+    pub(crate) fn take_control(&self) -> Option<Control> {
+        self.control.lock().pop_front()
+    }
+
+    pub(crate) fn set_connected(&self) {
+        self.connected.store(true, Ordering::Release);
+        self.wake_writer();
+    }
+
+    /// Whether the connect command succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Marks a ping as written; returns false when the previous one is still unanswered.
+    pub fn ping_sent(&self) -> bool {
+        !self.ping_outstanding.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a ping is waiting for its pong.
+    pub fn ping_outstanding(&self) -> bool {
+        self.ping_outstanding.load(Ordering::Acquire)
+    }
+
+    /// Records a pong; false when no ping was outstanding (an unnecessary pong).
+    pub(crate) fn pong_received(&self) -> bool {
+        self.ping_outstanding.swap(false, Ordering::AcqRel)
+    }
+
+    /// When the connection expires (None = never).
+    pub fn expires_at(&self) -> Option<tokio::time::Instant> {
+        *self.expires_at.lock()
+    }
+
+    pub(crate) fn set_expires_at(&self, at: Option<tokio::time::Instant>) {
+        *self.expires_at.lock() = at;
+        self.wake_writer();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_closes_with_slow_and_drops_queue() {
+        let c = ClientHandle::new("c".into(), 1, Encoding::Json, 10);
+        assert!(c.send(Bytes::from_static(b"12345")));
+        assert!(c.send(Bytes::from_static(b"12345")));
+        assert_eq!(c.queued_bytes(), 10);
+        assert!(!c.send(Bytes::from_static(b"1")));
+        let d = c.drain();
+        assert!(d.messages.is_empty(), "3008 drops the queue");
+        assert_eq!(d.close, Some(Disconnect::SLOW));
+        assert!(
+            !c.send(Bytes::from_static(b"1")),
+            "nothing is queued after close"
+        );
+    }
+
+    #[test]
+    fn close_flushes_queue_first() {
+        let c = ClientHandle::new("c".into(), 1, Encoding::Json, 100);
+        c.send(Bytes::from_static(b"a"));
+        c.close(Disconnect::SHUTDOWN);
+        c.close(Disconnect::FORCE_DISCONNECT);
+        let d = c.drain();
+        assert_eq!(d.messages.len(), 1);
+        assert_eq!(d.close, Some(Disconnect::SHUTDOWN), "the first close wins");
+    }
+
+    #[test]
+    fn pong_accounting() {
+        let c = ClientHandle::new("c".into(), 1, Encoding::Json, 100);
+        assert!(!c.pong_received(), "pong without ping is unnecessary");
+        assert!(c.ping_sent());
+        assert!(c.pong_received());
+        assert!(
+            !c.pong_received(),
+            "second pong for one ping is unnecessary"
+        );
+    }
+}

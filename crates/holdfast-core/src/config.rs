@@ -1,0 +1,524 @@
+//! Node configuration: client limits and timers, channel namespaces and their options.
+//!
+//! Key names and nesting follow Centrifugo v6 (`client.*`, `channel.*`) so an existing
+//! configuration carries over. Durations are strings such as `"25s"`, `"720h"` or `"1m30s"`.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Everything the node needs to know; the server's file format embeds these sections.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// Client connection behaviour.
+    pub client: ClientConfig,
+    /// Channel naming and namespaces.
+    pub channel: ChannelConfig,
+}
+
+/// `client.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ClientConfig {
+    /// Allow everything: anonymous connects, every channel operation. Development only.
+    pub insecure: bool,
+    /// Anonymous connections without a token are allowed.
+    pub allow_anonymous_connect_without_token: bool,
+    /// Tokens with an empty `sub` are refused (3507).
+    pub disallow_anonymous_connection_tokens: bool,
+    /// Interval between server pings.
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// How long a client may take to answer a ping (3012 after that).
+    #[serde(with = "duration")]
+    pub pong_timeout: Duration,
+    /// A connection that sends no `connect` within this delay is closed with 3502.
+    #[serde(with = "duration")]
+    pub stale_close_delay: Duration,
+    /// Grace period after the connection token expires before closing with 3005.
+    #[serde(with = "duration")]
+    pub expired_close_delay: Duration,
+    /// Grace period after a subscription token expires before unsubscribing with 2501.
+    #[serde(with = "duration")]
+    pub expired_sub_close_delay: Duration,
+    /// Maximum subscriptions per connection (106; 3505 for server-side ones).
+    pub channel_limit: usize,
+    /// Maximum connections per user on this node (0 = unlimited; 3504).
+    pub user_connection_limit: usize,
+    /// Outbound queue limit per connection in bytes; overflow closes with 3008.
+    pub queue_max_size: usize,
+    /// Cap on publications returned by a client `history` call.
+    pub history_max_publication_limit: usize,
+    /// Cap on publications recovered on subscribe; beyond it the client is told recovered:false.
+    pub recovery_max_publication_limit: usize,
+    /// Include the server time in the connect result.
+    pub connect_include_server_time: bool,
+    /// Server-side subscription to the user's personal channel.
+    pub subscribe_to_user_personal_channel: PersonalChannelConfig,
+    /// JWT verification settings (used by the standalone server's token verifier).
+    pub token: TokenConfig,
+    /// Separate keys for subscription tokens.
+    pub subscription_token: SubscriptionTokenConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            allow_anonymous_connect_without_token: false,
+            disallow_anonymous_connection_tokens: false,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(8),
+            stale_close_delay: Duration::from_secs(10),
+            expired_close_delay: Duration::from_secs(25),
+            expired_sub_close_delay: Duration::from_secs(25),
+            channel_limit: 128,
+            user_connection_limit: 0,
+            queue_max_size: 1 << 20,
+            history_max_publication_limit: 300,
+            recovery_max_publication_limit: 300,
+            connect_include_server_time: false,
+            subscribe_to_user_personal_channel: PersonalChannelConfig::default(),
+            token: TokenConfig::default(),
+            subscription_token: SubscriptionTokenConfig::default(),
+        }
+    }
+}
+
+/// `client.subscribe_to_user_personal_channel.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PersonalChannelConfig {
+    /// Subscribe every authenticated connection to `[ns:]#<user>`.
+    pub enabled: bool,
+    /// Namespace of the personal channel (empty = no namespace).
+    pub personal_channel_namespace: String,
+    /// Only one connection per user: a new connection closes older ones with 3504.
+    pub single_connection: bool,
+}
+
+/// `client.token.*`: how connection (and, by default, subscription) tokens are verified.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct TokenConfig {
+    /// HMAC secret for HS256/384/512.
+    pub hmac_secret_key: String,
+    /// Previous HMAC secret, accepted during key rotation.
+    pub hmac_previous_secret_key: String,
+    /// Unix time after which the previous secret is no longer accepted (0 = forever).
+    pub hmac_previous_secret_key_valid_until: i64,
+    /// PEM public key for RS256/384/512.
+    pub rsa_public_key: String,
+    /// PEM public key for ES256/384.
+    pub ecdsa_public_key: String,
+    /// JWKS endpoint; when set, all tokens are verified through it.
+    pub jwks_public_endpoint: String,
+    /// Required `aud` claim (empty = not checked).
+    pub audience: String,
+    /// Required `iss` claim (empty = not checked).
+    pub issuer: String,
+    /// Claim holding the user id instead of `sub`.
+    pub user_id_claim: String,
+}
+
+/// `client.subscription_token.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct SubscriptionTokenConfig {
+    /// Use the keys below for subscription tokens instead of `client.token`.
+    pub enabled: bool,
+    /// HMAC secret for subscription tokens.
+    pub hmac_secret_key: String,
+    /// PEM RSA public key for subscription tokens.
+    pub rsa_public_key: String,
+    /// PEM ECDSA public key for subscription tokens.
+    pub ecdsa_public_key: String,
+    /// JWKS endpoint for subscription tokens.
+    pub jwks_public_endpoint: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Claim holding the user id instead of `sub`.
+    pub user_id_claim: String,
+}
+
+impl SubscriptionTokenConfig {
+    /// The settings as a [`TokenConfig`].
+    pub fn as_token_config(&self) -> TokenConfig {
+        TokenConfig {
+            hmac_secret_key: self.hmac_secret_key.clone(),
+            rsa_public_key: self.rsa_public_key.clone(),
+            ecdsa_public_key: self.ecdsa_public_key.clone(),
+            jwks_public_endpoint: self.jwks_public_endpoint.clone(),
+            audience: self.audience.clone(),
+            issuer: self.issuer.clone(),
+            user_id_claim: self.user_id_claim.clone(),
+            ..TokenConfig::default()
+        }
+    }
+}
+
+/// `channel.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ChannelConfig {
+    /// Options of channels without a namespace.
+    pub without_namespace: ChannelOptions,
+    /// Named namespaces: a channel `ns:rest` uses the namespace `ns`.
+    pub namespaces: Vec<ChannelOptions>,
+    /// Default lifetime of a stream's epoch and top offset.
+    #[serde(with = "duration")]
+    pub history_meta_ttl: Duration,
+    /// Longest channel name accepted (107 beyond).
+    pub max_length: usize,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        Self {
+            without_namespace: ChannelOptions::default(),
+            namespaces: Vec::new(),
+            history_meta_ttl: Duration::from_secs(720 * 3600),
+            max_length: 255,
+        }
+    }
+}
+
+/// Options of one namespace (§7.2 of the protocol reference).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ChannelOptions {
+    /// Namespace name (only in `channel.namespaces`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Keep presence (needed for presence calls and join/leave).
+    pub presence: bool,
+    /// Emit join/leave events.
+    pub join_leave: bool,
+    /// Push join/leave to every subscriber without opt-in.
+    pub force_push_join_leave: bool,
+    /// Publications kept per channel (needs `history_ttl`).
+    pub history_size: usize,
+    /// How long publications are kept.
+    #[serde(with = "duration")]
+    pub history_ttl: Duration,
+    /// Lifetime of a stream's epoch and offset (defaults to `channel.history_meta_ttl`).
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub history_meta_ttl: Option<Duration>,
+    /// Every subscription is positioned (loss detection).
+    pub force_positioning: bool,
+    /// Clients may ask for positioning.
+    pub allow_positioning: bool,
+    /// Every subscription is recoverable.
+    pub force_recovery: bool,
+    /// Clients may ask for recovery.
+    pub allow_recovery: bool,
+    /// Authenticated users may subscribe without a token.
+    pub allow_subscribe_for_client: bool,
+    /// Anonymous users may subscribe (with `allow_subscribe_for_client`).
+    pub allow_subscribe_for_anonymous: bool,
+    /// Authenticated users may publish.
+    pub allow_publish_for_client: bool,
+    /// Subscribers may publish.
+    pub allow_publish_for_subscriber: bool,
+    /// Anonymous users may publish (with one of the above).
+    pub allow_publish_for_anonymous: bool,
+    /// Authenticated users may call presence.
+    pub allow_presence_for_client: bool,
+    /// Subscribers may call presence.
+    pub allow_presence_for_subscriber: bool,
+    /// Anonymous users may call presence.
+    pub allow_presence_for_anonymous: bool,
+    /// Authenticated users may read history.
+    pub allow_history_for_client: bool,
+    /// Subscribers may read history.
+    pub allow_history_for_subscriber: bool,
+    /// Anonymous users may read history.
+    pub allow_history_for_anonymous: bool,
+    /// `chat#42,43` channels may be subscribed by the listed users only.
+    pub allow_user_limited_channels: bool,
+}
+
+impl ChannelOptions {
+    /// Whether channels of this namespace keep history.
+    pub fn history_enabled(&self) -> bool {
+        self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl NodeConfig {
+    /// Checks the rules a running node depends on.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errs = Vec::new();
+        let mut err = |key: String, problem: &str| {
+            errs.push(ConfigError {
+                key,
+                problem: problem.to_owned(),
+            });
+        };
+        let c = &self.client;
+        if c.ping_interval.is_zero() || c.ping_interval <= c.pong_timeout {
+            err(
+                "client.ping_interval".into(),
+                "must be greater than client.pong_timeout",
+            );
+        }
+        if c.queue_max_size < 1024 {
+            err(
+                "client.queue_max_size".into(),
+                "must be at least 1024 bytes",
+            );
+        }
+        if c.channel_limit == 0 {
+            err("client.channel_limit".into(), "must be at least 1");
+        }
+        let check = |prefix: &str, o: &ChannelOptions, errs: &mut Vec<ConfigError>| {
+            let mut e = |k: &str, p: &str| {
+                errs.push(ConfigError {
+                    key: format!("{prefix}.{k}"),
+                    problem: p.to_owned(),
+                });
+            };
+            if o.history_size > 0 && o.history_ttl.is_zero() {
+                e(
+                    "history_ttl",
+                    "history_size is set but history_ttl is not (both are needed)",
+                );
+            }
+            if o.history_size == 0 && !o.history_ttl.is_zero() {
+                e(
+                    "history_size",
+                    "history_ttl is set but history_size is not (both are needed)",
+                );
+            }
+            if o.force_recovery && !o.history_enabled() {
+                e(
+                    "force_recovery",
+                    "recovery needs history_size and history_ttl",
+                );
+            }
+            if let Some(meta) = o.history_meta_ttl {
+                if meta < o.history_ttl {
+                    e("history_meta_ttl", "must not be shorter than history_ttl");
+                }
+            }
+        };
+        check(
+            "channel.without_namespace",
+            &self.channel.without_namespace,
+            &mut errs,
+        );
+        if !self.channel.without_namespace.name.is_empty() {
+            errs.push(ConfigError {
+                key: "channel.without_namespace.name".into(),
+                problem: "only namespaces have names".into(),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, ns) in self.channel.namespaces.iter().enumerate() {
+            let prefix = format!("channel.namespaces[{i}]");
+            if !valid_namespace_name(&ns.name) {
+                errs.push(ConfigError {
+                    key: format!("{prefix}.name"),
+                    problem: format!(
+                        "{:?} is not a valid namespace name (two or more of a-z A-Z 0-9 - _ .)",
+                        ns.name
+                    ),
+                });
+            } else if !seen.insert(ns.name.as_str()) {
+                errs.push(ConfigError {
+                    key: format!("{prefix}.name"),
+                    problem: format!("namespace {:?} is defined twice", ns.name),
+                });
+            }
+            check(&prefix, ns, &mut errs);
+        }
+        let personal = &c.subscribe_to_user_personal_channel;
+        if personal.enabled && !personal.personal_channel_namespace.is_empty() {
+            if !self
+                .channel
+                .namespaces
+                .iter()
+                .any(|n| n.name == personal.personal_channel_namespace)
+            {
+                errs.push(ConfigError {
+                    key: "client.subscribe_to_user_personal_channel.personal_channel_namespace"
+                        .into(),
+                    problem: "names a namespace that is not defined".into(),
+                });
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+}
+
+fn valid_namespace_name(name: &str) -> bool {
+    name.len() >= 2
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Parses a duration written as `"300ms"`, `"25s"`, `"1m30s"`, `"720h"` (or a bare number of
+/// seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() || s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_end == 0 {
+            return Err(format!("invalid duration {s:?}"));
+        }
+        let n: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_end];
+        rest = &rest[unit_end..];
+        let secs = match unit {
+            "ns" => n / 1e9,
+            "us" | "µs" => n / 1e6,
+            "ms" => n / 1e3,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            _ => {
+                return Err(format!(
+                    "invalid duration unit {unit:?} in {s:?} (use ms, s, m, h)"
+                ));
+            }
+        };
+        total += Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))?;
+    }
+    Ok(total)
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Serde helpers for `"25s"`-style durations (numbers are seconds).
+pub mod duration {
+    use serde::{Deserialize, Deserializer, Serializer, de};
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Str(String),
+        Int(u64),
+        Float(f64),
+    }
+
+    /// Serialize as a string.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    /// Deserialize from a string or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Str(s) => super::parse_duration(&s).map_err(de::Error::custom),
+            Raw::Int(n) => Ok(Duration::from_secs(n)),
+            Raw::Float(f) => Duration::try_from_secs_f64(f).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Serde helpers for optional durations.
+pub mod opt_duration {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Serialize `Some` as a string.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Deserialize a present value.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("720h"), Ok(Duration::from_secs(720 * 3600)));
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        for d in ["25s", "720h", "300ms", "5m"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap_or_default()), d);
+        }
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = NodeConfig::default();
+        c.channel.namespaces.push(ChannelOptions {
+            name: "chat".into(),
+            history_size: 10,
+            ..Default::default()
+        });
+        c.channel.namespaces.push(ChannelOptions {
+            name: "x".into(),
+            ..Default::default()
+        });
+        let errs = c.validate().unwrap_err();
+        let keys: Vec<_> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "channel.namespaces[0].history_ttl",
+                "channel.namespaces[1].name"
+            ]
+        );
+        assert!(NodeConfig::default().validate().is_ok());
+    }
+}

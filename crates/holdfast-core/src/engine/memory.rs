@@ -1,0 +1,421 @@
+//! The memory engine: history, presence and idempotency in this process.
+//!
+//! Publish takes the channel's lock, appends, and calls the node's handler before releasing it,
+//! so history append and delivery are atomic per channel and deliveries come in offset order.
+//! A restart loses everything; every stream then starts under a new epoch, so clients that
+//! recover are told `recovered: false` instead of being given wrong offsets.
+
+use super::{
+    Broker, BrokerHandler, EngineError, HistoryPage, HistoryQuery, PresenceStore, PublishOptions,
+    PublishOutcome, StreamTop, new_epoch,
+};
+use async_trait::async_trait;
+use holdfast_protocol::{ClientInfo, Publication};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const SHARDS: usize = 64;
+
+/// Idempotency results kept per channel; beyond it publishes with a new key are refused rather
+/// than silently losing the guarantee.
+const MAX_IDEMPOTENCY_KEYS_PER_CHANNEL: usize = 100_000;
+
+/// The memory engine (broker and presence).
+#[derive(Debug)]
+pub struct MemoryEngine {
+    /// Channel states (streams and idempotency results), sharded by channel name.
+    channels: Box<[Mutex<HashMap<Arc<str>, Arc<Mutex<ChannelState>>>>]>,
+    /// Presence per channel, sharded the same way.
+    presence: Box<[Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Arc<ClientInfo>>>>]>,
+    /// The node that receives deliveries.
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    stream: Option<Stream>,
+    /// idempotency key → (result, expiry).
+    idempotent: HashMap<String, (Option<StreamTop>, Instant)>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    epoch: Arc<str>,
+    top: u64,
+    /// Contiguous publications ending at `top`.
+    items: VecDeque<Arc<Publication>>,
+    /// Items are dropped at this instant unless another publish comes first.
+    items_expire: Instant,
+    /// The whole stream (epoch and top) is dropped at this instant unless accessed.
+    meta_expire: Instant,
+}
+
+impl Stream {
+    fn new(now: Instant, meta_ttl: Duration) -> Self {
+        Self {
+            epoch: new_epoch(),
+            top: 0,
+            items: VecDeque::new(),
+            items_expire: now,
+            meta_expire: now + meta_ttl,
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        if now >= self.items_expire {
+            self.items.clear();
+        }
+    }
+
+    fn top(&self) -> StreamTop {
+        StreamTop {
+            offset: self.top,
+            epoch: self.epoch.clone(),
+        }
+    }
+}
+
+impl MemoryEngine {
+    /// Creates the engine and its background sweeper (which stops when the engine is dropped).
+    /// Must be called inside a Tokio runtime.
+    pub fn new() -> Arc<Self> {
+        let engine = Arc::new(Self {
+            channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            presence: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            handler: OnceLock::new(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        });
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(sweep_loop(weak));
+        engine
+    }
+
+    fn shard(&self, channel: &str) -> usize {
+        let mut h = self.hasher.build_hasher();
+        channel.hash(&mut h);
+        (h.finish() as usize) % SHARDS
+    }
+
+    fn channel_state(&self, channel: &str) -> Arc<Mutex<ChannelState>> {
+        let mut shard = self.channels[self.shard(channel)].lock();
+        if let Some(s) = shard.get(channel) {
+            return s.clone();
+        }
+        let s = Arc::new(Mutex::new(ChannelState::default()));
+        shard.insert(channel.into(), s.clone());
+        s
+    }
+
+    fn existing_channel_state(&self, channel: &str) -> Option<Arc<Mutex<ChannelState>>> {
+        self.channels[self.shard(channel)]
+            .lock()
+            .get(channel)
+            .cloned()
+    }
+
+    fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
+        self.handler.get()
+    }
+
+    /// Number of channels with state (streams or idempotency results).
+    pub fn num_channel_states(&self) -> usize {
+        self.channels.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Drops expired items, expired streams and expired idempotency results.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for shard in self.channels.iter() {
+            let mut shard = shard.lock();
+            shard.retain(|_, state| {
+                let mut st = state.lock();
+                st.idempotent.retain(|_, (_, exp)| *exp > now);
+                if let Some(stream) = &mut st.stream {
+                    stream.expire(now);
+                    if now >= stream.meta_expire {
+                        st.stream = None;
+                    }
+                }
+                st.stream.is_some() || !st.idempotent.is_empty()
+            });
+        }
+    }
+}
+
+async fn sweep_loop(engine: Weak<MemoryEngine>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match engine.upgrade() {
+            Some(e) => e.sweep(),
+            None => return,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryEngine {
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        mut publication: Publication,
+        opts: &PublishOptions,
+    ) -> Result<PublishOutcome, EngineError> {
+        if opts.history.is_none() && opts.idempotency_key.is_none() {
+            let p = Arc::new(publication);
+            if let Some(h) = self.handler() {
+                h.on_publication(channel, &p, &Arc::from(""));
+            }
+            return Ok(PublishOutcome::default());
+        }
+        let state = self.channel_state(channel);
+        let mut st = state.lock();
+        let now = Instant::now();
+        if let Some(key) = &opts.idempotency_key {
+            if let Some((pos, exp)) = st.idempotent.get(key) {
+                if *exp > now {
+                    return Ok(PublishOutcome {
+                        position: pos.clone(),
+                        suppressed: true,
+                    });
+                }
+            }
+            if st.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
+                st.idempotent.retain(|_, (_, exp)| *exp > now);
+                if st.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
+                    return Err(EngineError::Limit("idempotency keys per channel"));
+                }
+            }
+        }
+        let (position, epoch) = match &opts.history {
+            Some(h) => {
+                let stream = st
+                    .stream
+                    .get_or_insert_with(|| Stream::new(now, h.meta_ttl));
+                stream.expire(now);
+                stream.top += 1;
+                publication.offset = stream.top;
+                let p = Arc::new(publication);
+                stream.items.push_back(p.clone());
+                while stream.items.len() > h.size.max(1) {
+                    stream.items.pop_front();
+                }
+                stream.items_expire = now + h.ttl;
+                stream.meta_expire = stream.meta_expire.max(now + h.meta_ttl);
+                let epoch = stream.epoch.clone();
+                if let Some(handler) = self.handler() {
+                    handler.on_publication(channel, &p, &epoch);
+                }
+                (Some(stream.top()), epoch)
+            }
+            None => {
+                let p = Arc::new(publication);
+                let epoch: Arc<str> = Arc::from("");
+                if let Some(handler) = self.handler() {
+                    handler.on_publication(channel, &p, &epoch);
+                }
+                (None, epoch)
+            }
+        };
+        drop(epoch);
+        if let Some(key) = &opts.idempotency_key {
+            st.idempotent
+                .insert(key.clone(), (position.clone(), now + opts.idempotency_ttl));
+        }
+        Ok(PublishOutcome {
+            position,
+            suppressed: false,
+        })
+    }
+
+    async fn publish_join(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError> {
+        if let Some(h) = self.handler() {
+            h.on_join(channel, &info);
+        }
+        Ok(())
+    }
+
+    async fn publish_leave(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError> {
+        if let Some(h) = self.handler() {
+            h.on_leave(channel, &info);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, _channel: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _channel: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, EngineError> {
+        let state = self.channel_state(channel);
+        let mut st = state.lock();
+        let now = Instant::now();
+        let stream = st
+            .stream
+            .get_or_insert_with(|| Stream::new(now, query.meta_ttl));
+        stream.expire(now);
+        stream.meta_expire = stream.meta_expire.max(now + query.meta_ttl);
+        let top = stream.top();
+        if let Some((_, epoch)) = &query.since {
+            if !epoch.is_empty() && **epoch != *stream.epoch {
+                return Err(EngineError::UnrecoverablePosition);
+            }
+        }
+        let limit = query.limit.unwrap_or(usize::MAX);
+        if limit == 0 || stream.items.is_empty() {
+            return Ok(HistoryPage {
+                publications: Vec::new(),
+                top,
+            });
+        }
+        let first = stream.top + 1 - stream.items.len() as u64;
+        let pubs: Vec<Arc<Publication>> = if query.reverse {
+            // Offsets strictly below `since` (or everything), newest first.
+            let below = match &query.since {
+                Some((since, _)) => (*since).min(stream.top + 1),
+                None => stream.top + 1,
+            };
+            if below <= first {
+                Vec::new()
+            } else {
+                let end = (below - first) as usize; // exclusive index
+                stream
+                    .items
+                    .range(..end)
+                    .rev()
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+        } else {
+            let after = query.since.as_ref().map_or(0, |(o, _)| *o);
+            let start = if after + 1 <= first {
+                0
+            } else {
+                (after + 1 - first) as usize
+            };
+            stream
+                .items
+                .range(start.min(stream.items.len())..)
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        Ok(HistoryPage {
+            publications: pubs,
+            top,
+        })
+    }
+
+    async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {
+        if let Some(state) = self.existing_channel_state(channel) {
+            if let Some(stream) = &mut state.lock().stream {
+                stream.items.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PresenceStore for MemoryEngine {
+    async fn add_presence(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError> {
+        let mut shard = self.presence[self.shard(channel)].lock();
+        shard
+            .entry(channel.into())
+            .or_default()
+            .insert(info.client.clone(), info);
+        Ok(())
+    }
+
+    async fn remove_presence(&self, channel: &str, client: &str) -> Result<(), EngineError> {
+        let mut shard = self.presence[self.shard(channel)].lock();
+        if let Some(m) = shard.get_mut(channel) {
+            m.remove(client);
+            if m.is_empty() {
+                shard.remove(channel);
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<Arc<ClientInfo>>, EngineError> {
+        let shard = self.presence[self.shard(channel)].lock();
+        Ok(shard
+            .get(channel)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), EngineError> {
+        let shard = self.presence[self.shard(channel)].lock();
+        Ok(match shard.get(channel) {
+            Some(m) => {
+                let users: HashSet<&str> = m.values().map(|i| &*i.user).collect();
+                (m.len() as u32, users.len() as u32)
+            }
+            None => (0, 0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::conformance;
+
+    #[tokio::test(start_paused = true)]
+    async fn conformance_suite() {
+        conformance::run_all(|| async {
+            let e = MemoryEngine::new();
+            (e.clone() as Arc<dyn Broker>, e as Arc<dyn PresenceStore>)
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restart_means_new_epoch() {
+        let q = HistoryQuery {
+            since: None,
+            limit: Some(0),
+            reverse: false,
+            meta_ttl: Duration::from_secs(60),
+        };
+        let a = MemoryEngine::new().history("c", &q).await.expect("history");
+        let b = MemoryEngine::new().history("c", &q).await.expect("history");
+        assert_ne!(a.top.epoch, b.top.epoch);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeper_drops_expired_streams() {
+        let e = MemoryEngine::new();
+        let q = HistoryQuery {
+            since: None,
+            limit: Some(0),
+            reverse: false,
+            meta_ttl: Duration::from_secs(5),
+        };
+        e.history("c", &q).await.expect("history");
+        assert_eq!(e.num_channel_states(), 1);
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(e.num_channel_states(), 0);
+    }
+}

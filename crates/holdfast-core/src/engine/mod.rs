@@ -1,0 +1,169 @@
+//! Engines: where publications, history and presence live.
+//!
+//! An engine is two small traits chosen at start-up. [`Broker`] appends to history and delivers
+//! publications to every node's [`BrokerHandler`] atomically per channel: a publication is
+//! delivered in offset order, and only after it is in history. [`PresenceStore`] keeps who is in
+//! a channel. Every implementation runs the conformance suite in [`conformance`].
+
+use async_trait::async_trait;
+use holdfast_protocol::{ClientInfo, Publication};
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod conformance;
+pub mod memory;
+
+pub use memory::MemoryEngine;
+
+/// The newest position of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamTop {
+    /// Offset of the newest publication (0 = none yet).
+    pub offset: u64,
+    /// Epoch: changes when offsets restart (new stream, lost history, restart of a memory node).
+    pub epoch: Arc<str>,
+}
+
+/// History settings for one publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryOptions {
+    /// Publications kept.
+    pub size: usize,
+    /// Items expire this long after the last publish.
+    pub ttl: Duration,
+    /// The epoch and top offset live this long after the last access.
+    pub meta_ttl: Duration,
+}
+
+/// How to publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Append to history (and assign an offset) when set.
+    pub history: Option<HistoryOptions>,
+    /// Same key within `idempotency_ttl` → same result, one publication.
+    pub idempotency_key: Option<String>,
+    /// How long an idempotency result is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+/// Result of a publish.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PublishOutcome {
+    /// Offset and epoch assigned (None without history).
+    pub position: Option<StreamTop>,
+    /// An earlier publish with the same idempotency key answered; nothing was published.
+    pub suppressed: bool,
+}
+
+/// A history read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Only publications after (forward) or before (reverse) this offset. The epoch, when not
+    /// empty, must match the stream's or the read fails with
+    /// [`EngineError::UnrecoverablePosition`].
+    pub since: Option<(u64, String)>,
+    /// At most this many publications; `None` = all, `Some(0)` = position only.
+    pub limit: Option<usize>,
+    /// Newest first.
+    pub reverse: bool,
+    /// Refreshes (or creates) the stream meta with this lifetime.
+    pub meta_ttl: Duration,
+}
+
+/// Result of a history read.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistoryPage {
+    /// Publications in the requested order.
+    pub publications: Vec<Arc<Publication>>,
+    /// Stream position at the time of the read.
+    pub top: StreamTop,
+}
+
+/// Engine failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The `since` epoch is not the stream's epoch.
+    #[error("unrecoverable position")]
+    UnrecoverablePosition,
+    /// A bounded structure is full.
+    #[error("engine limit reached: {0}")]
+    Limit(&'static str),
+    /// The backend is unreachable or failed.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Receives what the broker delivers to this node. Calls for one channel never overlap and come
+/// in offset order. Implementations must not block.
+pub trait BrokerHandler: Send + Sync + Debug {
+    /// A publication (with its stream epoch; empty for channels without history).
+    fn on_publication(&self, channel: &str, publication: &Arc<Publication>, epoch: &Arc<str>);
+    /// A client joined a channel.
+    fn on_join(&self, channel: &str, info: &Arc<ClientInfo>);
+    /// A client left a channel.
+    fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>);
+}
+
+/// Publication transport and history.
+#[async_trait]
+pub trait Broker: Send + Sync + Debug {
+    /// Registers the node that receives deliveries. Called once before any other method.
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>);
+
+    /// Appends (with history) and delivers. With history, the returned offset is in history and
+    /// every node's handler sees the publication after the append, in offset order.
+    async fn publish(
+        &self,
+        channel: &str,
+        publication: Publication,
+        opts: &PublishOptions,
+    ) -> Result<PublishOutcome, EngineError>;
+
+    /// Delivers a join event to every node.
+    async fn publish_join(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError>;
+
+    /// Delivers a leave event to every node.
+    async fn publish_leave(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError>;
+
+    /// This node has its first local subscriber of `channel`.
+    async fn subscribe(&self, channel: &str) -> Result<(), EngineError>;
+
+    /// This node's last local subscriber of `channel` left.
+    async fn unsubscribe(&self, channel: &str) -> Result<(), EngineError>;
+
+    /// Reads history. A missing stream is created (new epoch, offset 0) so positions given out
+    /// before the first publication stay valid.
+    async fn history(
+        &self,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, EngineError>;
+
+    /// Drops the publications of a channel, keeping its epoch and top offset.
+    async fn remove_history(&self, channel: &str) -> Result<(), EngineError>;
+}
+
+/// Who is in which channel.
+#[async_trait]
+pub trait PresenceStore: Send + Sync + Debug {
+    /// Adds or refreshes a client in a channel.
+    async fn add_presence(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError>;
+    /// Removes a client from a channel.
+    async fn remove_presence(&self, channel: &str, client: &str) -> Result<(), EngineError>;
+    /// Clients in a channel.
+    async fn presence(&self, channel: &str) -> Result<Vec<Arc<ClientInfo>>, EngineError>;
+    /// Number of clients and distinct users in a channel.
+    async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), EngineError>;
+}
+
+/// A random 8-letter epoch.
+pub fn new_epoch() -> Arc<str> {
+    use rand::Rng;
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut rng = rand::rng();
+    let s: String = (0..8)
+        .map(|_| LETTERS[rng.random_range(0..LETTERS.len())] as char)
+        .collect();
+    s.into()
+}

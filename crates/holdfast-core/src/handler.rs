@@ -1,0 +1,589 @@
+//! Application hooks: how a node decides who connects and what they may do.
+//!
+//! The standalone server fills [`Handler`] with [`StandardHandler`] (JWT through a
+//! [`TokenVerifier`], namespace permissions, §7.2 of the protocol reference); a Rust application
+//! embedding the node can wrap or replace it. Hooks are owned by the node, not by connections,
+//! so nothing accumulates per connection.
+
+use crate::channel::user_limited_allows;
+use crate::config::{ChannelOptions, ClientConfig};
+use async_trait::async_trait;
+use bytes::Bytes;
+use holdfast_protocol::{Disconnect, Encoding, ErrorReply};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A hook's refusal: an error reply for the command, or closing the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerError {
+    /// Reply with this error; the connection stays.
+    Reply(ErrorReply),
+    /// Close the connection.
+    Disconnect(Disconnect),
+}
+
+impl From<ErrorReply> for HandlerError {
+    fn from(e: ErrorReply) -> Self {
+        HandlerError::Reply(e)
+    }
+}
+
+impl From<Disconnect> for HandlerError {
+    fn from(d: Disconnect) -> Self {
+        HandlerError::Disconnect(d)
+    }
+}
+
+/// The connection a hook is called for.
+#[derive(Debug, Clone)]
+pub struct ClientContext {
+    /// Connection id.
+    pub client: Arc<str>,
+    /// User id (`""` = anonymous).
+    pub user: Arc<str>,
+    /// Transport name (`websocket`).
+    pub transport: &'static str,
+    /// Frame encoding.
+    pub encoding: Encoding,
+    /// Connection info (token `info`).
+    pub conn_info: Option<Bytes>,
+    /// Server-side metadata (token `meta`), never sent to clients.
+    pub meta: Option<Bytes>,
+}
+
+/// Per-channel option overrides from a token or hook (`{"presence":{"value":true}}` in JWTs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelOverride {
+    /// Override `presence`.
+    pub presence: Option<bool>,
+    /// Override `join_leave`.
+    pub join_leave: Option<bool>,
+    /// Override `force_push_join_leave`.
+    pub force_push_join_leave: Option<bool>,
+    /// Override `force_recovery`.
+    pub force_recovery: Option<bool>,
+    /// Override `force_positioning`.
+    pub force_positioning: Option<bool>,
+}
+
+impl ChannelOverride {
+    /// Applies the overrides to a copy of the namespace options.
+    pub fn apply(&self, o: &ChannelOptions) -> ChannelOptions {
+        let mut o = o.clone();
+        if let Some(v) = self.presence {
+            o.presence = v;
+        }
+        if let Some(v) = self.join_leave {
+            o.join_leave = v;
+        }
+        if let Some(v) = self.force_push_join_leave {
+            o.force_push_join_leave = v;
+        }
+        if let Some(v) = self.force_recovery {
+            o.force_recovery = v && o.history_enabled();
+        }
+        if let Some(v) = self.force_positioning {
+            o.force_positioning = v;
+        }
+        o
+    }
+
+    /// Whether any override is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Options of a server-side subscription given at connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerSubOptions {
+    /// Channel info (`chan_info`).
+    pub info: Option<Bytes>,
+    /// Data returned to the client in the subscription result.
+    pub data: Option<Bytes>,
+    /// Option overrides.
+    pub overrides: ChannelOverride,
+}
+
+/// A connect attempt.
+#[derive(Debug, Clone)]
+pub struct ConnectEvent {
+    /// The id the connection will have.
+    pub client: Arc<str>,
+    /// Transport name.
+    pub transport: &'static str,
+    /// Frame encoding.
+    pub encoding: Encoding,
+    /// Connection token (empty without one).
+    pub token: String,
+    /// Custom data.
+    pub data: Option<Bytes>,
+    /// Client SDK name.
+    pub name: String,
+    /// Client SDK version.
+    pub version: String,
+    /// Emulated headers.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Who connected and with what.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectDecision {
+    /// User id (`""` = anonymous).
+    pub user: String,
+    /// Connection info shown in presence, join/leave and publications.
+    pub info: Option<Bytes>,
+    /// Unix seconds when the connection expires (None = never).
+    pub expire_at: Option<i64>,
+    /// Server-side subscriptions.
+    pub subs: BTreeMap<String, ServerSubOptions>,
+    /// Data returned in the connect result.
+    pub data: Option<Bytes>,
+    /// Server-side metadata.
+    pub meta: Option<Bytes>,
+}
+
+/// A client-side subscribe attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeEvent<'a> {
+    /// Channel name.
+    pub channel: &'a str,
+    /// Subscription token (may be empty).
+    pub token: &'a str,
+    /// Custom data.
+    pub data: Option<&'a Bytes>,
+    /// The channel's namespace options.
+    pub options: &'a ChannelOptions,
+    /// The channel starts with `$`.
+    pub private: bool,
+}
+
+/// A granted subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeDecision {
+    /// Channel info (`chan_info`).
+    pub info: Option<Bytes>,
+    /// Data returned in the subscribe result.
+    pub data: Option<Bytes>,
+    /// Unix seconds when the subscription expires (None = never).
+    pub expire_at: Option<i64>,
+    /// Option overrides.
+    pub overrides: ChannelOverride,
+}
+
+/// A client publish, presence or history call.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelEvent<'a> {
+    /// Channel name.
+    pub channel: &'a str,
+    /// The channel's namespace options.
+    pub options: &'a ChannelOptions,
+    /// The client is subscribed to the channel.
+    pub subscribed: bool,
+}
+
+/// What to publish after the publish hook.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishDecision {
+    /// Replacement payload.
+    pub data: Option<Bytes>,
+    /// Do not append to history.
+    pub skip_history: bool,
+}
+
+/// A refreshed connection or subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefreshDecision {
+    /// Unix seconds of the new expiry (None = never).
+    pub expire_at: Option<i64>,
+    /// New info, when it changes.
+    pub info: Option<Bytes>,
+}
+
+/// The hooks of a node.
+#[async_trait]
+pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
+    /// Decides who is connecting.
+    async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError>;
+
+    /// Decides a client-side subscription (after the namespace is known).
+    async fn on_subscribe(
+        &self,
+        client: &ClientContext,
+        ev: &SubscribeEvent<'_>,
+    ) -> Result<SubscribeDecision, HandlerError>;
+
+    /// Decides a client publish.
+    async fn on_publish(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+        data: &Bytes,
+    ) -> Result<PublishDecision, HandlerError>;
+
+    /// Permission for a presence or presence_stats call (the feature is already known to be on).
+    async fn on_presence(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+    ) -> Result<(), HandlerError>;
+
+    /// Permission for a history call, and for recovery/positioning asked by the client.
+    async fn on_history(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+    ) -> Result<(), HandlerError>;
+
+    /// Answers an RPC. Default: 108 not available.
+    async fn on_rpc(
+        &self,
+        _client: &ClientContext,
+        _method: &str,
+        _data: &Bytes,
+    ) -> Result<Option<Bytes>, HandlerError> {
+        Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+
+    /// Handles a `send`. Default: close with 3508 (no message handler).
+    async fn on_send(&self, _client: &ClientContext, _data: &Bytes) -> Result<(), HandlerError> {
+        Err(Disconnect::NOT_AVAILABLE.into())
+    }
+
+    /// Refreshes the connection with a new token. Default: 108.
+    async fn on_refresh(
+        &self,
+        _client: &ClientContext,
+        _token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+
+    /// Refreshes a subscription with a new token. Default: 108.
+    async fn on_sub_refresh(
+        &self,
+        _client: &ClientContext,
+        _channel: &str,
+        _token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Bad signature, format or claims.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+}
+
+/// Claims of a connection token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectClaims {
+    /// `sub`
+    pub user: String,
+    /// `exp` (unix seconds)
+    pub exp: Option<i64>,
+    /// `expire_at`: connection expiry apart from `exp` (`Some(0)` = never).
+    pub expire_at: Option<i64>,
+    /// `info`
+    pub info: Option<Bytes>,
+    /// `channels` and `subs`: server-side subscriptions.
+    pub subs: BTreeMap<String, ServerSubOptions>,
+    /// `meta`
+    pub meta: Option<Bytes>,
+}
+
+/// Claims of a subscription token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeClaims {
+    /// `sub`: must be the connection's user.
+    pub user: String,
+    /// `channel`: must be the subscribed channel.
+    pub channel: String,
+    /// `client`: when set, must be the connection's id.
+    pub client: Option<String>,
+    /// `exp`
+    pub exp: Option<i64>,
+    /// `expire_at` (`Some(0)` = never).
+    pub expire_at: Option<i64>,
+    /// `info`
+    pub info: Option<Bytes>,
+    /// `data`
+    pub data: Option<Bytes>,
+    /// `override`
+    pub overrides: ChannelOverride,
+}
+
+impl SubscribeClaims {
+    /// Expiry of the subscription: `expire_at` if present (0 = never), else `exp`.
+    pub fn expiry(&self) -> Option<i64> {
+        expiry(self.exp, self.expire_at)
+    }
+}
+
+impl ConnectClaims {
+    /// Expiry of the connection: `expire_at` if present (0 = never), else `exp`.
+    pub fn expiry(&self) -> Option<i64> {
+        expiry(self.exp, self.expire_at)
+    }
+}
+
+fn expiry(exp: Option<i64>, expire_at: Option<i64>) -> Option<i64> {
+    match expire_at {
+        Some(0) => None,
+        Some(t) => Some(t),
+        None => exp.filter(|&e| e > 0),
+    }
+}
+
+/// Verifies connection and subscription tokens.
+#[async_trait]
+pub trait TokenVerifier: Send + Sync + std::fmt::Debug {
+    /// Verifies a connection token.
+    async fn verify_connect(&self, token: &str) -> Result<ConnectClaims, TokenError>;
+    /// Verifies a subscription token.
+    async fn verify_subscribe(&self, token: &str) -> Result<SubscribeClaims, TokenError>;
+}
+
+/// Tokens plus namespace permissions, in the order of the protocol reference §7.2.
+#[derive(Debug, Clone)]
+pub struct StandardHandler {
+    verifier: Option<Arc<dyn TokenVerifier>>,
+    insecure: bool,
+    allow_anonymous_connect_without_token: bool,
+    disallow_anonymous_connection_tokens: bool,
+}
+
+impl StandardHandler {
+    /// Builds the handler from client configuration and a token verifier (None = tokens are
+    /// refused as invalid).
+    pub fn new(cfg: &ClientConfig, verifier: Option<Arc<dyn TokenVerifier>>) -> Self {
+        Self {
+            verifier,
+            insecure: cfg.insecure,
+            allow_anonymous_connect_without_token: cfg.allow_anonymous_connect_without_token,
+            disallow_anonymous_connection_tokens: cfg.disallow_anonymous_connection_tokens,
+        }
+    }
+
+    fn verifier(&self) -> Result<&Arc<dyn TokenVerifier>, TokenError> {
+        self.verifier
+            .as_ref()
+            .ok_or_else(|| TokenError::Invalid("no token keys configured".into()))
+    }
+
+    fn permitted(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+        for_client: bool,
+        for_subscriber: bool,
+        for_anonymous: bool,
+    ) -> bool {
+        if self.insecure {
+            return true;
+        }
+        let anon_ok = !client.user.is_empty() || for_anonymous;
+        (for_client || (for_subscriber && ev.subscribed)) && anon_ok
+    }
+}
+
+#[async_trait]
+impl Handler for StandardHandler {
+    async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError> {
+        if ev.token.is_empty() {
+            if self.insecure || self.allow_anonymous_connect_without_token {
+                return Ok(ConnectDecision::default());
+            }
+            return Err(Disconnect::BAD_REQUEST.into());
+        }
+        let claims = match self.verifier()?.verify_connect(&ev.token).await {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(ErrorReply::TOKEN_EXPIRED.into()),
+            Err(TokenError::Invalid(why)) => {
+                tracing::info!(client = %ev.client, %why, "invalid connection token");
+                return Err(Disconnect::INVALID_TOKEN.into());
+            }
+        };
+        if claims.user.is_empty() && self.disallow_anonymous_connection_tokens {
+            return Err(Disconnect::PERMISSION_DENIED.into());
+        }
+        let expire_at = if self.insecure { None } else { claims.expiry() };
+        Ok(ConnectDecision {
+            user: claims.user,
+            info: claims.info,
+            expire_at,
+            subs: claims.subs,
+            data: None,
+            meta: claims.meta,
+        })
+    }
+
+    async fn on_subscribe(
+        &self,
+        client: &ClientContext,
+        ev: &SubscribeEvent<'_>,
+    ) -> Result<SubscribeDecision, HandlerError> {
+        if !ev.token.is_empty() {
+            let claims = match self.verifier()?.verify_subscribe(ev.token).await {
+                Ok(c) => c,
+                Err(TokenError::Expired) => return Err(ErrorReply::TOKEN_EXPIRED.into()),
+                Err(TokenError::Invalid(why)) => {
+                    tracing::info!(client = %client.client, channel = ev.channel, %why, "invalid subscription token");
+                    return Err(ErrorReply::PERMISSION_DENIED.into());
+                }
+            };
+            if claims.user != *client.user
+                || claims.channel != ev.channel
+                || claims
+                    .client
+                    .as_deref()
+                    .is_some_and(|c| c != &*client.client)
+            {
+                tracing::info!(client = %client.client, channel = ev.channel, "subscription token for another user, channel or client");
+                return Err(Disconnect::INVALID_TOKEN.into());
+            }
+            return Ok(SubscribeDecision {
+                expire_at: claims.expiry(),
+                info: claims.info,
+                data: claims.data,
+                overrides: claims.overrides,
+            });
+        }
+        if ev.private {
+            return Err(ErrorReply::PERMISSION_DENIED.into());
+        }
+        if ev.options.allow_user_limited_channels {
+            if let Some(allowed) = user_limited_allows(ev.channel, &client.user) {
+                return if allowed {
+                    Ok(SubscribeDecision::default())
+                } else {
+                    Err(ErrorReply::PERMISSION_DENIED.into())
+                };
+            }
+        }
+        let o = ev.options;
+        let anon_ok = !client.user.is_empty() || o.allow_subscribe_for_anonymous;
+        if (o.allow_subscribe_for_client && anon_ok) || self.insecure {
+            return Ok(SubscribeDecision::default());
+        }
+        Err(ErrorReply::PERMISSION_DENIED.into())
+    }
+
+    async fn on_publish(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+        _data: &Bytes,
+    ) -> Result<PublishDecision, HandlerError> {
+        let o = ev.options;
+        if self.permitted(
+            client,
+            ev,
+            o.allow_publish_for_client,
+            o.allow_publish_for_subscriber,
+            o.allow_publish_for_anonymous,
+        ) {
+            Ok(PublishDecision::default())
+        } else {
+            Err(ErrorReply::PERMISSION_DENIED.into())
+        }
+    }
+
+    async fn on_presence(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+    ) -> Result<(), HandlerError> {
+        let o = ev.options;
+        if self.permitted(
+            client,
+            ev,
+            o.allow_presence_for_client,
+            o.allow_presence_for_subscriber,
+            o.allow_presence_for_anonymous,
+        ) {
+            Ok(())
+        } else {
+            Err(ErrorReply::PERMISSION_DENIED.into())
+        }
+    }
+
+    async fn on_history(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+    ) -> Result<(), HandlerError> {
+        let o = ev.options;
+        if self.permitted(
+            client,
+            ev,
+            o.allow_history_for_client,
+            o.allow_history_for_subscriber,
+            o.allow_history_for_anonymous,
+        ) {
+            Ok(())
+        } else {
+            Err(ErrorReply::PERMISSION_DENIED.into())
+        }
+    }
+
+    async fn on_refresh(
+        &self,
+        client: &ClientContext,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        let claims = match self.verifier()?.verify_connect(token).await {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(Disconnect::EXPIRED.into()),
+            Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
+        };
+        if claims.user != *client.user {
+            return Err(Disconnect::INVALID_TOKEN.into());
+        }
+        Ok(RefreshDecision {
+            expire_at: if self.insecure { None } else { claims.expiry() },
+            info: claims.info,
+        })
+    }
+
+    async fn on_sub_refresh(
+        &self,
+        client: &ClientContext,
+        channel: &str,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        let claims = match self.verifier()?.verify_subscribe(token).await {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(ErrorReply::TOKEN_EXPIRED.into()),
+            Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
+        };
+        if claims.user != *client.user
+            || claims.channel != channel
+            || claims
+                .client
+                .as_deref()
+                .is_some_and(|c| c != &*client.client)
+        {
+            return Err(Disconnect::INVALID_TOKEN.into());
+        }
+        Ok(RefreshDecision {
+            expire_at: claims.expiry(),
+            info: claims.info,
+        })
+    }
+}
+
+impl From<TokenError> for HandlerError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Expired => HandlerError::Reply(ErrorReply::TOKEN_EXPIRED),
+            TokenError::Invalid(_) => HandlerError::Disconnect(Disconnect::INVALID_TOKEN),
+        }
+    }
+}

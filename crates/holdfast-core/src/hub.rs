@@ -1,0 +1,437 @@
+//! The registry of this node's connections: by client id, by user, and by channel, and the
+//! fan-out of deliveries to them.
+//!
+//! Fan-out encodes a publication once and pushes the same bytes into each subscriber's outbox
+//! with a non-blocking call; it never waits on a client.
+
+use crate::client::{ClientHandle, Control};
+use crate::engine::BrokerHandler;
+use bytes::Bytes;
+use holdfast_protocol::code::unsubscribe;
+use holdfast_protocol::{ClientInfo, Disconnect, Publication, Push, json};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const SHARDS: usize = 64;
+
+/// Where a subscription is in its life.
+#[derive(Debug)]
+enum Phase {
+    /// Subscribe in progress: deliveries are buffered until the reply is queued, then merged.
+    Subscribing {
+        buffer: Vec<(Arc<Publication>, Arc<str>)>,
+        bytes: usize,
+    },
+    /// Deliveries go straight to the outbox.
+    Live,
+    /// Ended by fan-out (gap) or by the session: deliveries are ignored.
+    Dead,
+}
+
+#[derive(Debug)]
+struct SubState {
+    phase: Phase,
+    /// Deliveries are checked for gaps against `offset`/`epoch`.
+    positioned: bool,
+    /// Offset of the last publication delivered (or the subscribe position).
+    offset: u64,
+    epoch: Arc<str>,
+}
+
+/// One connection's subscription to one channel, shared between the session and the hub.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub(crate) client: Arc<ClientHandle>,
+    pub(crate) channel: Arc<str>,
+    /// Made by the server (token `channels`, personal channel, API): a gap closes the
+    /// connection with 3010 instead of unsubscribing with 2500.
+    pub(crate) server_side: bool,
+    /// Push join/leave events to this subscriber.
+    pub(crate) push_join_leave: bool,
+    /// Buffer limit while subscribing (the client's queue limit).
+    max_buffer: usize,
+    state: Mutex<SubState>,
+}
+
+/// What `Subscription::go_live` did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum GoLive {
+    /// Live; the buffered publications past the reply were queued.
+    Ok,
+    /// A gap between the reply and the buffered publications.
+    Gap,
+    /// The subscription ended meanwhile.
+    Dead,
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        client: Arc<ClientHandle>,
+        channel: Arc<str>,
+        server_side: bool,
+        push_join_leave: bool,
+        max_buffer: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            channel,
+            server_side,
+            push_join_leave,
+            max_buffer,
+            state: Mutex::new(SubState {
+                phase: Phase::Subscribing {
+                    buffer: Vec::new(),
+                    bytes: 0,
+                },
+                positioned: false,
+                offset: 0,
+                epoch: Arc::from(""),
+            }),
+        })
+    }
+
+    /// Ends buffering: publications buffered during subscribe with offsets past `offset` (the
+    /// last one the reply gave) are queued after the reply, in order. With `positioned`, later
+    /// deliveries are checked for gaps.
+    pub(crate) fn go_live(&self, positioned: bool, offset: u64, epoch: &Arc<str>) -> GoLive {
+        let mut st = self.state.lock();
+        let buffer = match std::mem::replace(&mut st.phase, Phase::Live) {
+            Phase::Subscribing { buffer, .. } => buffer,
+            Phase::Dead => {
+                st.phase = Phase::Dead;
+                return GoLive::Dead;
+            }
+            Phase::Live => Vec::new(),
+        };
+        st.positioned = positioned;
+        st.offset = offset;
+        st.epoch = epoch.clone();
+        for (p, p_epoch) in buffer {
+            if positioned && p.offset > 0 {
+                if !epoch.is_empty() && *p_epoch != **epoch {
+                    st.phase = Phase::Dead;
+                    return GoLive::Gap;
+                }
+                if p.offset <= st.offset {
+                    continue; // already in the reply
+                }
+                if p.offset != st.offset + 1 {
+                    st.phase = Phase::Dead;
+                    return GoLive::Gap;
+                }
+                st.offset = p.offset;
+            }
+            self.client.send(encode_pub(&self.channel, &p));
+        }
+        GoLive::Ok
+    }
+
+    /// Stops deliveries; returns false when it was already dead.
+    pub(crate) fn kill(&self) -> bool {
+        let mut st = self.state.lock();
+        !matches!(std::mem::replace(&mut st.phase, Phase::Dead), Phase::Dead)
+    }
+
+    fn deliver(&self, p: &Arc<Publication>, epoch: &Arc<str>, encoded: &mut Option<Bytes>) {
+        let mut st = self.state.lock();
+        match &mut st.phase {
+            Phase::Dead => return,
+            Phase::Subscribing { buffer, bytes } => {
+                *bytes += p.data.len() + 64;
+                buffer.push((p.clone(), epoch.clone()));
+                if *bytes > self.max_buffer {
+                    st.phase = Phase::Dead;
+                    drop(st);
+                    self.client.close(Disconnect::SLOW);
+                }
+                return;
+            }
+            Phase::Live => {}
+        }
+        if st.positioned && p.offset > 0 {
+            if st.epoch.is_empty() {
+                st.epoch = epoch.clone();
+            } else if *st.epoch != **epoch {
+                st.phase = Phase::Dead;
+                drop(st);
+                self.lost();
+                return;
+            }
+            if p.offset <= st.offset {
+                return; // late duplicate
+            }
+            if p.offset != st.offset + 1 {
+                st.phase = Phase::Dead;
+                drop(st);
+                self.lost();
+                return;
+            }
+            st.offset = p.offset;
+        }
+        let bytes = encoded
+            .get_or_insert_with(|| encode_pub(&self.channel, p))
+            .clone();
+        self.client.send(bytes);
+    }
+
+    /// A gap: the client is told, never silently skipped past.
+    fn lost(&self) {
+        metrics::counter!("holdfast_insufficient_state_total").increment(1);
+        if self.server_side {
+            self.client.close(Disconnect::INSUFFICIENT_STATE);
+        } else {
+            let (code, reason) = unsubscribe::INSUFFICIENT_STATE;
+            let mut out = Vec::with_capacity(96);
+            json::encode_push(
+                &mut out,
+                &Push::Unsubscribe {
+                    channel: &self.channel,
+                    code,
+                    reason,
+                },
+            );
+            self.client.send(out.into());
+            self.client.push_control(Control::SubscriptionLost {
+                channel: self.channel.clone(),
+            });
+        }
+    }
+
+    fn deliver_event(&self, encoded: &Bytes) {
+        let st = self.state.lock();
+        if matches!(st.phase, Phase::Live) {
+            self.client.send(encoded.clone());
+        }
+    }
+}
+
+fn encode_pub(channel: &str, p: &Publication) -> Bytes {
+    let mut out = Vec::with_capacity(p.data.len() + channel.len() + 64);
+    json::encode_push(
+        &mut out,
+        &Push::Pub {
+            channel,
+            publication: p,
+        },
+    );
+    out.into()
+}
+
+type ChannelSubs = HashMap<u64, Arc<Subscription>>;
+
+/// Live counters of the hub.
+#[derive(Debug, Default)]
+pub struct HubCounts {
+    /// Connections registered (connected).
+    pub clients: AtomicU64,
+    /// Distinct users with connections.
+    pub users: AtomicU64,
+    /// Channels with at least one local subscriber.
+    pub channels: AtomicU64,
+    /// Subscriptions.
+    pub subscriptions: AtomicU64,
+}
+
+/// Sessions of this node by id, user and channel.
+#[derive(Debug)]
+pub struct Hub {
+    /// channel → subscribers, sharded by channel hash. Read-locked during fan-out.
+    channels: Box<[RwLock<HashMap<Arc<str>, ChannelSubs>>]>,
+    /// client id → handle, for API calls that target one connection.
+    clients: Box<[Mutex<HashMap<Arc<str>, Arc<ClientHandle>>>]>,
+    /// user → that user's connections, for per-user limits and API calls.
+    users: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<ClientHandle>>>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Gauges for `/health` and metrics.
+    pub counts: HubCounts,
+}
+
+/// The user already has the maximum number of connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimitReached;
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Self {
+            channels: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            clients: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            users: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            counts: HubCounts::default(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> usize {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        (h.finish() as usize) % SHARDS
+    }
+
+    /// Registers a connected client; refuses when the user is at `limit` connections
+    /// (0 = unlimited). Check and insert are one step, so concurrent connects cannot both pass.
+    pub(crate) fn add_client(
+        &self,
+        client: &Arc<ClientHandle>,
+        user: &Arc<str>,
+        limit: usize,
+    ) -> Result<Vec<Arc<ClientHandle>>, UserLimitReached> {
+        {
+            let mut users = self.users[self.shard(user)].lock();
+            let list = users.entry(user.clone()).or_default();
+            if limit > 0 && !user.is_empty() && list.len() >= limit {
+                if list.is_empty() {
+                    users.remove(user);
+                }
+                return Err(UserLimitReached);
+            }
+            if list.is_empty() {
+                self.counts.users.fetch_add(1, Ordering::Relaxed);
+            }
+            list.push(client.clone());
+        }
+        self.clients[self.shard(&client.id)]
+            .lock()
+            .insert(client.id.clone(), client.clone());
+        self.counts.clients.fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .user_clients(user)
+            .into_iter()
+            .filter(|c| c.seq != client.seq)
+            .collect())
+    }
+
+    pub(crate) fn remove_client(&self, client: &Arc<ClientHandle>, user: &str) {
+        if self.clients[self.shard(&client.id)]
+            .lock()
+            .remove(&*client.id)
+            .is_none()
+        {
+            return;
+        }
+        self.counts.clients.fetch_sub(1, Ordering::Relaxed);
+        let mut users = self.users[self.shard(user)].lock();
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|c| c.seq != client.seq);
+            if list.is_empty() {
+                users.remove(user);
+                self.counts.users.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Connections of a user on this node.
+    pub fn user_clients(&self, user: &str) -> Vec<Arc<ClientHandle>> {
+        self.users[self.shard(user)]
+            .lock()
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// One connection by id.
+    pub fn client(&self, id: &str) -> Option<Arc<ClientHandle>> {
+        self.clients[self.shard(id)].lock().get(id).cloned()
+    }
+
+    /// Every connection (for shutdown).
+    pub fn all_clients(&self) -> Vec<Arc<ClientHandle>> {
+        self.clients
+            .iter()
+            .flat_map(|s| s.lock().values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Adds a subscription; true when it is the channel's first local subscriber.
+    pub(crate) fn add_subscription(&self, sub: Arc<Subscription>) -> bool {
+        let mut shard = self.channels[self.shard(&sub.channel)].write();
+        let first = !shard.contains_key(&*sub.channel);
+        let subs = shard.entry(sub.channel.clone()).or_default();
+        if subs.insert(sub.client.seq, sub).is_none() {
+            self.counts.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        if first {
+            self.counts.channels.fetch_add(1, Ordering::Relaxed);
+        }
+        first
+    }
+
+    /// Removes a subscription; true when the channel has no local subscriber left.
+    pub(crate) fn remove_subscription(&self, channel: &str, client_seq: u64) -> bool {
+        let mut shard = self.channels[self.shard(channel)].write();
+        let Some(subs) = shard.get_mut(channel) else {
+            return false;
+        };
+        if subs.remove(&client_seq).is_some() {
+            self.counts.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        if subs.is_empty() {
+            shard.remove(channel);
+            self.counts.channels.fetch_sub(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Whether a channel has local subscribers.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels[self.shard(channel)]
+            .read()
+            .contains_key(channel)
+    }
+
+    /// Channels with local subscribers and their counts, filtered by `filter`.
+    pub fn channels(&self, filter: impl Fn(&str) -> bool) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for shard in self.channels.iter() {
+            for (ch, subs) in shard.read().iter() {
+                if filter(ch) {
+                    out.push((ch.to_string(), subs.len()));
+                }
+            }
+        }
+        out
+    }
+
+    fn broadcast_event(&self, channel: &str, encoded: Bytes) {
+        let shard = self.channels[self.shard(channel)].read();
+        if let Some(subs) = shard.get(channel) {
+            for sub in subs.values().filter(|s| s.push_join_leave) {
+                sub.deliver_event(&encoded);
+            }
+        }
+    }
+}
+
+impl BrokerHandler for Hub {
+    fn on_publication(&self, channel: &str, p: &Arc<Publication>, epoch: &Arc<str>) {
+        let shard = self.channels[self.shard(channel)].read();
+        if let Some(subs) = shard.get(channel) {
+            let mut encoded = None;
+            for sub in subs.values() {
+                sub.deliver(p, epoch, &mut encoded);
+            }
+        }
+    }
+
+    fn on_join(&self, channel: &str, info: &Arc<ClientInfo>) {
+        let mut out = Vec::with_capacity(128);
+        json::encode_push(&mut out, &Push::Join { channel, info });
+        self.broadcast_event(channel, out.into());
+    }
+
+    fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>) {
+        let mut out = Vec::with_capacity(128);
+        json::encode_push(&mut out, &Push::Leave { channel, info });
+        self.broadcast_event(channel, out.into());
+    }
+}

@@ -1,0 +1,1114 @@
+//! The per-connection state machine: connect first, then commands in order.
+//!
+//! A [`Session`] is owned by its connection's reader; it holds no lock across an await. What
+//! other parts of the node must tell it (server unsubscribe, a gap found by fan-out) arrives as
+//! control messages on its [`ClientHandle`], handled before the next command.
+
+use crate::channel::ChannelRules;
+use crate::client::{ClientHandle, Control};
+use crate::config::ChannelOptions;
+use crate::engine::HistoryQuery;
+use crate::handler::{
+    ChannelEvent, ChannelOverride, ClientContext, ConnectEvent, HandlerError, SubscribeEvent,
+};
+use crate::hub::{GoLive, Subscription};
+use crate::node::{Node, PublishRequest, engine_error, unix_secs};
+use bytes::Bytes;
+use holdfast_protocol::code::unsubscribe;
+use holdfast_protocol::command::{ConnectRequest, HistoryRequest, SubscribeRequest};
+use holdfast_protocol::reply::{ConnectResult, HistoryResult, RefreshResult, SubscribeResult};
+use holdfast_protocol::{
+    ClientInfo, Command, Disconnect, ErrorReply, Push, ReplyBody, Request, json,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// A server-side subscription requested through the server API.
+#[derive(Debug, Clone, Default)]
+pub struct ServerSubscribe {
+    /// Channel name.
+    pub channel: String,
+    /// Channel info (`chan_info`).
+    pub info: Option<Bytes>,
+    /// Data sent with the `subscribe` push.
+    pub data: Option<Bytes>,
+    /// Recover from this position (offset, epoch) and deliver the missed publications.
+    pub recover_since: Option<(u64, String)>,
+    /// Option overrides.
+    pub overrides: ChannelOverride,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting for `connect`.
+    New,
+    /// Connected.
+    Connected(Box<Connected>),
+    /// Connect failed with an error reply: every further command closes with 3501.
+    Unusable,
+}
+
+#[derive(Debug)]
+struct Connected {
+    ctx: ClientContext,
+    /// Publisher/presence identity of this connection.
+    info: Arc<ClientInfo>,
+    subs: HashMap<Arc<str>, SessionSub>,
+}
+
+impl Connected {
+    /// New connection info (refresh): used by later publications, presence and joins.
+    fn set_conn_info(&mut self, info: Bytes) {
+        self.ctx.conn_info = Some(info.clone());
+        self.info = Arc::new(ClientInfo {
+            conn_info: Some(info),
+            ..(*self.info).clone()
+        });
+    }
+}
+
+#[derive(Debug)]
+struct SessionSub {
+    sub: Arc<Subscription>,
+    /// Identity with this channel's `chan_info`.
+    info: Arc<ClientInfo>,
+    presence: bool,
+    join_leave: bool,
+    /// When the subscription token expires (client-side subscriptions with an expiring token).
+    expire_at: Option<i64>,
+}
+
+/// Everything decided about a subscription before it is attached.
+#[derive(Debug)]
+struct Plan {
+    channel: Arc<str>,
+    options: ChannelOptions,
+    server_side: bool,
+    positioned: bool,
+    recoverable: bool,
+    push_join_leave: bool,
+    /// Recover from this position.
+    recover: Option<(u64, String)>,
+    /// The client asked to recover (reported as `was_recovering`).
+    was_recovering: bool,
+    reject_unrecovered: bool,
+    data: Option<Bytes>,
+    chan_info: Option<Bytes>,
+    expire_at: Option<i64>,
+}
+
+/// A subscription attached to the hub, its reply not yet queued.
+#[derive(Debug)]
+struct Attached {
+    sub: Arc<Subscription>,
+    result: SubscribeResult,
+    /// Position the client holds once the reply is applied.
+    live_offset: u64,
+    live_epoch: Arc<str>,
+    plan: Plan,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    node: Node,
+    client: Arc<ClientHandle>,
+    transport: &'static str,
+    state: State,
+}
+
+fn reply_bytes(id: u32, body: &ReplyBody) -> Bytes {
+    let mut out = Vec::with_capacity(64);
+    json::encode_reply(&mut out, id, body);
+    out.into()
+}
+
+fn push_bytes(p: &Push<'_>) -> Bytes {
+    let mut out = Vec::with_capacity(64);
+    json::encode_push(&mut out, p);
+    out.into()
+}
+
+impl Session {
+    /// A session for a newly accepted connection.
+    pub fn new(node: Node, client: Arc<ClientHandle>, transport: &'static str) -> Self {
+        Self {
+            node,
+            client,
+            transport,
+            state: State::New,
+        }
+    }
+
+    /// The connection's shared handle.
+    pub fn client(&self) -> &Arc<ClientHandle> {
+        &self.client
+    }
+
+    /// Handles one transport frame (one or more commands). An `Err` closes the connection.
+    pub async fn handle_frame(&mut self, frame: &[u8]) -> Result<(), Disconnect> {
+        let commands = json::decode_frame(frame).map_err(|e| {
+            tracing::info!(client = %self.client.id(), error = %e, "bad frame");
+            Disconnect::BAD_REQUEST
+        })?;
+        for cmd in commands {
+            let cmd = cmd.map_err(|e| {
+                tracing::info!(client = %self.client.id(), user = self.client.user(), error = %e, "bad command");
+                Disconnect::BAD_REQUEST
+            })?;
+            self.node
+                .stats()
+                .messages_received
+                .fetch_add(1, Ordering::Relaxed);
+            self.handle_control().await?;
+            if self.client.is_closing() {
+                return Ok(());
+            }
+            let method = cmd.request.method();
+            let started = Instant::now();
+            let res = self.handle_command(cmd).await;
+            metrics::histogram!("holdfast_command_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Applies pending control messages (server unsubscribe, lost subscriptions, API subscribe).
+    pub async fn handle_control(&mut self) -> Result<(), Disconnect> {
+        while let Some(c) = self.client.take_control() {
+            let State::Connected(conn) = &mut self.state else {
+                continue;
+            };
+            match c {
+                Control::SubscriptionLost { channel } => {
+                    if let Some(s) = conn.subs.get(&channel) {
+                        if s.sub.server_side {
+                            continue;
+                        }
+                        if let Some(s) = conn.subs.remove(&channel) {
+                            detach(&self.node, &self.client, s).await;
+                        }
+                    }
+                }
+                Control::Unsubscribe {
+                    channel,
+                    code,
+                    reason,
+                } => {
+                    if let Some(s) = conn.subs.remove(channel.as_str()) {
+                        detach(&self.node, &self.client, s).await;
+                        self.client.send(push_bytes(&Push::Unsubscribe {
+                            channel: &channel,
+                            code,
+                            reason: &reason,
+                        }));
+                    }
+                }
+                Control::Subscribe(req) => self.server_subscribe(*req).await?,
+                Control::Refresh { expire_at, info } => {
+                    if let Some(info) = info {
+                        conn.set_conn_info(info);
+                    }
+                    self.set_expiry(expire_at);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Earliest instant at which [`Session::on_timer`] has work (subscription expiry).
+    pub fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        let State::Connected(conn) = &self.state else {
+            return None;
+        };
+        let earliest = conn.subs.values().filter_map(|s| s.expire_at).min()?;
+        let delay = self.node.config().client.expired_sub_close_delay;
+        let at = earliest.saturating_sub(unix_secs()).max(0) as u64;
+        Some(tokio::time::Instant::now() + Duration::from_secs(at) + delay)
+    }
+
+    /// Unsubscribes subscriptions whose token expired without a `sub_refresh` (push 2501).
+    pub async fn on_timer(&mut self) {
+        let State::Connected(conn) = &mut self.state else {
+            return;
+        };
+        let grace = self.node.config().client.expired_sub_close_delay.as_secs() as i64;
+        let now = unix_secs();
+        let expired: Vec<Arc<str>> = conn
+            .subs
+            .iter()
+            .filter(|(_, s)| s.expire_at.is_some_and(|e| e + grace <= now))
+            .map(|(ch, _)| ch.clone())
+            .collect();
+        for ch in expired {
+            if let Some(s) = conn.subs.remove(&ch) {
+                detach(&self.node, &self.client, s).await;
+                let (code, reason) = unsubscribe::EXPIRED;
+                self.client.send(push_bytes(&Push::Unsubscribe {
+                    channel: &ch,
+                    code,
+                    reason,
+                }));
+            }
+        }
+    }
+
+    fn reply(&self, id: u32, body: ReplyBody) {
+        self.client.send(reply_bytes(id, &body));
+    }
+
+    fn reply_error(&self, id: u32, e: ErrorReply) {
+        self.node.stats().errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("holdfast_reply_errors_total", "code" => e.code.to_string()).increment(1);
+        tracing::debug!(client = %self.client.id(), user = self.client.user(), code = e.code, "error reply");
+        self.reply(id, ReplyBody::Error(e));
+    }
+
+    /// Replies with the hook's error, or closes for its disconnect.
+    fn refuse(&self, id: u32, e: HandlerError) -> Result<(), Disconnect> {
+        match e {
+            HandlerError::Reply(e) => {
+                self.reply_error(id, e);
+                Ok(())
+            }
+            HandlerError::Disconnect(d) => Err(d),
+        }
+    }
+
+    async fn handle_command(&mut self, cmd: Command) -> Result<(), Disconnect> {
+        let id = cmd.id;
+        match (&self.state, cmd.request) {
+            (State::New, Request::Connect(req)) => self.connect(id, req).await,
+            (State::New, _) => {
+                tracing::info!(client = %self.client.id(), "first command is not connect");
+                Err(Disconnect::BAD_REQUEST)
+            }
+            (State::Unusable, _) => Err(Disconnect::BAD_REQUEST),
+            (State::Connected(_), Request::Connect(_)) => {
+                tracing::info!(client = %self.client.id(), "client already authenticated");
+                Err(Disconnect::BAD_REQUEST)
+            }
+            (State::Connected(_), Request::Pong) => {
+                if self.client.pong_received() {
+                    Ok(())
+                } else {
+                    tracing::info!(client = %self.client.id(), "unnecessary pong");
+                    Err(Disconnect::BAD_REQUEST)
+                }
+            }
+            (State::Connected(_), Request::Subscribe(req)) => self.subscribe(id, req).await,
+            (State::Connected(_), Request::Unsubscribe { channel }) => {
+                self.unsubscribe(id, &channel).await
+            }
+            (State::Connected(_), Request::Publish(req)) => {
+                self.publish(id, &req.channel, req.data).await
+            }
+            (State::Connected(_), Request::Presence { channel }) => {
+                self.presence(id, &channel, false).await
+            }
+            (State::Connected(_), Request::PresenceStats { channel }) => {
+                self.presence(id, &channel, true).await
+            }
+            (State::Connected(_), Request::History(req)) => self.history(id, req).await,
+            (State::Connected(_), Request::Send { data }) => self.send(data).await,
+            (State::Connected(_), Request::Rpc { method, data }) => {
+                self.rpc(id, &method, data).await
+            }
+            (State::Connected(_), Request::Refresh { token }) => self.refresh(id, &token).await,
+            (State::Connected(_), Request::SubRefresh { channel, token }) => {
+                self.sub_refresh(id, &channel, &token).await
+            }
+        }
+    }
+
+    fn conn(&self) -> Result<&Connected, Disconnect> {
+        match &self.state {
+            State::Connected(c) => Ok(c),
+            _ => Err(Disconnect::BAD_REQUEST),
+        }
+    }
+
+    fn conn_mut(&mut self) -> Result<&mut Connected, Disconnect> {
+        match &mut self.state {
+            State::Connected(c) => Ok(c),
+            _ => Err(Disconnect::BAD_REQUEST),
+        }
+    }
+
+    async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Disconnect> {
+        if !self.node.is_ready() {
+            return Err(Disconnect::SHUTDOWN);
+        }
+        if req.name.len() > 64 || req.version.len() > 64 || req.subs.len() > 1024 {
+            tracing::info!(client = %self.client.id(), "connect name, version or subs too long");
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let cfg = self.node.config().clone();
+        let ev = ConnectEvent {
+            client: self.client.id.clone(),
+            transport: self.transport,
+            encoding: self.client.encoding(),
+            token: req.token.clone(),
+            data: req.data.clone(),
+            name: req.name.clone(),
+            version: req.version.clone(),
+            headers: req.headers.clone(),
+        };
+        let decision = match self.node.handler().on_connecting(&ev).await {
+            Ok(d) => d,
+            Err(HandlerError::Reply(e)) => {
+                self.reply_error(id, e);
+                self.state = State::Unusable;
+                return Ok(());
+            }
+            Err(HandlerError::Disconnect(d)) => return Err(d),
+        };
+        if decision.expire_at.is_some_and(|e| e <= unix_secs()) {
+            self.reply_error(id, ErrorReply::EXPIRED);
+            self.state = State::Unusable;
+            return Ok(());
+        }
+        let user: Arc<str> = decision.user.as_str().into();
+        let mut subs = decision.subs;
+        let personal = &cfg.client.subscribe_to_user_personal_channel;
+        if personal.enabled && !user.is_empty() {
+            subs.entry(ChannelRules::personal_channel(
+                &personal.personal_channel_namespace,
+                &user,
+            ))
+            .or_default();
+        }
+        if subs.len() > cfg.client.channel_limit {
+            return Err(Disconnect::CHANNEL_LIMIT);
+        }
+        // Resolve every server-side channel before registering anything.
+        let mut resolved = Vec::with_capacity(subs.len());
+        for (ch, opts) in subs {
+            match self.node.rules().resolve(&ch) {
+                Ok(r) => resolved.push((ch, opts, r)),
+                Err(e) => {
+                    tracing::info!(client = %self.client.id(), channel = %ch, code = e.code, "bad server-side channel");
+                    self.reply_error(id, e);
+                    self.state = State::Unusable;
+                    return Ok(());
+                }
+            }
+        }
+        self.client.set_user(user.clone());
+        let others = self
+            .node
+            .hub()
+            .add_client(&self.client, &user, cfg.client.user_connection_limit)
+            .map_err(|_| Disconnect::CONNECTION_LIMIT)?;
+        if personal.single_connection && !user.is_empty() {
+            for o in others {
+                o.close(Disconnect::CONNECTION_LIMIT);
+            }
+        }
+        let info = Arc::new(ClientInfo {
+            user: user.clone(),
+            client: self.client.id.clone(),
+            conn_info: decision.info.clone(),
+            chan_info: None,
+        });
+        self.state = State::Connected(Box::new(Connected {
+            ctx: ClientContext {
+                client: self.client.id.clone(),
+                user: user.clone(),
+                transport: self.transport,
+                encoding: self.client.encoding(),
+                conn_info: decision.info,
+                meta: decision.meta,
+            },
+            info,
+            subs: HashMap::new(),
+        }));
+        tracing::debug!(client = %self.client.id(), user = %user, "connected");
+
+        let mut attached = Vec::new();
+        for (ch, opts, r) in resolved {
+            let options = opts.overrides.apply(&r.options);
+            let history = options.history_enabled();
+            let presented = req.subs.get(&ch);
+            let recover = match presented {
+                Some(p) if p.recover && history => Some((p.offset, p.epoch.clone())),
+                _ => None,
+            };
+            let plan = Plan {
+                channel: ch.as_str().into(),
+                positioned: history && (options.force_positioning || options.force_recovery),
+                recoverable: history && options.force_recovery,
+                push_join_leave: options.join_leave,
+                was_recovering: presented.is_some_and(|p| p.recover),
+                recover: recover.filter(|_| options.force_recovery),
+                reject_unrecovered: false,
+                data: opts.data,
+                chan_info: opts.info,
+                expire_at: None,
+                server_side: true,
+                options,
+            };
+            match self.attach(plan).await {
+                Ok(a) => attached.push(a),
+                Err(e) => {
+                    for a in attached {
+                        self.node
+                            .remove_subscription(&a.sub.channel, self.client.seq)
+                            .await;
+                    }
+                    self.node.hub().remove_client(&self.client, &user);
+                    self.state = State::Unusable;
+                    self.reply_error(id, e);
+                    return Ok(());
+                }
+            }
+        }
+        let (ping, pong) = (
+            cfg.client.ping_interval.as_secs() as u32,
+            !cfg.client.pong_timeout.is_zero(),
+        );
+        let mut result = ConnectResult {
+            client: self.client.id.to_string(),
+            version: self.node.version().to_string(),
+            data: decision.data,
+            ping,
+            pong,
+            time: if cfg.client.connect_include_server_time {
+                crate::node::unix_ms()
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        if let Some(exp) = decision.expire_at {
+            result.expires = true;
+            result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
+        }
+        result.subs = attached
+            .iter()
+            .map(|a| (a.sub.channel.to_string(), a.result.clone()))
+            .collect();
+        self.reply(id, ReplyBody::Connect(Box::new(result)));
+        self.set_expiry(decision.expire_at);
+        self.client.set_connected();
+        for a in attached {
+            self.go_live(a).await;
+        }
+        Ok(())
+    }
+
+    fn set_expiry(&self, expire_at: Option<i64>) {
+        let at = expire_at.map(|e| {
+            let secs = (e - unix_secs()).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_secs(secs)
+        });
+        self.client.set_expires_at(at);
+    }
+
+    /// Registers the subscription (buffering deliveries) and reads the position or the
+    /// publications to recover.
+    async fn attach(&mut self, plan: Plan) -> Result<Attached, ErrorReply> {
+        let sub = Subscription::new(
+            self.client.clone(),
+            plan.channel.clone(),
+            plan.server_side,
+            plan.push_join_leave,
+            self.node.config().client.queue_max_size,
+        );
+        self.node.add_subscription(sub.clone()).await.map_err(|e| {
+            tracing::warn!(channel = %plan.channel, error = %e, "broker subscribe failed");
+            ErrorReply::INTERNAL
+        })?;
+        let mut result = SubscribeResult {
+            recoverable: plan.recoverable,
+            positioned: plan.positioned,
+            was_recovering: plan.was_recovering,
+            data: plan.data.clone(),
+            ..Default::default()
+        };
+        if let Some(exp) = plan.expire_at {
+            result.expires = true;
+            result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
+        }
+        let mut live_offset = 0;
+        let mut live_epoch: Arc<str> = Arc::from("");
+        if plan.options.history_enabled() && (plan.positioned || plan.recoverable) {
+            let max = self.node.config().client.recovery_max_publication_limit;
+            let meta_ttl = self.node.rules().meta_ttl(&plan.options);
+            let read = match &plan.recover {
+                Some((offset, epoch)) => {
+                    let q = HistoryQuery {
+                        since: Some((*offset, epoch.clone())),
+                        limit: Some(max + 1),
+                        reverse: false,
+                        meta_ttl,
+                    };
+                    match self.node.broker().history(&plan.channel, &q).await {
+                        Ok(page) => {
+                            let pubs = &page.publications;
+                            let top = page.top.offset;
+                            let recovered = if pubs.is_empty() {
+                                top == *offset
+                            } else {
+                                pubs.len() <= max
+                                    && pubs[0].offset == offset + 1
+                                    && pubs.last().is_some_and(|p| p.offset == top)
+                            };
+                            Ok(Some((page, recovered)))
+                        }
+                        Err(crate::engine::EngineError::UnrecoverablePosition) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Ok(None),
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    self.node
+                        .remove_subscription(&plan.channel, self.client.seq)
+                        .await;
+                    return Err(engine_error(e));
+                }
+            };
+            match read {
+                Some((page, true)) => {
+                    metrics::counter!("holdfast_recover_total", "outcome" => "recovered")
+                        .increment(1);
+                    metrics::counter!("holdfast_recovered_publications_total")
+                        .increment(page.publications.len() as u64);
+                    result.recovered = true;
+                    result.offset = plan.recover.as_ref().map_or(0, |r| r.0);
+                    result.epoch = page.top.epoch.to_string();
+                    live_offset = page.top.offset;
+                    live_epoch = page.top.epoch;
+                    result.publications = page.publications;
+                }
+                other => {
+                    let top = match other {
+                        Some((page, false)) => page.top,
+                        _ => {
+                            let q = HistoryQuery {
+                                since: None,
+                                limit: Some(0),
+                                reverse: false,
+                                meta_ttl,
+                            };
+                            match self.node.broker().history(&plan.channel, &q).await {
+                                Ok(p) => p.top,
+                                Err(e) => {
+                                    self.node
+                                        .remove_subscription(&plan.channel, self.client.seq)
+                                        .await;
+                                    return Err(engine_error(e));
+                                }
+                            }
+                        }
+                    };
+                    if plan.recover.is_some() {
+                        metrics::counter!("holdfast_recover_total", "outcome" => "not_recovered")
+                            .increment(1);
+                        if plan.reject_unrecovered {
+                            self.node
+                                .remove_subscription(&plan.channel, self.client.seq)
+                                .await;
+                            return Err(ErrorReply::UNRECOVERABLE_POSITION);
+                        }
+                    }
+                    result.offset = top.offset;
+                    result.epoch = top.epoch.to_string();
+                    live_offset = top.offset;
+                    live_epoch = top.epoch;
+                }
+            }
+        }
+        Ok(Attached {
+            sub,
+            result,
+            live_offset,
+            live_epoch,
+            plan,
+        })
+    }
+
+    /// After the reply is queued: buffered deliveries follow it, presence and join are
+    /// published, and the subscription is recorded.
+    async fn go_live(&mut self, a: Attached) {
+        let Attached {
+            sub,
+            live_offset,
+            live_epoch,
+            plan,
+            ..
+        } = a;
+        match sub.go_live(plan.positioned, live_offset, &live_epoch) {
+            GoLive::Ok => {}
+            GoLive::Dead => {
+                self.node
+                    .remove_subscription(&plan.channel, self.client.seq)
+                    .await;
+                return;
+            }
+            GoLive::Gap => {
+                metrics::counter!("holdfast_insufficient_state_total").increment(1);
+                self.node
+                    .remove_subscription(&plan.channel, self.client.seq)
+                    .await;
+                if plan.server_side {
+                    self.client.close(Disconnect::INSUFFICIENT_STATE);
+                } else {
+                    let (code, reason) = unsubscribe::INSUFFICIENT_STATE;
+                    self.client.send(push_bytes(&Push::Unsubscribe {
+                        channel: &plan.channel,
+                        code,
+                        reason,
+                    }));
+                }
+                return;
+            }
+        }
+        let Ok(conn) = self.conn_mut() else { return };
+        let info = if plan.chan_info.is_some() {
+            Arc::new(ClientInfo {
+                chan_info: plan.chan_info.clone(),
+                ..(*conn.info).clone()
+            })
+        } else {
+            conn.info.clone()
+        };
+        let s = SessionSub {
+            sub,
+            info: info.clone(),
+            presence: plan.options.presence,
+            join_leave: plan.options.join_leave,
+            expire_at: plan.expire_at,
+        };
+        conn.subs.insert(plan.channel.clone(), s);
+        if plan.options.presence {
+            if let Err(e) = self
+                .node
+                .presence_store()
+                .add_presence(&plan.channel, info.clone())
+                .await
+            {
+                tracing::warn!(channel = %plan.channel, error = %e, "presence add failed");
+            }
+        }
+        if plan.options.join_leave {
+            if let Err(e) = self.node.broker().publish_join(&plan.channel, info).await {
+                tracing::warn!(channel = %plan.channel, error = %e, "join publish failed");
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: u32, req: SubscribeRequest) -> Result<(), Disconnect> {
+        if req.channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let limit = self.node.config().client.channel_limit;
+        let conn = self.conn()?;
+        if conn.subs.contains_key(req.channel.as_str()) {
+            self.reply_error(id, ErrorReply::ALREADY_SUBSCRIBED);
+            return Ok(());
+        }
+        if conn.subs.len() >= limit {
+            self.reply_error(id, ErrorReply::LIMIT_EXCEEDED);
+            return Ok(());
+        }
+        let resolved = match self.node.rules().resolve(&req.channel) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        let ctx = conn.ctx.clone();
+        let ev = SubscribeEvent {
+            channel: &req.channel,
+            token: &req.token,
+            data: req.data.as_ref(),
+            options: &resolved.options,
+            private: resolved.private,
+        };
+        let decision = match self.node.handler().on_subscribe(&ctx, &ev).await {
+            Ok(d) => d,
+            Err(e) => return self.refuse(id, e),
+        };
+        if decision.expire_at.is_some_and(|e| e <= unix_secs()) {
+            self.reply_error(id, ErrorReply::TOKEN_EXPIRED);
+            return Ok(());
+        }
+        let options = decision.overrides.apply(&resolved.options);
+        let history = options.history_enabled();
+        let chan_ev = ChannelEvent {
+            channel: &req.channel,
+            options: &options,
+            subscribed: true,
+        };
+        let wants_history_perm = history
+            && ((req.recoverable && !options.force_recovery && !options.allow_recovery)
+                || (req.positioned && !options.force_positioning && !options.allow_positioning));
+        let history_perm =
+            wants_history_perm && self.node.handler().on_history(&ctx, &chan_ev).await.is_ok();
+        let recoverable = history
+            && (options.force_recovery
+                || (req.recoverable && (options.allow_recovery || history_perm)));
+        let positioned = history
+            && (recoverable
+                || options.force_positioning
+                || (req.positioned && (options.allow_positioning || history_perm)));
+        let push_join_leave = options.join_leave
+            && (options.force_push_join_leave
+                || (req.join_leave
+                    && self
+                        .node
+                        .handler()
+                        .on_presence(&ctx, &chan_ev)
+                        .await
+                        .is_ok()));
+        let plan = Plan {
+            channel: req.channel.as_str().into(),
+            server_side: false,
+            positioned,
+            recoverable,
+            push_join_leave,
+            recover: (req.recover && recoverable).then(|| (req.offset, req.epoch.clone())),
+            was_recovering: req.recover,
+            reject_unrecovered: req.flag & SubscribeRequest::FLAG_REJECT_UNRECOVERED != 0,
+            data: decision.data,
+            chan_info: decision.info,
+            expire_at: decision.expire_at,
+            options,
+        };
+        let a = match self.attach(plan).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        metrics::counter!("holdfast_subscriptions_accepted_total").increment(1);
+        self.reply(id, ReplyBody::Subscribe(Box::new(a.result.clone())));
+        self.go_live(a).await;
+        Ok(())
+    }
+
+    async fn server_subscribe(&mut self, req: ServerSubscribe) -> Result<(), Disconnect> {
+        let State::Connected(conn) = &self.state else {
+            return Ok(());
+        };
+        if conn.subs.contains_key(req.channel.as_str()) {
+            return Ok(());
+        }
+        if conn.subs.len() >= self.node.config().client.channel_limit {
+            tracing::info!(client = %self.client.id(), channel = %req.channel, "server subscribe over channel limit");
+            return Ok(());
+        }
+        let Ok(resolved) = self.node.rules().resolve(&req.channel) else {
+            return Ok(());
+        };
+        let options = req.overrides.apply(&resolved.options);
+        let history = options.history_enabled();
+        let plan = Plan {
+            channel: req.channel.as_str().into(),
+            server_side: true,
+            positioned: history && (options.force_positioning || options.force_recovery),
+            recoverable: history && options.force_recovery,
+            push_join_leave: options.join_leave,
+            recover: req.recover_since.clone().filter(|_| history),
+            was_recovering: req.recover_since.is_some(),
+            reject_unrecovered: false,
+            data: req.data,
+            chan_info: req.info,
+            expire_at: None,
+            options,
+        };
+        let a = match self.attach(plan).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(client = %self.client.id(), channel = %req.channel, code = e.code, "server subscribe failed");
+                return Ok(());
+            }
+        };
+        let mut push_result = a.result.clone();
+        let pubs = std::mem::take(&mut push_result.publications);
+        self.client.send(push_bytes(&Push::Subscribe {
+            channel: &a.plan.channel,
+            result: &push_result,
+        }));
+        for p in &pubs {
+            self.client.send(push_bytes(&Push::Pub {
+                channel: &a.plan.channel,
+                publication: p,
+            }));
+        }
+        self.go_live(a).await;
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, id: u32, channel: &str) -> Result<(), Disconnect> {
+        if channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let conn = self.conn_mut()?;
+        if let Some(s) = conn.subs.remove(channel) {
+            detach(&self.node, &self.client, s).await;
+        }
+        self.reply(id, ReplyBody::Unsubscribe);
+        Ok(())
+    }
+
+    async fn publish(&mut self, id: u32, channel: &str, data: Bytes) -> Result<(), Disconnect> {
+        if channel.is_empty() || data.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let resolved = match self.node.rules().resolve(channel) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        let conn = self.conn()?;
+        let sub = conn.subs.get(channel);
+        let ev = ChannelEvent {
+            channel,
+            options: &resolved.options,
+            subscribed: sub.is_some(),
+        };
+        let info = sub.map_or_else(|| conn.info.clone(), |s| s.info.clone());
+        let ctx = conn.ctx.clone();
+        let decision = match self.node.handler().on_publish(&ctx, &ev, &data).await {
+            Ok(d) => d,
+            Err(e) => return self.refuse(id, e),
+        };
+        let req = PublishRequest {
+            data: decision.data.unwrap_or(data),
+            info: Some(info),
+            skip_history: decision.skip_history,
+            tags: None,
+            idempotency_key: None,
+        };
+        match self.node.publish(channel, req).await {
+            Ok(_) => self.reply(id, ReplyBody::Publish),
+            Err(e) => self.reply_error(id, e),
+        }
+        Ok(())
+    }
+
+    async fn presence(&mut self, id: u32, channel: &str, stats: bool) -> Result<(), Disconnect> {
+        if channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let resolved = match self.node.rules().resolve(channel) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        if !resolved.options.presence {
+            self.reply_error(id, ErrorReply::NOT_AVAILABLE);
+            return Ok(());
+        }
+        let conn = self.conn()?;
+        let ev = ChannelEvent {
+            channel,
+            options: &resolved.options,
+            subscribed: conn.subs.contains_key(channel),
+        };
+        let ctx = conn.ctx.clone();
+        if let Err(e) = self.node.handler().on_presence(&ctx, &ev).await {
+            return self.refuse(id, e);
+        }
+        let store = self.node.presence_store();
+        let body = if stats {
+            store
+                .presence_stats(channel)
+                .await
+                .map(|(num_clients, num_users)| ReplyBody::PresenceStats {
+                    num_clients,
+                    num_users,
+                })
+        } else {
+            store.presence(channel).await.map(ReplyBody::Presence)
+        };
+        match body {
+            Ok(b) => self.reply(id, b),
+            Err(e) => self.reply_error(id, engine_error(e)),
+        }
+        Ok(())
+    }
+
+    async fn history(&mut self, id: u32, req: HistoryRequest) -> Result<(), Disconnect> {
+        if req.channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let resolved = match self.node.rules().resolve(&req.channel) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        if !resolved.options.history_enabled() {
+            self.reply_error(id, ErrorReply::NOT_AVAILABLE);
+            return Ok(());
+        }
+        let conn = self.conn()?;
+        let ev = ChannelEvent {
+            channel: &req.channel,
+            options: &resolved.options,
+            subscribed: conn.subs.contains_key(req.channel.as_str()),
+        };
+        let ctx = conn.ctx.clone();
+        if let Err(e) = self.node.handler().on_history(&ctx, &ev).await {
+            return self.refuse(id, e);
+        }
+        let max = self.node.config().client.history_max_publication_limit;
+        let limit = match req.limit {
+            0 => Some(0),
+            l if l < 0 => Some(max),
+            l => Some((l as usize).min(max)),
+        };
+        let since = req.since.map(|s| (s.offset, s.epoch));
+        match self
+            .node
+            .history(&req.channel, since, limit, req.reverse)
+            .await
+        {
+            Ok(page) => self.reply(
+                id,
+                ReplyBody::History(Box::new(HistoryResult {
+                    publications: page.publications,
+                    epoch: page.top.epoch.to_string(),
+                    offset: page.top.offset,
+                })),
+            ),
+            Err(e) => self.reply_error(id, e),
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, data: Bytes) -> Result<(), Disconnect> {
+        let ctx = self.conn()?.ctx.clone();
+        match self.node.handler().on_send(&ctx, &data).await {
+            Ok(()) => Ok(()),
+            Err(HandlerError::Disconnect(d)) => Err(d),
+            Err(HandlerError::Reply(e)) => {
+                tracing::debug!(client = %self.client.id(), code = e.code, "send refused");
+                Ok(())
+            }
+        }
+    }
+
+    async fn rpc(&mut self, id: u32, method: &str, data: Bytes) -> Result<(), Disconnect> {
+        let ctx = self.conn()?.ctx.clone();
+        match self.node.handler().on_rpc(&ctx, method, &data).await {
+            Ok(data) => {
+                self.reply(id, ReplyBody::Rpc(data));
+                Ok(())
+            }
+            Err(e) => self.refuse(id, e),
+        }
+    }
+
+    async fn refresh(&mut self, id: u32, token: &str) -> Result<(), Disconnect> {
+        if token.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let ctx = self.conn()?.ctx.clone();
+        let decision = match self.node.handler().on_refresh(&ctx, token).await {
+            Ok(d) => d,
+            Err(e) => return self.refuse(id, e),
+        };
+        let mut result = RefreshResult::default();
+        if let Some(exp) = decision.expire_at {
+            let ttl = exp - unix_secs();
+            if ttl <= 0 {
+                return Err(Disconnect::EXPIRED);
+            }
+            result.expires = true;
+            result.ttl = ttl.min(i64::from(u32::MAX)) as u32;
+        }
+        if let Some(info) = decision.info {
+            self.conn_mut()?.set_conn_info(info);
+        }
+        self.set_expiry(decision.expire_at);
+        self.reply(id, ReplyBody::Refresh(result));
+        Ok(())
+    }
+
+    async fn sub_refresh(&mut self, id: u32, channel: &str, token: &str) -> Result<(), Disconnect> {
+        if channel.is_empty() || token.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        if !self.conn()?.subs.contains_key(channel) {
+            self.reply_error(id, ErrorReply::PERMISSION_DENIED);
+            return Ok(());
+        }
+        let ctx = self.conn()?.ctx.clone();
+        let decision = match self
+            .node
+            .handler()
+            .on_sub_refresh(&ctx, channel, token)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => return self.refuse(id, e),
+        };
+        let mut result = RefreshResult::default();
+        if let Some(exp) = decision.expire_at {
+            let ttl = exp - unix_secs();
+            if ttl <= 0 {
+                self.reply_error(id, ErrorReply::TOKEN_EXPIRED);
+                return Ok(());
+            }
+            result.expires = true;
+            result.ttl = ttl.min(i64::from(u32::MAX)) as u32;
+        }
+        if let Some(s) = self.conn_mut()?.subs.get_mut(channel) {
+            s.expire_at = decision.expire_at;
+        }
+        self.reply(id, ReplyBody::SubRefresh(result));
+        Ok(())
+    }
+
+    /// Ends the session: every subscription is detached and the connection unregistered.
+    pub async fn close(mut self) {
+        let state = std::mem::replace(&mut self.state, State::Unusable);
+        if let State::Connected(mut conn) = state {
+            for (_, s) in conn.subs.drain() {
+                detach(&self.node, &self.client, s).await;
+            }
+            self.node.hub().remove_client(&self.client, &conn.ctx.user);
+        }
+    }
+}
+
+/// Ends a subscription: no more deliveries, presence and leave.
+async fn detach(node: &Node, client: &Arc<ClientHandle>, s: SessionSub) {
+    s.sub.kill();
+    node.remove_subscription(&s.sub.channel, client.seq).await;
+    if s.presence {
+        if let Err(e) = node
+            .presence_store()
+            .remove_presence(&s.sub.channel, client.id())
+            .await
+        {
+            tracing::warn!(channel = %s.sub.channel, error = %e, "presence remove failed");
+        }
+    }
+    if s.join_leave {
+        if let Err(e) = node
+            .broker()
+            .publish_leave(&s.sub.channel, s.info.clone())
+            .await
+        {
+            tracing::warn!(channel = %s.sub.channel, error = %e, "leave publish failed");
+        }
+    }
+}
