@@ -1,1 +1,10 @@
-//! placeholder
+//! The standalone Holdfast server: configuration, WebSocket transport, JWT verification and the
+//! operator endpoints over a [`holdfast_core::Node`].
+//!
+//! `main.rs` only parses arguments; [`server::run`] takes the listeners and a shutdown future, so
+//! tests start a real server on `127.0.0.1:0` without signals.
+
+pub mod config;
+pub mod jwt;
+pub mod server;
+pub mod ws;

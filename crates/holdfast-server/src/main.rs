@@ -1,1 +1,275 @@
-fn main() {}
+//! `holdfast`: the command line. Parses arguments and calls into the library.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use holdfast_server::config::{self, Config};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Real-time messaging server speaking the Centrifugo protocol"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Check a configuration file: unknown keys and invalid values are errors.
+    Checkconfig(ConfigArgs),
+    /// Write a commented configuration with fresh secrets.
+    Genconfig {
+        /// Where to write it.
+        #[arg(short, long, default_value = "config.toml")]
+        config: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a connection (or, with --channel, subscription) token signed with the configured HMAC key.
+    Gentoken {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// User id (`sub`).
+        #[arg(short, long, default_value = "")]
+        user: String,
+        /// Lifetime in seconds (0 = no expiry).
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+        /// Make a subscription token for this channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArgs {
+    /// Configuration file (TOML, or Centrifugo JSON with a .json name).
+    #[arg(short, long, env = "HOLDFAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override any key: --set client.insecure=true (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Public port (http_server.port).
+    #[arg(short, long)]
+    port: Option<u16>,
+    /// Public address (http_server.address).
+    #[arg(long)]
+    address: Option<String>,
+    /// Internal port for API/metrics/health (http_server.internal_port).
+    #[arg(long)]
+    internal_port: Option<u16>,
+    /// Development mode: anonymous connects and every permission (client.insecure).
+    #[arg(long)]
+    insecure: bool,
+    /// Log level (log.level).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn load(args: &ConfigArgs, extra: Vec<(String, String)>) -> anyhow::Result<config::Loaded> {
+    let mut overrides = Vec::new();
+    for kv in &args.set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        overrides.push((k.trim().to_owned(), v.to_owned()));
+    }
+    overrides.extend(extra);
+    config::load(args.config.as_deref(), std::env::vars(), &overrides)
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_new(&cfg.log.level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    if cfg.log.format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..40)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut extra = Vec::new();
+    if let Some(p) = args.port {
+        extra.push(("http_server.port".into(), p.to_string()));
+    }
+    if let Some(a) = &args.address {
+        extra.push(("http_server.address".into(), a.clone()));
+    }
+    if let Some(p) = args.internal_port {
+        extra.push(("http_server.internal_port".into(), p.to_string()));
+    }
+    if args.insecure {
+        extra.push(("client.insecure".into(), "true".into()));
+    }
+    if let Some(l) = &args.log_level {
+        extra.push(("log.level".into(), l.clone()));
+    }
+    let loaded = load(&args.cfg, extra)?;
+    init_logging(&loaded.config);
+    for k in &loaded.unknown {
+        tracing::warn!(key = %k, "unsupported configuration key ignored");
+    }
+    let cfg = loaded.config;
+    if cfg.client.insecure {
+        tracing::warn!(
+            "client.insecure is on: anyone may connect and do anything (development only)"
+        );
+    }
+    let public =
+        tokio::net::TcpListener::bind((cfg.http_server.address.as_str(), cfg.http_server.port))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {}:{}",
+                    cfg.http_server.address, cfg.http_server.port
+                )
+            })?;
+    let internal = if cfg.http_server.internal_port != 0 {
+        Some(
+            tokio::net::TcpListener::bind((
+                cfg.http_server.internal_address.as_str(),
+                cfg.http_server.internal_port,
+            ))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on internal port {}",
+                    cfg.http_server.internal_port
+                )
+            })?,
+        )
+    } else {
+        None
+    };
+    let state = holdfast_server::server::build(cfg).await?;
+    holdfast_server::server::run(state, public, internal, shutdown_signal()).await
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs {
+        cfg: ConfigArgs {
+            config: None,
+            set: Vec::new(),
+        },
+        port: None,
+        address: None,
+        internal_port: None,
+        insecure: false,
+        log_level: None,
+    })) {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve(args)),
+        Command::Checkconfig(args) => {
+            let loaded = load(&args, Vec::new())?;
+            let mut problems: Vec<String> = loaded
+                .unknown
+                .iter()
+                .map(|k| format!("{k}: unknown key"))
+                .collect();
+            if let Err(errs) = loaded.config.validate() {
+                problems.extend(errs.iter().map(ToString::to_string));
+            }
+            if problems.is_empty() {
+                println!("configuration is valid");
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                anyhow::bail!("{} problem(s) in the configuration", problems.len())
+            }
+        }
+        Command::Genconfig { config, force } => {
+            if config.exists() && !force {
+                anyhow::bail!("{} exists (use --force to overwrite)", config.display());
+            }
+            std::fs::write(
+                &config,
+                config::generate(&random_secret(), &random_secret()),
+            )
+            .with_context(|| format!("cannot write {}", config.display()))?;
+            println!("wrote {}", config.display());
+            Ok(())
+        }
+        Command::Gentoken {
+            cfg,
+            user,
+            ttl,
+            channel,
+        } => {
+            let loaded = load(&cfg, Vec::new())?;
+            let secret = &loaded.config.client.token.hmac_secret_key;
+            if secret.is_empty() {
+                anyhow::bail!("client.token.hmac_secret_key is not set");
+            }
+            let mut claims = serde_json::json!({ "sub": user });
+            if ttl > 0 {
+                claims["exp"] = serde_json::json!(holdfast_core::node::unix_secs() + ttl);
+            }
+            if let Some(ch) = channel {
+                claims["channel"] = serde_json::json!(ch);
+            }
+            println!("{}", holdfast_server::jwt::sign_hs256(secret, &claims)?);
+            Ok(())
+        }
+        Command::Version => {
+            println!("holdfast {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

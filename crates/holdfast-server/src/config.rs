@@ -1,0 +1,484 @@
+//! Server configuration: TOML (or a Centrifugo `config.json`), then `HOLDFAST_*` environment
+//! variables, then command-line overrides. Key names follow Centrifugo v6.
+
+use anyhow::{Context, bail};
+use holdfast_core::config::{ChannelConfig, ClientConfig, ConfigError, NodeConfig, duration};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+use std::time::Duration;
+
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "HOLDFAST_";
+
+/// The whole configuration of `holdfast serve`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    /// Listeners.
+    pub http_server: HttpServerConfig,
+    /// Client connections.
+    pub client: ClientConfig,
+    /// Channels and namespaces.
+    pub channel: ChannelConfig,
+    /// WebSocket transport.
+    pub websocket: WebsocketConfig,
+    /// Server HTTP API.
+    pub http_api: HttpApiConfig,
+    /// Engine selection.
+    pub engine: EngineConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Kept for Centrifugo configs: `/health` is always served.
+    pub health: Toggle,
+    /// Kept for Centrifugo configs: `/metrics` is always served.
+    pub prometheus: Toggle,
+}
+
+/// `http_server.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct HttpServerConfig {
+    /// Address of the public listener.
+    pub address: String,
+    /// Port of the public listener (WebSocket, API, health, metrics).
+    pub port: u16,
+    /// Address of the internal listener.
+    pub internal_address: String,
+    /// Port of the internal listener (API, health, metrics, ready); 0 = everything on `port`.
+    pub internal_port: u16,
+}
+
+impl Default for HttpServerConfig {
+    fn default() -> Self {
+        Self {
+            address: "0.0.0.0".into(),
+            port: 8000,
+            internal_address: "127.0.0.1".into(),
+            internal_port: 0,
+        }
+    }
+}
+
+/// `websocket.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct WebsocketConfig {
+    /// Largest incoming message in bytes; bigger closes with 1009.
+    pub message_size_limit: usize,
+    /// A write that takes longer closes the connection.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    /// Per-connection read buffer (allocated for every connection).
+    pub read_buffer_size: usize,
+    /// Write buffer target before bytes go to the socket (flushes always write through).
+    pub write_buffer_size: usize,
+}
+
+impl Default for WebsocketConfig {
+    fn default() -> Self {
+        Self {
+            message_size_limit: 65536,
+            write_timeout: Duration::from_secs(1),
+            read_buffer_size: 4096,
+            write_buffer_size: 16 * 1024,
+        }
+    }
+}
+
+/// `http_api.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct HttpApiConfig {
+    /// API key (`X-API-Key`, `Authorization: apikey`, `?api_key=`). Empty = every call is 401.
+    pub key: String,
+    /// No key check (development only).
+    pub insecure: bool,
+    /// `"transport"` maps API errors to HTTP statuses; default answers 200 with `{"error"}`.
+    pub error_mode: String,
+    /// Largest request body in bytes.
+    pub max_body_size: usize,
+}
+
+impl Default for HttpApiConfig {
+    fn default() -> Self {
+        Self {
+            key: String::new(),
+            insecure: false,
+            error_mode: String::new(),
+            max_body_size: 1 << 20,
+        }
+    }
+}
+
+/// `engine.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct EngineConfig {
+    /// `memory`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kind: "memory".into(),
+        }
+    }
+}
+
+/// `log.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `trace`, `debug`, `info`, `warn`, `error`, or a tracing filter (`holdfast_core=debug`).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// `shutdown.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ShutdownConfig {
+    /// Longest wait for connections to close on shutdown.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A section with only `enabled`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Toggle {
+    /// Accepted for compatibility.
+    pub enabled: bool,
+}
+
+impl Config {
+    /// The node's part.
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            client: self.client.clone(),
+            channel: self.channel.clone(),
+        }
+    }
+
+    /// Every rule, naming the offending key.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errs = self.node_config().validate().err().unwrap_or_default();
+        let mut e = |key: &str, problem: &str| {
+            errs.push(ConfigError {
+                key: key.into(),
+                problem: problem.into(),
+            })
+        };
+        if self.engine.kind != "memory" {
+            e("engine.type", "unsupported engine (supported: memory)");
+        }
+        if !matches!(self.http_api.error_mode.as_str(), "" | "transport") {
+            e("http_api.error_mode", "must be \"\" or \"transport\"");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            e("log.format", "must be \"text\" or \"json\"");
+        }
+        if self.http_server.internal_port != 0
+            && self.http_server.internal_port == self.http_server.port
+        {
+            e(
+                "http_server.internal_port",
+                "must differ from http_server.port",
+            );
+        }
+        if self.websocket.message_size_limit < 1024 {
+            e(
+                "websocket.message_size_limit",
+                "must be at least 1024 bytes",
+            );
+        }
+        if self.websocket.read_buffer_size < 512 {
+            e("websocket.read_buffer_size", "must be at least 512 bytes");
+        }
+        if self.http_api.max_body_size < 1024 {
+            e("http_api.max_body_size", "must be at least 1024 bytes");
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+}
+
+/// A loaded configuration and the keys it did not understand.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration.
+    pub config: Config,
+    /// Keys present in the file, environment or flags that Holdfast does not support.
+    pub unknown: Vec<String>,
+}
+
+/// Reads the file (TOML, or JSON for `.json`), applies `HOLDFAST_*` variables from `env` and the
+/// `key=value` overrides, and deserialises.
+pub fn load(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[(String, String)],
+) -> anyhow::Result<Loaded> {
+    let mut tree = match path {
+        Some(p) => read_file(p)?,
+        None => Value::Object(Map::new()),
+    };
+    if !tree.is_object() {
+        bail!("the configuration must be a table of settings");
+    }
+    let defaults = serde_json::to_value(Config::default()).context("default config")?;
+    let mut leaves = Vec::new();
+    collect_leaves(&defaults, String::new(), &mut leaves);
+    let mut unknown = Vec::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if matches!(rest, "CONFIG") {
+            continue;
+        }
+        match leaves.iter().find(|(p, _)| env_name(p) == name) {
+            Some((path, default)) => set_path(&mut tree, path, parse_like(default, &value))?,
+            None => unknown.push(format!("environment variable {name}")),
+        }
+    }
+    for (key, value) in overrides {
+        let default = leaves.iter().find(|(p, _)| p == key).map(|(_, d)| d);
+        let v = match default {
+            Some(d) => parse_like(d, value),
+            None => serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.clone())),
+        };
+        set_path(&mut tree, key, v)?;
+    }
+    let config: Config = serde_ignored::deserialize(tree, |p| unknown.push(p.to_string()))
+        .context("invalid configuration")?;
+    Ok(Loaded { config, unknown })
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    } else {
+        let t: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("{} is not valid TOML", path.display()))?;
+        serde_json::to_value(t).context("config conversion")
+    }
+}
+
+/// The environment variable of a dotted key path.
+pub fn env_name(path: &str) -> String {
+    format!("{ENV_PREFIX}{}", path.replace('.', "_").to_uppercase())
+}
+
+fn collect_leaves(v: &Value, prefix: String, out: &mut Vec<(String, Value)>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                collect_leaves(v, p, out);
+            }
+        }
+        _ => out.push((prefix, v.clone())),
+    }
+}
+
+fn parse_like(default: &Value, raw: &str) -> Value {
+    match default {
+        Value::Bool(_) => match raw.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Value::Bool(true),
+            "0" | "false" | "no" | "off" | "" => Value::Bool(false),
+            _ => Value::String(raw.into()),
+        },
+        Value::Number(_) => serde_json::from_str::<serde_json::Number>(raw.trim())
+            .map_or_else(|_| Value::String(raw.into()), Value::Number),
+        Value::String(_) => Value::String(raw.into()),
+        _ => serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.into())),
+    }
+}
+
+fn set_path(tree: &mut Value, path: &str, v: Value) -> anyhow::Result<()> {
+    let mut cur = tree;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Object(m) = cur else {
+            bail!("{path}: {part} is not a table")
+        };
+        if i + 1 == parts.len() {
+            m.insert((*part).into(), v);
+            return Ok(());
+        }
+        cur = m.entry(*part).or_insert_with(|| Value::Object(Map::new()));
+    }
+    Ok(())
+}
+
+/// A commented configuration with fresh secrets, for `holdfast genconfig`.
+pub fn generate(hmac_secret: &str, api_key: &str) -> String {
+    format!(
+        r#"# Holdfast configuration. Every key can also be set through the environment:
+# the dotted path upper-cased with HOLDFAST_ in front, e.g. HOLDFAST_HTTP_SERVER_PORT=9000.
+# Durations are strings: "300ms", "25s", "5m", "720h".
+
+[http_server]
+port = 8000
+# internal_port = 9000        # serve /api, /metrics, /health, /ready on a separate port
+
+[client]
+# insecure = true             # development only: anonymous connects, every permission
+ping_interval = "25s"
+pong_timeout = "8s"
+channel_limit = 128
+queue_max_size = 1048576      # bytes per connection before closing it with 3008 (slow)
+
+[client.token]
+hmac_secret_key = "{hmac_secret}"
+# rsa_public_key = "-----BEGIN PUBLIC KEY-----..."
+# jwks_public_endpoint = "https://example.com/.well-known/jwks.json"
+
+[client.subscribe_to_user_personal_channel]
+enabled = true
+
+[http_api]
+key = "{api_key}"
+
+[channel.without_namespace]
+presence = true
+join_leave = true
+force_push_join_leave = true
+history_size = 100
+history_ttl = "300s"
+force_recovery = true
+allow_subscribe_for_client = true
+allow_publish_for_subscriber = true
+allow_history_for_subscriber = true
+allow_presence_for_subscriber = true
+
+[[channel.namespaces]]
+name = "chat"
+presence = true
+join_leave = true
+force_push_join_leave = true
+history_size = 1000
+history_ttl = "24h"
+force_recovery = true
+allow_subscribe_for_client = true
+allow_publish_for_subscriber = true
+allow_history_for_subscriber = true
+
+[log]
+level = "info"
+format = "text"               # or "json"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("holdfast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn toml_env_and_flags_layer_in_order() {
+        let p = write(
+            "a.toml",
+            "[http_server]\nport = 9000\n[client]\ninsecure = false\nping_interval = \"20s\"\n\
+             [[channel.namespaces]]\nname = \"chat\"\nhistory_size = 10\nhistory_ttl = \"60s\"\n",
+        );
+        let env = vec![
+            ("HOLDFAST_CLIENT_INSECURE".to_string(), "true".to_string()),
+            (
+                "HOLDFAST_CLIENT_TOKEN_HMAC_SECRET_KEY".to_string(),
+                "s3cret".to_string(),
+            ),
+            ("HOLDFAST_BOGUS_KEY".to_string(), "1".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let l = load(Some(&p), env, &[("http_server.port".into(), "9100".into())]).expect("load");
+        let c = l.config;
+        assert_eq!(c.http_server.port, 9100, "flags override the file");
+        assert!(c.client.insecure, "environment overrides the file");
+        assert_eq!(c.client.token.hmac_secret_key, "s3cret");
+        assert_eq!(c.client.ping_interval, Duration::from_secs(20));
+        assert_eq!(c.channel.namespaces[0].history_size, 10);
+        assert_eq!(
+            l.unknown,
+            vec!["environment variable HOLDFAST_BOGUS_KEY".to_string()]
+        );
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn centrifugo_json_is_accepted_and_unsupported_keys_are_named() {
+        let p = write(
+            "config.json",
+            r#"{"client":{"token":{"hmac_secret_key":"secret"},"insecure":true,"allowed_origins":["*"]},
+               "http_api":{"key":"k"},"admin":{"enabled":true},
+               "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true}}}"#,
+        );
+        let l = load(Some(&p), Vec::new(), &[]).expect("load");
+        assert_eq!(l.config.client.token.hmac_secret_key, "secret");
+        assert!(l.config.channel.without_namespace.force_recovery);
+        let mut unknown = l.unknown.clone();
+        unknown.sort();
+        assert_eq!(
+            unknown,
+            [
+                "admin",
+                "channel.without_namespace.delta_publish",
+                "client.allowed_origins"
+            ]
+        );
+    }
+
+    #[test]
+    fn validation_names_history_without_ttl() {
+        let p = write("b.toml", "[channel.without_namespace]\nhistory_size = 10\n");
+        let c = load(Some(&p), Vec::new(), &[]).expect("load").config;
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs[0].key, "channel.without_namespace.history_ttl");
+    }
+
+    #[test]
+    fn generated_config_loads_and_validates() {
+        let p = write("gen.toml", &generate("abc", "def"));
+        let l = load(Some(&p), Vec::new(), &[]).expect("load");
+        assert!(l.unknown.is_empty(), "{:?}", l.unknown);
+        assert_eq!(l.config.client.token.hmac_secret_key, "abc");
+        assert!(l.config.validate().is_ok());
+    }
+}

@@ -1,0 +1,242 @@
+//! Building the node from configuration and serving it.
+
+use crate::config::Config;
+use crate::jwt::JwtVerifier;
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use holdfast_core::Node;
+use holdfast_core::engine::{Broker, MemoryEngine, PresenceStore};
+use holdfast_core::handler::{StandardHandler, TokenVerifier};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Shared state of the HTTP handlers.
+#[derive(Debug)]
+pub struct AppState {
+    /// The node.
+    pub node: Node,
+    /// Configuration as loaded.
+    pub config: Arc<Config>,
+    /// Prometheus renderer.
+    pub metrics: PrometheusHandle,
+}
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            let buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Builds the engine, the token verifier and the node, and marks the node ready.
+pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
+    if let Err(errs) = config.validate() {
+        let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = metrics_handle();
+    let engine = MemoryEngine::new();
+    let sub_tokens = config
+        .client
+        .subscription_token
+        .enabled
+        .then(|| config.client.subscription_token.as_token_config());
+    let verifier = JwtVerifier::new(&config.client.token, sub_tokens.as_ref())
+        .context("token keys")?
+        .map(|v| Arc::new(v) as Arc<dyn TokenVerifier>);
+    if verifier.is_none() && !config.client.insecure {
+        tracing::warn!(
+            "no token keys configured (client.token.*): only anonymous connects can succeed"
+        );
+    }
+    let handler = Arc::new(StandardHandler::new(&config.client, verifier));
+    let node = Node::new(
+        config.node_config(),
+        engine.clone() as Arc<dyn Broker>,
+        engine as Arc<dyn PresenceStore>,
+        handler,
+    )
+    .map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
+    })?;
+    // The memory engine is connected as soon as it exists; other engines connect here first.
+    node.start();
+    Ok(Arc::new(AppState {
+        node,
+        config: Arc::new(config),
+        metrics,
+    }))
+}
+
+/// Public routes (WebSocket) plus, when there is no internal port, the operator routes.
+pub fn router(state: Arc<AppState>, with_internal: bool) -> Router {
+    let mut r = Router::new().route("/connection/websocket", get(crate::ws::upgrade));
+    if with_internal {
+        r = r.merge(internal_router());
+    }
+    r.with_state(state)
+}
+
+fn internal_router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_route))
+}
+
+/// Serves until `shutdown` resolves, then drains: stop accepting, close every session with
+/// 3001, wait up to `shutdown.timeout`.
+pub async fn run(
+    state: Arc<AppState>,
+    public: TcpListener,
+    internal: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop2.cancel();
+    });
+    let upkeep_handle = state.metrics.clone();
+    let upkeep_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = t.tick() => upkeep_handle.run_upkeep(),
+                _ = upkeep_stop.cancelled() => return,
+            }
+        }
+    });
+    let public_addr = public.local_addr()?;
+    let public_app = router(state.clone(), internal.is_none());
+    let public_listener = public.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let s = stop.clone();
+    let public_srv = tokio::spawn(async move {
+        axum::serve(public_listener, public_app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+    });
+    let internal_srv = internal.map(|l| {
+        let app = internal_router().with_state(state.clone());
+        let s = stop.clone();
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(address = %a, "internal listener (health, ready, metrics)");
+        }
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+        })
+    });
+    tracing::info!(address = %public_addr, node = state.node.id(), version = state.node.version(), "holdfast listening");
+    stop.cancelled().await;
+    tracing::info!("shutdown requested");
+    state.node.shutdown(state.config.shutdown.timeout).await;
+    public_srv
+        .await
+        .context("public listener task")?
+        .context("public listener")?;
+    if let Some(h) = internal_srv {
+        h.await
+            .context("internal listener task")?
+            .context("internal listener")?;
+    }
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    let node = &app.node;
+    let hub = node.hub();
+    let s = node.stats();
+    let body = serde_json::json!({
+        "status": if node.is_draining() { "draining" } else { "ok" },
+        "node": node.id(),
+        "name": node.name(),
+        "version": node.version(),
+        "uptime_seconds": node.uptime().as_secs(),
+        "connections": hub.counts.clients.load(Ordering::Relaxed),
+        "users": hub.counts.users.load(Ordering::Relaxed),
+        "channels": hub.counts.channels.load(Ordering::Relaxed),
+        "subscriptions": hub.counts.subscriptions.load(Ordering::Relaxed),
+        "connections_total": s.connections_total.load(Ordering::Relaxed),
+        "messages_received": s.messages_received.load(Ordering::Relaxed),
+        "messages_sent": s.messages_sent.load(Ordering::Relaxed),
+        "publications": s.publications.load(Ordering::Relaxed),
+        "errors": s.errors.load(Ordering::Relaxed),
+        "slow_disconnects": s.slow_disconnects.load(Ordering::Relaxed),
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    if app.node.is_ready() {
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"ready"}"#,
+        )
+            .into_response()
+    } else {
+        let status = if app.node.is_draining() {
+            "draining"
+        } else {
+            "starting"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "status": status }).to_string(),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_route(State(app): State<Arc<AppState>>) -> Response {
+    let hub = app.node.hub();
+    metrics::gauge!("holdfast_node_clients").set(hub.counts.clients.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("holdfast_node_users").set(hub.counts.users.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("holdfast_node_channels")
+        .set(hub.counts.channels.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("holdfast_node_subscriptions")
+        .set(hub.counts.subscriptions.load(Ordering::Relaxed) as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,212 @@
+//! The WebSocket transport: the upgrade (only when the node is ready) and the adapters that let
+//! `holdfast_core::transport::serve_connection` drive a tungstenite stream.
+
+use crate::server::AppState;
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use holdfast_core::transport::{ConnectionMeta, FrameSink, FrameSource, serve_connection};
+use holdfast_protocol::{Disconnect, Encoding};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+const JSON_PROTOCOL: &str = "centrifuge-json";
+const PROTOBUF_PROTOCOL: &str = "centrifuge-protobuf";
+
+/// A JSON error response for HTTP-level refusals.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// `GET /connection/websocket`.
+pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
+    if !app.node.is_ready() {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "node is not ready");
+    }
+    let headers = req.headers();
+    if !header_has_token(headers, header::UPGRADE, "websocket")
+        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    {
+        return json_error(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version (need 13)",
+        );
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    };
+    let query = req.uri().query().unwrap_or("");
+    let wants_protobuf = query
+        .split('&')
+        .any(|kv| matches!(kv, "format=protobuf" | "cf_protocol=protobuf"));
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(',').map(|p| p.trim().to_owned()))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let only_protobuf = !offered.is_empty() && offered.iter().all(|p| p == PROTOBUF_PROTOCOL);
+    if wants_protobuf || only_protobuf {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "the protobuf encoding is not supported yet",
+        );
+    }
+    let protocol = offered
+        .iter()
+        .any(|p| p == JSON_PROTOCOL)
+        .then_some(JSON_PROTOCOL);
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
+    };
+    let ws_cfg = &app.config.websocket;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(ws_cfg.read_buffer_size)
+        .write_buffer_size(ws_cfg.write_buffer_size)
+        .max_write_buffer_size(
+            ws_cfg.write_buffer_size + 2 * ws_cfg.message_size_limit.max(1 << 20),
+        )
+        .max_message_size(Some(ws_cfg.message_size_limit))
+        .max_frame_size(Some(ws_cfg.message_size_limit));
+    let write_timeout = ws_cfg.write_timeout;
+    let node = app.node.clone();
+    app.node.tracker().spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let (sink, stream) = ws.split();
+        let meta = ConnectionMeta {
+            transport: "websocket",
+            encoding: Encoding::Json,
+        };
+        serve_connection(
+            node,
+            meta,
+            WsSource(stream),
+            WsSink {
+                inner: sink,
+                write_timeout,
+            },
+        )
+        .await;
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = protocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    resp
+}
+
+struct WsSource(SplitStream<Ws>);
+
+#[async_trait]
+impl FrameSource for WsSource {
+    async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
+        loop {
+            return match self.0.next().await? {
+                Ok(Message::Text(t)) => Some(Ok(Bytes::from(t))),
+                Ok(Message::Binary(b)) => Some(Ok(b)),
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Ok(Message::Close(_)) => None,
+                Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                    tracing::info!(size, max_size, "incoming message too big");
+                    Some(Err(Disconnect::MESSAGE_TOO_BIG))
+                }
+                Err(WsError::Capacity(_)) => Some(Err(Disconnect::MESSAGE_TOO_BIG)),
+                Err(WsError::Utf8(_)) => Some(Err(Disconnect::BAD_REQUEST)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket read error");
+                    None
+                }
+            };
+        }
+    }
+}
+
+struct WsSink {
+    inner: SplitSink<Ws, Message>,
+    write_timeout: Duration,
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+#[async_trait]
+impl FrameSink for WsSink {
+    async fn send_frame(&mut self, frame: Bytes) -> std::io::Result<()> {
+        let text = Utf8Bytes::try_from(frame).map_err(io_err)?;
+        match tokio::time::timeout(self.write_timeout, self.inner.feed(Message::Text(text))).await {
+            Ok(r) => r.map_err(io_err),
+            Err(_) => Err(io_err("write timeout")),
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match tokio::time::timeout(self.write_timeout, self.inner.flush()).await {
+            Ok(r) => r.map_err(io_err),
+            Err(_) => Err(io_err("write timeout")),
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from(reason),
+        };
+        let send = async {
+            self.inner
+                .send(Message::Close(Some(frame)))
+                .await
+                .map_err(io_err)?;
+            self.inner.close().await.map_err(io_err)
+        };
+        match tokio::time::timeout(self.write_timeout, send).await {
+            Ok(r) => r,
+            Err(_) => Err(io_err("close timeout")),
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Test harness: a real server on 127.0.0.1:0 and a raw WebSocket client.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use futures_util::{SinkExt, StreamExt};
+use holdfast_server::config::Config;
+use holdfast_server::server::{self, AppState};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret";
+pub const API_KEY: &str = "test-api-key";
+
+/// How long a test waits for an expected event before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A config most tests start from: HMAC secret, API key, a few namespaces.
+pub fn base_config() -> Config {
+    let mut c = Config::default();
+    c.client.token.hmac_secret_key = SECRET.into();
+    c.http_api.key = API_KEY.into();
+    c.shutdown.timeout = Duration::from_secs(5);
+    c
+}
+
+/// Builds a config from TOML on top of [`base_config`]'s secrets.
+pub fn config_from(toml_text: &str) -> Config {
+    let dir = std::env::temp_dir().join(format!("holdfast-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.toml", uuid_like()));
+    std::fs::write(&path, toml_text).unwrap();
+    let loaded = holdfast_server::config::load(Some(&path), Vec::new(), &[]).unwrap();
+    assert!(
+        loaded.unknown.is_empty(),
+        "unknown keys in test config: {:?}",
+        loaded.unknown
+    );
+    let mut c = loaded.config;
+    if c.client.token.hmac_secret_key.is_empty() {
+        c.client.token.hmac_secret_key = SECRET.into();
+    }
+    if c.http_api.key.is_empty() {
+        c.http_api.key = API_KEY.into();
+    }
+    c.shutdown.timeout = Duration::from_secs(5);
+    c
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("c{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = public.local_addr().unwrap();
+        let state = server::build(config).await.unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            server::run(st, public, None, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/connection/websocket", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn client(&self) -> TestClient {
+        TestClient::connect(&self.ws_url()).await
+    }
+
+    /// Connects and completes `connect` with a token for `user`.
+    pub async fn connected(&self, user: &str) -> (TestClient, Value) {
+        let mut c = self.client().await;
+        let res = c.connect_token(&token(user, None, json!({}))).await;
+        (c, res)
+    }
+
+    /// Connects with the given token; returns the client and the connect reply.
+    pub async fn connected_with(&self, token: &str) -> (TestClient, Value) {
+        let mut c = self.client().await;
+        let res = c.connect_token(token).await;
+        (c, res)
+    }
+
+    /// Stops the server (graceful shutdown) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    pub fn trigger_stop(&mut self) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+/// An HS256 connection token for `user` with extra claims merged in; `ttl` seconds (None = no exp).
+pub fn token(user: &str, ttl: Option<i64>, extra: Value) -> String {
+    let mut claims = json!({ "sub": user });
+    if let Some(ttl) = ttl {
+        claims["exp"] = json!(holdfast_core::node::unix_secs() + ttl);
+    }
+    if let Value::Object(m) = extra {
+        for (k, v) in m {
+            claims[k] = v;
+        }
+    }
+    holdfast_server::jwt::sign_hs256(SECRET, &claims).unwrap()
+}
+
+/// A subscription token.
+pub fn sub_token(user: &str, channel: &str, extra: Value) -> String {
+    let mut e = json!({ "channel": channel });
+    if let Value::Object(m) = extra {
+        for (k, v) in m {
+            e[k] = v;
+        }
+    }
+    token(user, None, e)
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What the client saw when the connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Closed {
+    /// A close frame with this code and reason.
+    Code(u16, String),
+    /// The stream ended without a close frame.
+    NoFrame,
+}
+
+pub struct TestClient {
+    pub ws: Ws,
+    /// Messages of already received frames not yet consumed.
+    pending: VecDeque<Value>,
+    next_id: u32,
+    /// Frames received (to check batching).
+    pub frames: usize,
+    /// Answer server pings automatically.
+    pub auto_pong: bool,
+}
+
+impl TestClient {
+    pub async fn connect(url: &str) -> Self {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "centrifuge-json".parse().unwrap());
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().unwrap()),
+            Some("centrifuge-json")
+        );
+        Self {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 0,
+            frames: 0,
+            auto_pong: true,
+        }
+    }
+
+    pub fn next_id(&mut self) -> u32 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    pub async fn send_binary(&mut self, data: &[u8]) {
+        self.ws
+            .send(Message::Binary(data.to_vec().into()))
+            .await
+            .unwrap();
+    }
+
+    /// Sends one command with a fresh id; returns the id.
+    pub async fn send(&mut self, method: &str, params: Value) -> u32 {
+        let id = self.next_id();
+        let cmd = json!({ "id": id, method: params });
+        self.send_raw(&cmd.to_string()).await;
+        id
+    }
+
+    /// The next message (reply, push, ping), `None` when the connection closed.
+    pub async fn recv(&mut self) -> Option<Value> {
+        loop {
+            if let Some(v) = self.pending.pop_front() {
+                if self.auto_pong && v == json!({}) {
+                    let _ = self.ws.send(Message::Text("{}".into())).await;
+                    continue;
+                }
+                return Some(v);
+            }
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a message")?;
+            match msg {
+                Ok(Message::Text(t)) => {
+                    self.frames += 1;
+                    for line in t.as_str().split('\n') {
+                        self.pending.push_back(
+                            serde_json::from_str(line)
+                                .unwrap_or_else(|e| panic!("bad json {line:?}: {e}")),
+                        );
+                    }
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Next message, panicking when the connection closed.
+    pub async fn next(&mut self) -> Value {
+        self.recv().await.expect("connection closed unexpectedly")
+    }
+
+    /// Waits for the reply to `id`, keeping pushes that arrive first for later.
+    pub async fn reply(&mut self, id: u32) -> Value {
+        let mut skipped = VecDeque::new();
+        loop {
+            let v = self.next().await;
+            if v.get("id").and_then(Value::as_u64) == Some(u64::from(id)) {
+                while let Some(s) = skipped.pop_back() {
+                    self.pending.push_front(s);
+                }
+                return v;
+            }
+            skipped.push_back(v);
+        }
+    }
+
+    /// Sends a command and returns its reply.
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.send(method, params).await;
+        self.reply(id).await
+    }
+
+    pub async fn connect_token(&mut self, token: &str) -> Value {
+        self.call("connect", json!({ "token": token, "name": "test" }))
+            .await
+    }
+
+    /// Waits for the next push (skipping nothing: replies are unexpected here).
+    pub async fn push(&mut self) -> Value {
+        let v = self.next().await;
+        v.get("push")
+            .cloned()
+            .unwrap_or_else(|| panic!("expected a push, got {v}"))
+    }
+
+    /// Waits until the connection ends; returns the close code.
+    pub async fn closed(&mut self) -> Closed {
+        self.pending.clear();
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for close");
+            match msg {
+                None => return Closed::NoFrame,
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Closed::Code(f.code.into(), f.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) => return Closed::NoFrame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return Closed::NoFrame,
+            }
+        }
+    }
+}
+
+/// POST to the server API.
+pub async fn api(srv: &TestServer, method: &str, body: Value) -> Value {
+    let resp = reqwest::Client::new()
+        .post(srv.http(&format!("/api/{method}")))
+        .header("X-API-Key", API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    resp.json().await.unwrap()
+}
+
+/// Polls `cond` (a state of the server, not of the clients) until it holds.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
