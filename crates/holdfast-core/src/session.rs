@@ -142,6 +142,11 @@ impl Session {
         }
     }
 
+    /// The node this session belongs to.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
     /// The connection's shared handle.
     pub fn client(&self) -> &Arc<ClientHandle> {
         &self.client

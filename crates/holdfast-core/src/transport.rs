@@ -76,10 +76,15 @@ where
 
 async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
     let client = session.client().clone();
+    let shutdown = session.node().shutdown_token();
     loop {
         let deadline = session.next_deadline();
         let frame = tokio::select! {
             biased;
+            _ = shutdown.cancelled() => {
+                client.close(Disconnect::SHUTDOWN);
+                break;
+            }
             _ = client.reader_notified() => {
                 if client.is_closing() {
                     break;

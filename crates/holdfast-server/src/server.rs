@@ -59,9 +59,22 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
     }
+    let engine = MemoryEngine::new();
+    build_with_engine(config, engine.clone(), engine).await
+}
+
+/// [`build`] with a given engine (tests, embedding).
+pub async fn build_with_engine(
+    config: Config,
+    broker: Arc<dyn Broker>,
+    presence: Arc<dyn PresenceStore>,
+) -> anyhow::Result<Arc<AppState>> {
+    if let Err(errs) = config.validate() {
+        let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = metrics_handle();
-    let engine = MemoryEngine::new();
     let sub_tokens = config
         .client
         .subscription_token
@@ -76,12 +89,7 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
         );
     }
     let handler = Arc::new(StandardHandler::new(&config.client, verifier));
-    let node = Node::new(
-        config.node_config(),
-        engine.clone() as Arc<dyn Broker>,
-        engine as Arc<dyn PresenceStore>,
-        handler,
-    )
+    let node = Node::new(config.node_config(), broker, presence, handler)
     .map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))

@@ -66,11 +66,23 @@ fn uuid_like() -> String {
     format!("c{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
+pub mod engines;
+
 impl TestServer {
     pub async fn start(config: Config) -> Self {
+        let state = server::build(config).await.unwrap();
+        Self::start_state(state).await
+    }
+
+    /// Starts over a given engine.
+    pub async fn start_with_engine(config: Config, engine: Arc<engines::FaultyEngine>) -> Self {
+        let state = server::build_with_engine(config, engine.clone(), engine.inner.clone()).await.unwrap();
+        Self::start_state(state).await
+    }
+
+    async fn start_state(state: Arc<AppState>) -> Self {
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = public.local_addr().unwrap();
-        let state = server::build(config).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -309,6 +321,16 @@ impl TestClient {
             }
         }
     }
+}
+
+/// Publishes through the node (what the server API does), returning the offset (0 without history).
+pub async fn publish(srv: &TestServer, channel: &str, data: Value) -> u64 {
+    let req = holdfast_core::node::PublishRequest {
+        data: serde_json::to_vec(&data).unwrap().into(),
+        ..Default::default()
+    };
+    let out = srv.state.node.publish(channel, req).await.unwrap();
+    out.position.map_or(0, |p| p.offset)
 }
 
 /// POST to the server API.
