@@ -308,10 +308,10 @@ impl NodeConfig {
                     "recovery needs history_size and history_ttl",
                 );
             }
-            if let Some(meta) = o.history_meta_ttl {
-                if meta < o.history_ttl {
-                    e("history_meta_ttl", "must not be shorter than history_ttl");
-                }
+            if let Some(meta) = o.history_meta_ttl
+                && meta < o.history_ttl
+            {
+                e("history_meta_ttl", "must not be shorter than history_ttl");
             }
         };
         check(
@@ -345,19 +345,18 @@ impl NodeConfig {
             check(&prefix, ns, &mut errs);
         }
         let personal = &c.subscribe_to_user_personal_channel;
-        if personal.enabled && !personal.personal_channel_namespace.is_empty() {
-            if !self
+        if personal.enabled
+            && !personal.personal_channel_namespace.is_empty()
+            && !self
                 .channel
                 .namespaces
                 .iter()
                 .any(|n| n.name == personal.personal_channel_namespace)
-            {
-                errs.push(ConfigError {
-                    key: "client.subscribe_to_user_personal_channel.personal_channel_namespace"
-                        .into(),
-                    problem: "names a namespace that is not defined".into(),
-                });
-            }
+        {
+            errs.push(ConfigError {
+                key: "client.subscribe_to_user_personal_channel.personal_channel_namespace".into(),
+                problem: "names a namespace that is not defined".into(),
+            });
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
@@ -422,11 +421,11 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".into()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -458,14 +458,14 @@ impl Handler for StandardHandler {
         if ev.private {
             return Err(ErrorReply::PERMISSION_DENIED.into());
         }
-        if ev.options.allow_user_limited_channels {
-            if let Some(allowed) = user_limited_allows(ev.channel, &client.user) {
-                return if allowed {
-                    Ok(SubscribeDecision::default())
-                } else {
-                    Err(ErrorReply::PERMISSION_DENIED.into())
-                };
-            }
+        if ev.options.allow_user_limited_channels
+            && let Some(allowed) = user_limited_allows(ev.channel, &client.user)
+        {
+            return if allowed {
+                Ok(SubscribeDecision::default())
+            } else {
+                Err(ErrorReply::PERMISSION_DENIED.into())
+            };
         }
         let o = ev.options;
         let anon_ok = !client.user.is_empty() || o.allow_subscribe_for_anonymous;

@@ -6,12 +6,12 @@
 
 use crate::client::{ClientHandle, Control};
 use crate::engine::BrokerHandler;
+use crate::shard::Sharded;
 use bytes::Bytes;
 use holdfast_protocol::code::unsubscribe;
 use holdfast_protocol::{ClientInfo, Disconnect, Publication, Push, json};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -221,6 +221,7 @@ fn encode_pub(channel: &str, p: &Publication) -> Bytes {
 }
 
 type ChannelSubs = HashMap<u64, Arc<Subscription>>;
+type UserClients = Vec<Arc<ClientHandle>>;
 
 /// Live counters of the hub.
 #[derive(Debug, Default)]
@@ -239,12 +240,11 @@ pub struct HubCounts {
 #[derive(Debug)]
 pub struct Hub {
     /// channel → subscribers, sharded by channel hash. Read-locked during fan-out.
-    channels: Box<[RwLock<HashMap<Arc<str>, ChannelSubs>>]>,
+    channels: Sharded<RwLock<HashMap<Arc<str>, ChannelSubs>>>,
     /// client id → handle, for API calls that target one connection.
-    clients: Box<[Mutex<HashMap<Arc<str>, Arc<ClientHandle>>>]>,
+    clients: Sharded<Mutex<HashMap<Arc<str>, Arc<ClientHandle>>>>,
     /// user → that user's connections, for per-user limits and API calls.
-    users: Box<[Mutex<HashMap<Arc<str>, Vec<Arc<ClientHandle>>>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    users: Sharded<Mutex<HashMap<Arc<str>, UserClients>>>,
     /// Gauges for `/health` and metrics.
     pub counts: HubCounts,
 }
@@ -263,18 +263,11 @@ impl Hub {
     /// An empty hub.
     pub fn new() -> Self {
         Self {
-            channels: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            clients: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            users: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            channels: Sharded::new(SHARDS, || RwLock::new(HashMap::new())),
+            clients: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
+            users: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
             counts: HubCounts::default(),
         }
-    }
-
-    fn shard(&self, key: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        (h.finish() as usize) % SHARDS
     }
 
     /// Registers a connected client; refuses when the user is at `limit` connections
@@ -286,7 +279,7 @@ impl Hub {
         limit: usize,
     ) -> Result<Vec<Arc<ClientHandle>>, UserLimitReached> {
         {
-            let mut users = self.users[self.shard(user)].lock();
+            let mut users = self.users.get(user).lock();
             let list = users.entry(user.clone()).or_default();
             if limit > 0 && !user.is_empty() && list.len() >= limit {
                 if list.is_empty() {
@@ -299,7 +292,8 @@ impl Hub {
             }
             list.push(client.clone());
         }
-        self.clients[self.shard(&client.id)]
+        self.clients
+            .get(&client.id)
             .lock()
             .insert(client.id.clone(), client.clone());
         self.counts.clients.fetch_add(1, Ordering::Relaxed);
@@ -311,7 +305,9 @@ impl Hub {
     }
 
     pub(crate) fn remove_client(&self, client: &Arc<ClientHandle>, user: &str) {
-        if self.clients[self.shard(&client.id)]
+        if self
+            .clients
+            .get(&client.id)
             .lock()
             .remove(&*client.id)
             .is_none()
@@ -319,7 +315,7 @@ impl Hub {
             return;
         }
         self.counts.clients.fetch_sub(1, Ordering::Relaxed);
-        let mut users = self.users[self.shard(user)].lock();
+        let mut users = self.users.get(user).lock();
         if let Some(list) = users.get_mut(user) {
             list.retain(|c| c.seq != client.seq);
             if list.is_empty() {
@@ -331,7 +327,8 @@ impl Hub {
 
     /// Connections of a user on this node.
     pub fn user_clients(&self, user: &str) -> Vec<Arc<ClientHandle>> {
-        self.users[self.shard(user)]
+        self.users
+            .get(user)
             .lock()
             .get(user)
             .cloned()
@@ -340,7 +337,7 @@ impl Hub {
 
     /// One connection by id.
     pub fn client(&self, id: &str) -> Option<Arc<ClientHandle>> {
-        self.clients[self.shard(id)].lock().get(id).cloned()
+        self.clients.get(id).lock().get(id).cloned()
     }
 
     /// Every connection (for shutdown).
@@ -353,7 +350,7 @@ impl Hub {
 
     /// Adds a subscription; true when it is the channel's first local subscriber.
     pub(crate) fn add_subscription(&self, sub: Arc<Subscription>) -> bool {
-        let mut shard = self.channels[self.shard(&sub.channel)].write();
+        let mut shard = self.channels.get(&sub.channel).write();
         let first = !shard.contains_key(&*sub.channel);
         let subs = shard.entry(sub.channel.clone()).or_default();
         if subs.insert(sub.client.seq, sub).is_none() {
@@ -367,7 +364,7 @@ impl Hub {
 
     /// Removes a subscription; true when the channel has no local subscriber left.
     pub(crate) fn remove_subscription(&self, channel: &str, client_seq: u64) -> bool {
-        let mut shard = self.channels[self.shard(channel)].write();
+        let mut shard = self.channels.get(channel).write();
         let Some(subs) = shard.get_mut(channel) else {
             return false;
         };
@@ -384,9 +381,7 @@ impl Hub {
 
     /// Whether a channel has local subscribers.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        self.channels[self.shard(channel)]
-            .read()
-            .contains_key(channel)
+        self.channels.get(channel).read().contains_key(channel)
     }
 
     /// Channels with local subscribers and their counts, filtered by `filter`.
@@ -403,7 +398,7 @@ impl Hub {
     }
 
     fn broadcast_event(&self, channel: &str, encoded: Bytes) {
-        let shard = self.channels[self.shard(channel)].read();
+        let shard = self.channels.get(channel).read();
         if let Some(subs) = shard.get(channel) {
             for sub in subs.values().filter(|s| s.push_join_leave) {
                 sub.deliver_event(&encoded);
@@ -414,7 +409,7 @@ impl Hub {
 
 impl BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, p: &Arc<Publication>, epoch: &Arc<str>) {
-        let shard = self.channels[self.shard(channel)].read();
+        let shard = self.channels.get(channel).read();
         if let Some(subs) = shard.get(channel) {
             let mut encoded = None;
             for sub in subs.values() {

@@ -10,10 +10,10 @@ use crate::engine::{
 use crate::handler::Handler;
 use crate::hub::{Hub, Subscription};
 use crate::session::ServerSubscribe;
+use crate::shard::Sharded;
 use bytes::Bytes;
 use holdfast_protocol::{ClientInfo, Disconnect, Encoding, ErrorReply, Publication};
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -89,8 +89,7 @@ struct NodeInner {
     started: std::time::Instant,
     stats: NodeStats,
     /// Serialise hub-first/last transitions with broker subscribe/unsubscribe per channel.
-    sub_locks: Box<[tokio::sync::Mutex<()>]>,
-    hasher: std::collections::hash_map::RandomState,
+    sub_locks: Sharded<tokio::sync::Mutex<()>>,
 }
 
 impl Node {
@@ -123,10 +122,7 @@ impl Node {
                 seq: AtomicU64::new(1),
                 started: std::time::Instant::now(),
                 stats: NodeStats::default(),
-                sub_locks: (0..SUB_LOCKS)
-                    .map(|_| tokio::sync::Mutex::new(()))
-                    .collect(),
-                hasher: std::collections::hash_map::RandomState::new(),
+                sub_locks: Sharded::new(SUB_LOCKS, || tokio::sync::Mutex::new(())),
             }),
         })
     }
@@ -257,9 +253,7 @@ impl Node {
     }
 
     fn sub_lock(&self, channel: &str) -> &tokio::sync::Mutex<()> {
-        let mut h = self.inner.hasher.build_hasher();
-        channel.hash(&mut h);
-        &self.inner.sub_locks[(h.finish() as usize) % SUB_LOCKS]
+        self.inner.sub_locks.get(channel)
     }
 
     /// Registers a subscription in the hub; the first local subscriber of a channel subscribes
@@ -268,11 +262,11 @@ impl Node {
         let channel = sub.channel.clone();
         let seq = sub.client.seq;
         let _g = self.sub_lock(&channel).lock().await;
-        if self.inner.hub.add_subscription(sub) {
-            if let Err(e) = self.inner.broker.subscribe(&channel).await {
-                self.inner.hub.remove_subscription(&channel, seq);
-                return Err(e);
-            }
+        if self.inner.hub.add_subscription(sub)
+            && let Err(e) = self.inner.broker.subscribe(&channel).await
+        {
+            self.inner.hub.remove_subscription(&channel, seq);
+            return Err(e);
         }
         Ok(())
     }
@@ -280,10 +274,10 @@ impl Node {
     /// Removes a subscription; the last local subscriber unsubscribes the node at the broker.
     pub(crate) async fn remove_subscription(&self, channel: &str, client_seq: u64) {
         let _g = self.sub_lock(channel).lock().await;
-        if self.inner.hub.remove_subscription(channel, client_seq) {
-            if let Err(e) = self.inner.broker.unsubscribe(channel).await {
-                tracing::warn!(channel, error = %e, "broker unsubscribe failed");
-            }
+        if self.inner.hub.remove_subscription(channel, client_seq)
+            && let Err(e) = self.inner.broker.unsubscribe(channel).await
+        {
+            tracing::warn!(channel, error = %e, "broker unsubscribe failed");
         }
     }
 

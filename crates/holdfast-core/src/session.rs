@@ -692,20 +692,19 @@ impl Session {
             expire_at: plan.expire_at,
         };
         conn.subs.insert(plan.channel.clone(), s);
-        if plan.options.presence {
-            if let Err(e) = self
+        if plan.options.presence
+            && let Err(e) = self
                 .node
                 .presence_store()
                 .add_presence(&plan.channel, info.clone())
                 .await
-            {
-                tracing::warn!(channel = %plan.channel, error = %e, "presence add failed");
-            }
+        {
+            tracing::warn!(channel = %plan.channel, error = %e, "presence add failed");
         }
-        if plan.options.join_leave {
-            if let Err(e) = self.node.broker().publish_join(&plan.channel, info).await {
-                tracing::warn!(channel = %plan.channel, error = %e, "join publish failed");
-            }
+        if plan.options.join_leave
+            && let Err(e) = self.node.broker().publish_join(&plan.channel, info).await
+        {
+            tracing::warn!(channel = %plan.channel, error = %e, "join publish failed");
         }
     }
 
@@ -1098,22 +1097,20 @@ impl Session {
 async fn detach(node: &Node, client: &Arc<ClientHandle>, s: SessionSub) {
     s.sub.kill();
     node.remove_subscription(&s.sub.channel, client.seq).await;
-    if s.presence {
-        if let Err(e) = node
+    if s.presence
+        && let Err(e) = node
             .presence_store()
             .remove_presence(&s.sub.channel, client.id())
             .await
-        {
-            tracing::warn!(channel = %s.sub.channel, error = %e, "presence remove failed");
-        }
+    {
+        tracing::warn!(channel = %s.sub.channel, error = %e, "presence remove failed");
     }
-    if s.join_leave {
-        if let Err(e) = node
+    if s.join_leave
+        && let Err(e) = node
             .broker()
             .publish_leave(&s.sub.channel, s.info.clone())
             .await
-        {
-            tracing::warn!(channel = %s.sub.channel, error = %e, "leave publish failed");
-        }
+    {
+        tracing::warn!(channel = %s.sub.channel, error = %e, "leave publish failed");
     }
 }

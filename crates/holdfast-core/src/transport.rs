@@ -235,12 +235,12 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
                 timers.next_ping = Some(now + cfg.ping_interval);
                 continue;
             }
-            if let Some(exp) = client.expires_at() {
-                if now >= exp + cfg.expired_close_delay {
-                    tracing::info!(client = %client.id(), user = client.user(), "connection expired");
-                    client.close(Disconnect::EXPIRED);
-                    continue;
-                }
+            if let Some(exp) = client.expires_at()
+                && now >= exp + cfg.expired_close_delay
+            {
+                tracing::info!(client = %client.id(), user = client.user(), "connection expired");
+                client.close(Disconnect::EXPIRED);
+                continue;
             }
         }
         let deadline = if client.is_connected() {

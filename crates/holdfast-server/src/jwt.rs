@@ -59,13 +59,11 @@ impl JwksCache {
                 st.fetched.is_some_and(|t| t.elapsed() < JWKS_TTL),
             )
         };
-        if let Some(set) = &cached {
-            if fresh_enough {
-                if let Some(k) = set.find(kid) {
-                    return DecodingKey::from_jwk(k)
-                        .map_err(|e| TokenError::Invalid(e.to_string()));
-                }
-            }
+        if let Some(set) = &cached
+            && fresh_enough
+            && let Some(k) = set.find(kid)
+        {
+            return DecodingKey::from_jwk(k).map_err(|e| TokenError::Invalid(e.to_string()));
         }
         let set = self.refetch(cached).await?;
         let k = set
@@ -78,10 +76,10 @@ impl JwksCache {
         let _g = self.refresh.lock().await;
         {
             let st = self.state.lock();
-            if let (Some(k), Some(t)) = (&st.keys, st.fetched) {
-                if t.elapsed() < JWKS_MIN_REFRESH {
-                    return Ok(k.clone());
-                }
+            if let (Some(k), Some(t)) = (&st.keys, st.fetched)
+                && t.elapsed() < JWKS_MIN_REFRESH
+            {
+                return Ok(k.clone());
             }
         }
         let fetched = async {
@@ -177,9 +175,11 @@ impl KeySet {
             v.validate_aud = false;
         } else {
             v.set_audience(&[&self.audience]);
+            v.required_spec_claims.insert("aud".into());
         }
         if !self.issuer.is_empty() {
             v.set_issuer(&[&self.issuer]);
+            v.required_spec_claims.insert("iss".into());
         }
         v
     }

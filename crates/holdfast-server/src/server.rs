@@ -89,8 +89,7 @@ pub async fn build_with_engine(
         );
     }
     let handler = Arc::new(StandardHandler::new(&config.client, verifier));
-    let node = Node::new(config.node_config(), broker, presence, handler)
-    .map_err(|errs| {
+    let node = Node::new(config.node_config(), broker, presence, handler).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
     })?;

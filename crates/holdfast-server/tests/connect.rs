@@ -1,5 +1,7 @@
 //! Connecting: tokens, first-frame rules, stale connections, ping/pong, expiry and refresh.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 use common::*;
 use serde_json::json;

@@ -9,11 +9,11 @@ use super::{
     Broker, BrokerHandler, EngineError, HistoryPage, HistoryQuery, PresenceStore, PublishOptions,
     PublishOutcome, StreamTop, new_epoch,
 };
+use crate::shard::Sharded;
 use async_trait::async_trait;
 use holdfast_protocol::{ClientInfo, Publication};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -28,13 +28,15 @@ const MAX_IDEMPOTENCY_KEYS_PER_CHANNEL: usize = 100_000;
 #[derive(Debug)]
 pub struct MemoryEngine {
     /// Channel states (streams and idempotency results), sharded by channel name.
-    channels: Box<[Mutex<HashMap<Arc<str>, Arc<Mutex<ChannelState>>>>]>,
-    /// Presence per channel, sharded the same way.
-    presence: Box<[Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Arc<ClientInfo>>>>]>,
+    channels: Sharded<Mutex<HashMap<Arc<str>, SharedChannel>>>,
+    /// Presence per channel: channel → client id → info.
+    presence: Sharded<Mutex<HashMap<Arc<str>, ChannelPresence>>>,
     /// The node that receives deliveries.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
-    hasher: std::collections::hash_map::RandomState,
 }
+
+type ChannelPresence = HashMap<Arc<str>, Arc<ClientInfo>>;
+type SharedChannel = Arc<Mutex<ChannelState>>;
 
 #[derive(Debug, Default)]
 struct ChannelState {
@@ -85,24 +87,17 @@ impl MemoryEngine {
     /// Must be called inside a Tokio runtime.
     pub fn new() -> Arc<Self> {
         let engine = Arc::new(Self {
-            channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            presence: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            channels: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
+            presence: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
             handler: OnceLock::new(),
-            hasher: std::collections::hash_map::RandomState::new(),
         });
         let weak = Arc::downgrade(&engine);
         tokio::spawn(sweep_loop(weak));
         engine
     }
 
-    fn shard(&self, channel: &str) -> usize {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        (h.finish() as usize) % SHARDS
-    }
-
     fn channel_state(&self, channel: &str) -> Arc<Mutex<ChannelState>> {
-        let mut shard = self.channels[self.shard(channel)].lock();
+        let mut shard = self.channels.get(channel).lock();
         if let Some(s) = shard.get(channel) {
             return s.clone();
         }
@@ -112,10 +107,7 @@ impl MemoryEngine {
     }
 
     fn existing_channel_state(&self, channel: &str) -> Option<Arc<Mutex<ChannelState>>> {
-        self.channels[self.shard(channel)]
-            .lock()
-            .get(channel)
-            .cloned()
+        self.channels.get(channel).lock().get(channel).cloned()
     }
 
     fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
@@ -182,13 +174,13 @@ impl Broker for MemoryEngine {
         let mut st = state.lock();
         let now = Instant::now();
         if let Some(key) = &opts.idempotency_key {
-            if let Some((pos, exp)) = st.idempotent.get(key) {
-                if *exp > now {
-                    return Ok(PublishOutcome {
-                        position: pos.clone(),
-                        suppressed: true,
-                    });
-                }
+            if let Some((pos, exp)) = st.idempotent.get(key)
+                && *exp > now
+            {
+                return Ok(PublishOutcome {
+                    position: pos.clone(),
+                    suppressed: true,
+                });
             }
             if st.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
                 st.idempotent.retain(|_, (_, exp)| *exp > now);
@@ -274,10 +266,11 @@ impl Broker for MemoryEngine {
         stream.expire(now);
         stream.meta_expire = stream.meta_expire.max(now + query.meta_ttl);
         let top = stream.top();
-        if let Some((_, epoch)) = &query.since {
-            if !epoch.is_empty() && **epoch != *stream.epoch {
-                return Err(EngineError::UnrecoverablePosition);
-            }
+        if let Some((_, epoch)) = &query.since
+            && !epoch.is_empty()
+            && **epoch != *stream.epoch
+        {
+            return Err(EngineError::UnrecoverablePosition);
         }
         let limit = query.limit.unwrap_or(usize::MAX);
         if limit == 0 || stream.items.is_empty() {
@@ -307,7 +300,7 @@ impl Broker for MemoryEngine {
             }
         } else {
             let after = query.since.as_ref().map_or(0, |(o, _)| *o);
-            let start = if after + 1 <= first {
+            let start = if after < first {
                 0
             } else {
                 (after + 1 - first) as usize
@@ -326,10 +319,10 @@ impl Broker for MemoryEngine {
     }
 
     async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {
-        if let Some(state) = self.existing_channel_state(channel) {
-            if let Some(stream) = &mut state.lock().stream {
-                stream.items.clear();
-            }
+        if let Some(state) = self.existing_channel_state(channel)
+            && let Some(stream) = &mut state.lock().stream
+        {
+            stream.items.clear();
         }
         Ok(())
     }
@@ -338,7 +331,7 @@ impl Broker for MemoryEngine {
 #[async_trait]
 impl PresenceStore for MemoryEngine {
     async fn add_presence(&self, channel: &str, info: Arc<ClientInfo>) -> Result<(), EngineError> {
-        let mut shard = self.presence[self.shard(channel)].lock();
+        let mut shard = self.presence.get(channel).lock();
         shard
             .entry(channel.into())
             .or_default()
@@ -347,7 +340,7 @@ impl PresenceStore for MemoryEngine {
     }
 
     async fn remove_presence(&self, channel: &str, client: &str) -> Result<(), EngineError> {
-        let mut shard = self.presence[self.shard(channel)].lock();
+        let mut shard = self.presence.get(channel).lock();
         if let Some(m) = shard.get_mut(channel) {
             m.remove(client);
             if m.is_empty() {
@@ -358,7 +351,7 @@ impl PresenceStore for MemoryEngine {
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<Arc<ClientInfo>>, EngineError> {
-        let shard = self.presence[self.shard(channel)].lock();
+        let shard = self.presence.get(channel).lock();
         Ok(shard
             .get(channel)
             .map(|m| m.values().cloned().collect())
@@ -366,7 +359,7 @@ impl PresenceStore for MemoryEngine {
     }
 
     async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), EngineError> {
-        let shard = self.presence[self.shard(channel)].lock();
+        let shard = self.presence.get(channel).lock();
         Ok(match shard.get(channel) {
             Some(m) => {
                 let users: HashSet<&str> = m.values().map(|i| &*i.user).collect();

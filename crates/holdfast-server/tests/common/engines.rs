@@ -82,7 +82,12 @@ impl Broker for FaultyEngine {
             next: handler,
         }));
     }
-    async fn publish(&self, ch: &str, p: Publication, o: &PublishOptions) -> Result<PublishOutcome, EngineError> {
+    async fn publish(
+        &self,
+        ch: &str,
+        p: Publication,
+        o: &PublishOptions,
+    ) -> Result<PublishOutcome, EngineError> {
         self.inner.publish(ch, p, o).await
     }
     async fn publish_join(&self, ch: &str, i: Arc<ClientInfo>) -> Result<(), EngineError> {
@@ -98,12 +103,22 @@ impl Broker for FaultyEngine {
         self.inner.unsubscribe(ch).await
     }
     async fn history(&self, ch: &str, q: &HistoryQuery) -> Result<HistoryPage, EngineError> {
-        let before = self.history_hook.lock().unwrap().as_ref().and_then(|h| h(ch, Stage::Before));
+        let before = self
+            .history_hook
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|h| h(ch, Stage::Before));
         if let Some(f) = before {
             f.await;
         }
         let page = self.inner.history(ch, q).await;
-        let after = self.history_hook.lock().unwrap().as_ref().and_then(|h| h(ch, Stage::After));
+        let after = self
+            .history_hook
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|h| h(ch, Stage::After));
         if let Some(f) = after {
             f.await;
         }

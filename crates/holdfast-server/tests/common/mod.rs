@@ -76,7 +76,9 @@ impl TestServer {
 
     /// Starts over a given engine.
     pub async fn start_with_engine(config: Config, engine: Arc<engines::FaultyEngine>) -> Self {
-        let state = server::build_with_engine(config, engine.clone(), engine.inner.clone()).await.unwrap();
+        let state = server::build_with_engine(config, engine.clone(), engine.inner.clone())
+            .await
+            .unwrap();
         Self::start_state(state).await
     }
 
