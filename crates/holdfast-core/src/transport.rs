@@ -116,9 +116,7 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
                 metrics::counter!("holdfast_transport_bytes_received_total")
                     .increment(data.len() as u64);
                 if let Err(d) = session.handle_frame(&data).await {
-                    if d != Disconnect::BAD_REQUEST || !client.is_closing() {
-                        session.client().close(d);
-                    }
+                    client.close(d);
                     break;
                 }
                 if client.is_closing() {

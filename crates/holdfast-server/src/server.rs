@@ -53,7 +53,7 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Builds the engine, the token verifier and the node, and marks the node ready.
+/// Builds the engine, the token verifier and the node. The node becomes ready in [`run`].
 pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
     if let Err(errs) = config.validate() {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
@@ -93,8 +93,6 @@ pub async fn build_with_engine(
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
     })?;
-    // The memory engine is connected as soon as it exists; other engines connect here first.
-    node.start();
     Ok(Arc::new(AppState {
         node,
         config: Arc::new(config),
@@ -119,11 +117,24 @@ fn internal_router() -> Router<Arc<AppState>> {
 }
 
 /// Serves until `shutdown` resolves, then drains: stop accepting, close every session with
-/// 3001, wait up to `shutdown.timeout`.
+/// 3001, wait up to `shutdown.timeout`. The node is ready (upgrades accepted, `/ready` 200) as
+/// soon as the listeners run.
 pub async fn run(
     state: Arc<AppState>,
     public: TcpListener,
     internal: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_readiness(state, public, internal, std::future::ready(()), shutdown).await
+}
+
+/// [`run`], with the node becoming ready only when `ready` resolves (an engine still
+/// connecting): until then `/ready` and WebSocket upgrades answer 503.
+pub async fn run_with_readiness(
+    state: Arc<AppState>,
+    public: TcpListener,
+    internal: Option<TcpListener>,
+    ready: impl Future<Output = ()> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
@@ -167,6 +178,17 @@ pub async fn run(
         })
     });
     tracing::info!(address = %public_addr, node = state.node.id(), version = state.node.version(), "holdfast listening");
+    let ready_node = state.node.clone();
+    let ready_stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = ready => {
+                ready_node.start();
+                tracing::info!("node ready");
+            }
+            _ = ready_stop.cancelled() => {}
+        }
+    });
     stop.cancelled().await;
     tracing::info!("shutdown requested");
     state.node.shutdown(state.config.shutdown.timeout).await;

@@ -195,3 +195,87 @@ async fn user_connection_limit() {
     assert!(r["connect"].is_object(), "other users are unaffected");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn no_upgrade_before_the_node_is_ready() {
+    let state = holdfast_server::server::build(base_config()).await.unwrap();
+    let (srv, ready) = TestServer::start_unready(state).await;
+    let r = reqwest::get(srv.http("/ready")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    let attempt = tokio_tungstenite::connect_async(srv.ws_url()).await;
+    match attempt {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("upgrade before ready must be refused with 503, got {other:?}"),
+    }
+    ready.send(()).unwrap();
+    eventually("node ready", || srv.state.node.is_ready()).await;
+    assert_eq!(
+        reqwest::get(srv.http("/ready")).await.unwrap().status(),
+        200
+    );
+    let (_c, r) = srv.connected("u").await;
+    assert!(r["connect"].is_object());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_server_side_channels_is_3505() {
+    let cfg = config_from("[client]\nchannel_limit = 2\n");
+    let srv = TestServer::start(cfg).await;
+    let mut c = srv.client().await;
+    c.send(
+        "connect",
+        json!({"token": token("u", None, json!({"channels": ["a", "b", "c"]}))}),
+    )
+    .await;
+    assert_eq!(c.closed().await, Closed::Code(3505, "channel limit".into()));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn single_connection_mode_closes_older_connections() {
+    let cfg = config_from(
+        "[client.subscribe_to_user_personal_channel]\nenabled = true\nsingle_connection = true\n",
+    );
+    let srv = TestServer::start(cfg).await;
+    let (mut first, _) = srv.connected("u").await;
+    let (mut second, _) = srv.connected("u").await;
+    assert_eq!(
+        first.closed().await,
+        Closed::Code(3504, "connection limit".into())
+    );
+    assert!(second.call("unsubscribe", json!({"channel": "#u"})).await["unsubscribe"].is_object());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn subscription_token_refresh_and_expiry() {
+    let cfg = config_from(
+        "[client]\nexpired_sub_close_delay = \"200ms\"\n[[channel.namespaces]]\nname = \"pp\"\n",
+    );
+    let srv = TestServer::start(cfg).await;
+    let (mut c, _) = srv.connected("u").await;
+    let short = token("u", Some(1), json!({"channel": "$pp:a"}));
+    let r = c
+        .call("subscribe", json!({"channel": "$pp:a", "token": short}))
+        .await;
+    assert_eq!(r["subscribe"]["expires"], true, "{r}");
+    let long = token("u", Some(600), json!({"channel": "$pp:a"}));
+    let r = c
+        .call("sub_refresh", json!({"channel": "$pp:a", "token": long}))
+        .await;
+    assert_eq!(r["sub_refresh"]["expires"], true, "{r}");
+    assert!(r["sub_refresh"]["ttl"].as_u64().unwrap() > 500);
+    let short_b = token("u", Some(1), json!({"channel": "$pp:b"}));
+    c.call("subscribe", json!({"channel": "$pp:b", "token": short_b}))
+        .await;
+    let p = c.push().await;
+    assert_eq!(
+        p,
+        json!({"channel": "$pp:b", "unsubscribe": {"code": 2501, "reason": "subscription expired"}})
+    );
+    // `$pp:a` was refreshed and is still subscribed.
+    let r = c.call("subscribe", json!({"channel": "$pp:a", "token": token("u", Some(600), json!({"channel": "$pp:a"}))})).await;
+    assert_eq!(r["error"]["code"], 105, "{r}");
+    srv.stop().await;
+}

@@ -7,7 +7,15 @@ fn leaves(v: &Value, prefix: &str, out: &mut Vec<String>) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, v) in m {
-                leaves(v, &if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, out);
+                leaves(
+                    v,
+                    &if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    },
+                    out,
+                );
             }
         }
         _ => out.push(prefix.to_owned()),
@@ -19,7 +27,11 @@ fn config_md_documents_every_key() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/CONFIG.md"))
         .expect("docs/CONFIG.md");
     let mut keys = Vec::new();
-    leaves(&serde_json::to_value(Config::default()).expect("json"), "", &mut keys);
+    leaves(
+        &serde_json::to_value(Config::default()).expect("json"),
+        "",
+        &mut keys,
+    );
     let missing: Vec<&String> = keys
         .iter()
         .filter(|k| {

@@ -83,22 +83,42 @@ impl TestServer {
     }
 
     async fn start_state(state: Arc<AppState>) -> Self {
+        let (srv, ready) = Self::start_unready(state).await;
+        let _ = ready.send(());
+        eventually("node ready", || srv.state.node.is_ready()).await;
+        srv
+    }
+
+    /// Starts listening without the node being ready; it becomes ready when the sender fires.
+    pub async fn start_unready(state: Arc<AppState>) -> (Self, oneshot::Sender<()>) {
         let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = public.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = oneshot::channel::<()>();
         let st = state.clone();
         let task = tokio::spawn(async move {
-            server::run(st, public, None, async {
-                let _ = rx.await;
-            })
+            server::run_with_readiness(
+                st,
+                public,
+                None,
+                async {
+                    let _ = ready_rx.await;
+                },
+                async {
+                    let _ = rx.await;
+                },
+            )
             .await
         });
-        Self {
-            addr,
-            state,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        (
+            Self {
+                addr,
+                state,
+                stop: Some(tx),
+                task: Some(task),
+            },
+            ready_tx,
+        )
     }
 
     pub fn ws_url(&self) -> String {
