@@ -15,5 +15,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "unit and integration tests"
 cargo test --workspace
 
+step "compatibility suites (real third-party clients against the holdfast binary)"
+cargo build --bin holdfast
+py="$(tests/compat/setup.sh)"
+"$py" -m pytest -q tests/compat
+
 echo
 echo "all tests passed"

@@ -174,8 +174,12 @@ impl Session {
             let method = cmd.request.method();
             let started = Instant::now();
             let res = self.handle_command(cmd).await;
+            let elapsed = started.elapsed().as_secs_f64();
             metrics::histogram!("holdfast_command_duration_seconds", "method" => method)
-                .record(started.elapsed().as_secs_f64());
+                .record(elapsed);
+            if method == "connect" {
+                metrics::histogram!("holdfast_connect_duration_seconds").record(elapsed);
+            }
             res?;
         }
         Ok(())
@@ -437,18 +441,22 @@ impl Session {
         for (ch, opts, r) in resolved {
             let options = opts.overrides.apply(&r.options);
             let history = options.history_enabled();
-            let presented = req.subs.get(&ch);
+            let presented = req.subs.get(&ch).filter(|p| p.recover);
+            // Recoverable server-side subscriptions recover from the position the client
+            // presents, or from the stream start for a client that presents none: what was
+            // published to a user before (or between) their connections is delivered on connect.
             let recover = match presented {
-                Some(p) if p.recover && history => Some((p.offset, p.epoch.clone())),
-                _ => None,
-            };
+                Some(p) => Some((p.offset, p.epoch.clone())),
+                None => Some((0, String::new())),
+            }
+            .filter(|_| history && options.force_recovery);
             let plan = Plan {
                 channel: ch.as_str().into(),
                 positioned: history && (options.force_positioning || options.force_recovery),
                 recoverable: history && options.force_recovery,
                 push_join_leave: options.join_leave,
-                was_recovering: presented.is_some_and(|p| p.recover),
-                recover: recover.filter(|_| options.force_recovery),
+                was_recovering: recover.is_some(),
+                recover,
                 reject_unrecovered: false,
                 data: opts.data,
                 chan_info: opts.info,

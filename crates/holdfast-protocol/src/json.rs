@@ -464,7 +464,8 @@ impl<'a> Obj<'a> {
     }
 }
 
-fn write_client_info(out: &mut Vec<u8>, info: &ClientInfo) {
+/// Appends a client info object.
+pub fn write_client_info(out: &mut Vec<u8>, info: &ClientInfo) {
     let mut o = Obj::new(out);
     o.str_always("user", &info.user);
     o.str_always("client", &info.client);

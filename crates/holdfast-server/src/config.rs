@@ -251,6 +251,10 @@ pub fn load(
     let defaults = serde_json::to_value(Config::default()).context("default config")?;
     let mut leaves = Vec::new();
     collect_leaves(&defaults, String::new(), &mut leaves);
+    let sections: Vec<String> = defaults
+        .as_object()
+        .map(|m| m.keys().map(|k| k.to_uppercase()).collect())
+        .unwrap_or_default();
     let mut unknown = Vec::new();
     for (name, value) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
@@ -261,7 +265,12 @@ pub fn load(
         }
         match leaves.iter().find(|(p, _)| env_name(p) == name) {
             Some((path, default)) => set_path(&mut tree, path, parse_like(default, &value))?,
-            None => unknown.push(format!("environment variable {name}")),
+            // Only names inside a known section are reported (likely typos); other HOLDFAST_*
+            // variables belong to scripts and tools.
+            None if sections.iter().any(|s| rest.starts_with(&format!("{s}_"))) => {
+                unknown.push(format!("environment variable {name}"));
+            }
+            None => {}
         }
     }
     for (key, value) in overrides {
@@ -425,7 +434,8 @@ mod tests {
                 "HOLDFAST_CLIENT_TOKEN_HMAC_SECRET_KEY".to_string(),
                 "s3cret".to_string(),
             ),
-            ("HOLDFAST_BOGUS_KEY".to_string(), "1".to_string()),
+            ("HOLDFAST_CLIENT_BOGUS_KEY".to_string(), "1".to_string()),
+            ("HOLDFAST_BINARY_PATH".to_string(), "/x".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ];
         let l = load(Some(&p), env, &[("http_server.port".into(), "9100".into())]).expect("load");
@@ -437,7 +447,7 @@ mod tests {
         assert_eq!(c.channel.namespaces[0].history_size, 10);
         assert_eq!(
             l.unknown,
-            vec!["environment variable HOLDFAST_BOGUS_KEY".to_string()]
+            vec!["environment variable HOLDFAST_CLIENT_BOGUS_KEY".to_string()]
         );
         assert!(c.validate().is_ok());
     }

@@ -45,6 +45,12 @@ enum Command {
         #[arg(long)]
         channel: Option<String>,
     },
+    /// Check a running server's /health (exit status 0 when healthy), for container health checks.
+    Health {
+        /// Health URL.
+        #[arg(long, default_value = "http://127.0.0.1:8000/health")]
+        url: String,
+    },
     /// Print the version.
     Version,
 }
@@ -253,9 +259,17 @@ fn main() -> anyhow::Result<()> {
             channel,
         } => {
             let loaded = load(&cfg, Vec::new())?;
-            let secret = &loaded.config.client.token.hmac_secret_key;
+            let c = &loaded.config.client;
+            let (secret, key) = if channel.is_some() && c.subscription_token.enabled {
+                (
+                    &c.subscription_token.hmac_secret_key,
+                    "client.subscription_token.hmac_secret_key",
+                )
+            } else {
+                (&c.token.hmac_secret_key, "client.token.hmac_secret_key")
+            };
             if secret.is_empty() {
-                anyhow::bail!("client.token.hmac_secret_key is not set");
+                anyhow::bail!("{key} is not set");
             }
             let mut claims = serde_json::json!({ "sub": user });
             if ttl > 0 {
@@ -267,6 +281,26 @@ fn main() -> anyhow::Result<()> {
             println!("{}", holdfast_server::jwt::sign_hs256(secret, &claims)?);
             Ok(())
         }
+        Command::Health { url } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let resp = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()?
+                    .get(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {url}"))?;
+                anyhow::ensure!(
+                    resp.status().is_success(),
+                    "{url} answered {}",
+                    resp.status()
+                );
+                println!("{}", resp.text().await.unwrap_or_default());
+                Ok(())
+            }),
         Command::Version => {
             println!("holdfast {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -111,6 +111,7 @@ pub fn router(state: Arc<AppState>, with_internal: bool) -> Router {
 
 fn internal_router() -> Router<Arc<AppState>> {
     Router::new()
+        .merge(crate::api::router())
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_route))

@@ -1,0 +1,844 @@
+//! The server HTTP API (`POST /api/<method>`), Centrifugo-compatible so `cent` and `curl` users
+//! work unchanged: `{"result":…}` or `{"error":…}` envelopes, the three API-key forms, transport
+//! error mode, batches.
+
+use crate::server::AppState;
+use crate::ws::json_error;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use bytes::Bytes;
+use holdfast_core::handler::ChannelOverride;
+use holdfast_core::node::PublishRequest;
+use holdfast_core::session::ServerSubscribe;
+use holdfast_protocol::json::{
+    raw_to_bytes, write_client_info, write_error, write_publication, write_str,
+};
+use holdfast_protocol::{Disconnect, ErrorReply};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// Most commands in one batch.
+const MAX_BATCH: usize = 1000;
+/// Most channels in one broadcast.
+const MAX_BROADCAST: usize = 1000;
+/// Longest `channels` pattern.
+const MAX_PATTERN: usize = 256;
+
+/// API routes.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api", post(legacy).fallback(method_not_allowed))
+        .route("/api/{method}", post(call).fallback(method_not_allowed))
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
+}
+
+/// Why an API call failed before or while running.
+#[derive(Debug)]
+enum ApiError {
+    /// A protocol error (envelope `{"error":…}`).
+    Reply(ErrorReply),
+    /// The body could not be decoded (HTTP 400).
+    Decode(String),
+}
+
+impl From<ErrorReply> for ApiError {
+    fn from(e: ErrorReply) -> Self {
+        ApiError::Reply(e)
+    }
+}
+
+type ApiResult = Result<Vec<u8>, ApiError>;
+
+fn bad(msg: &str) -> ApiError {
+    ApiError::Reply(ErrorReply::new(107, format!("bad request: {msg}")))
+}
+
+/// HTTP status of an error in transport error mode.
+fn status_of(code: u32) -> StatusCode {
+    match code {
+        100 => StatusCode::INTERNAL_SERVER_ERROR,
+        101 => StatusCode::UNAUTHORIZED,
+        102 | 104 => StatusCode::NOT_FOUND,
+        103 => StatusCode::FORBIDDEN,
+        105 | 113 => StatusCode::CONFLICT,
+        106 | 111 => StatusCode::TOO_MANY_REQUESTS,
+        112 => StatusCode::RANGE_NOT_SATISFIABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> bool {
+    let cfg = &state.config.http_api;
+    if cfg.insecure {
+        return true;
+    }
+    if cfg.key.is_empty() {
+        return false;
+    }
+    let given = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| {
+            let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+            let (scheme, key) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("apikey")
+                .then(|| key.trim().to_owned())
+        })
+        .or_else(|| {
+            query?
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("api_key=").map(str::to_owned))
+        });
+    given.is_some_and(|g| constant_time_eq(g.as_bytes(), cfg.key.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Reads the body within the limit and checks the key; `Err` is the HTTP answer.
+async fn admit(state: &AppState, req: Request) -> Result<(Bytes, bool), Response> {
+    let (parts, body) = req.into_parts();
+    if !authorized(state, &parts.headers, parts.uri.query()) {
+        metrics::counter!("holdfast_api_unauthorized_total").increment(1);
+        return Err(json_error(StatusCode::UNAUTHORIZED, "unauthorized"));
+    }
+    let transport_mode = state.config.http_api.error_mode == "transport"
+        || parts
+            .headers
+            .get("x-centrifugo-error-mode")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("transport"));
+    let limit = state.config.http_api.max_body_size;
+    match axum::body::to_bytes(Body::new(body), limit).await {
+        Ok(b) => Ok((b, transport_mode)),
+        Err(_) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+        )),
+    }
+}
+
+fn finish(method: &str, started: Instant, res: ApiResult, transport_mode: bool) -> Response {
+    metrics::histogram!("holdfast_api_duration_seconds", "method" => method.to_owned())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("holdfast_api_requests_total", "method" => method.to_owned()).increment(1);
+    match res {
+        Ok(result) => {
+            let mut out = Vec::with_capacity(result.len() + 12);
+            out.extend_from_slice(b"{\"result\":");
+            out.extend_from_slice(&result);
+            out.push(b'}');
+            json_response(StatusCode::OK, out)
+        }
+        Err(ApiError::Decode(msg)) => {
+            metrics::counter!("holdfast_api_errors_total", "method" => method.to_owned(), "code" => "400").increment(1);
+            json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot decode request: {msg}"),
+            )
+        }
+        Err(ApiError::Reply(e)) => {
+            metrics::counter!("holdfast_api_errors_total", "method" => method.to_owned(), "code" => e.code.to_string()).increment(1);
+            tracing::debug!(method, code = e.code, message = %e.message, "API error");
+            let mut err = Vec::new();
+            write_error(&mut err, &e);
+            if transport_mode {
+                json_response(status_of(e.code), err)
+            } else {
+                let mut out = b"{\"error\":".to_vec();
+                out.extend_from_slice(&err);
+                out.push(b'}');
+                json_response(StatusCode::OK, out)
+            }
+        }
+    }
+}
+
+async fn call(
+    State(state): State<Arc<AppState>>,
+    Path(method): Path<String>,
+    req: Request,
+) -> Response {
+    let started = Instant::now();
+    let (body, transport_mode) = match admit(&state, req).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let method = if KNOWN.contains(&method.as_str()) {
+        method
+    } else {
+        "unknown".to_owned()
+    };
+    let res = if method == "unknown" {
+        Err(ApiError::Reply(ErrorReply::new(104, "method not found")))
+    } else {
+        execute(&state, &method, &body, true).await
+    };
+    finish(&method, started, res, transport_mode)
+}
+
+/// `POST /api` with `{"method":"publish","params":{…}}` (the older form).
+async fn legacy(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    #[derive(Deserialize)]
+    struct Legacy<'a> {
+        method: String,
+        #[serde(borrow)]
+        params: Option<&'a RawValue>,
+    }
+    let started = Instant::now();
+    let (body, transport_mode) = match admit(&state, req).await {
+        Ok(x) => x,
+        Err(resp) => return resp,
+    };
+    let l: Legacy<'_> = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            return finish(
+                "legacy",
+                started,
+                Err(ApiError::Decode(e.to_string())),
+                transport_mode,
+            );
+        }
+    };
+    let params = l.params.map_or("{}", RawValue::get);
+    let method = if KNOWN.contains(&l.method.as_str()) {
+        l.method
+    } else {
+        "unknown".to_owned()
+    };
+    let res = if method == "unknown" {
+        Err(ApiError::Reply(ErrorReply::new(104, "method not found")))
+    } else {
+        execute(&state, &method, params.as_bytes(), true).await
+    };
+    finish(&method, started, res, transport_mode)
+}
+
+const KNOWN: &[&str] = &[
+    "publish",
+    "broadcast",
+    "subscribe",
+    "unsubscribe",
+    "disconnect",
+    "refresh",
+    "presence",
+    "presence_stats",
+    "history",
+    "history_remove",
+    "channels",
+    "info",
+    "batch",
+];
+
+fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], top_level: bool) -> Result<T, ApiError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        if top_level {
+            ApiError::Decode(e.to_string())
+        } else {
+            bad(&e.to_string())
+        }
+    })
+}
+
+/// Runs one request (a batch or a single method).
+async fn execute(state: &AppState, method: &str, body: &[u8], top_level: bool) -> ApiResult {
+    if method == "batch" {
+        let req: BatchReq<'_> = decode(body, top_level)?;
+        return batch(state, &req).await;
+    }
+    execute_one(state, method, body, top_level).await
+}
+
+/// Runs one method other than `batch`. `top_level` decides whether an undecodable body is HTTP
+/// 400 (a request) or error 107 (a command inside a batch).
+async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: bool) -> ApiResult {
+    match method {
+        "publish" => {
+            let req: PublishCommon<'_> = decode(body, top_level)?;
+            publish(state, &req.channel, &req).await
+        }
+        "broadcast" => {
+            let req: PublishCommon<'_> = decode(body, top_level)?;
+            broadcast(state, &req).await
+        }
+        "subscribe" => {
+            let req: SubscribeReq<'_> = decode(body, top_level)?;
+            subscribe(state, &req)
+        }
+        "unsubscribe" => {
+            let req: UserChannelReq = decode(body, top_level)?;
+            required(&req.user, "user")?;
+            required(&req.channel, "channel")?;
+            state.node.rules().resolve(&req.channel)?;
+            state
+                .node
+                .unsubscribe_user(&req.user, &req.channel, opt(&req.client));
+            Ok(b"{}".to_vec())
+        }
+        "disconnect" => {
+            let req: DisconnectReq = decode(body, top_level)?;
+            required(&req.user, "user")?;
+            let d = match &req.disconnect {
+                Some(d) if d.code != 0 => {
+                    if !(3000..=4999).contains(&d.code) {
+                        return Err(bad("disconnect code must be in 3000..4999"));
+                    }
+                    Disconnect::new(d.code, d.reason.clone())
+                }
+                _ => Disconnect::FORCE_DISCONNECT,
+            };
+            state
+                .node
+                .disconnect_user(&req.user, opt(&req.client), &req.whitelist, d);
+            Ok(b"{}".to_vec())
+        }
+        "refresh" => {
+            let req: RefreshReq<'_> = decode(body, top_level)?;
+            required(&req.user, "user")?;
+            let info = req.info.map(raw_to_bytes);
+            let expire_at = (req.expire_at > 0).then_some(req.expire_at);
+            state
+                .node
+                .refresh_user(&req.user, opt(&req.client), req.expired, expire_at, info);
+            Ok(b"{}".to_vec())
+        }
+        "presence" => {
+            let req: ChannelReq = decode(body, top_level)?;
+            required(&req.channel, "channel")?;
+            let clients = state.node.presence(&req.channel).await?;
+            let mut out = b"{\"presence\":{".to_vec();
+            for (i, c) in clients.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(&mut out, &c.client);
+                out.push(b':');
+                write_client_info(&mut out, c);
+            }
+            out.extend_from_slice(b"}}");
+            Ok(out)
+        }
+        "presence_stats" => {
+            let req: ChannelReq = decode(body, top_level)?;
+            required(&req.channel, "channel")?;
+            let (c, u) = state.node.presence_stats(&req.channel).await?;
+            Ok(format!("{{\"num_clients\":{c},\"num_users\":{u}}}").into_bytes())
+        }
+        "history" => {
+            let req: HistoryReq = decode(body, top_level)?;
+            required(&req.channel, "channel")?;
+            let limit = match req.limit {
+                l if l < 0 => None,
+                l => Some(l as usize),
+            };
+            let since = req.since.map(|s| (s.offset, s.epoch));
+            let page = state
+                .node
+                .history(&req.channel, since, limit, req.reverse)
+                .await?;
+            let mut out = b"{\"publications\":[".to_vec();
+            for (i, p) in page.publications.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_publication(&mut out, p);
+            }
+            out.extend_from_slice(b"],\"epoch\":");
+            write_str(&mut out, &page.top.epoch);
+            out.extend_from_slice(format!(",\"offset\":{}}}", page.top.offset).as_bytes());
+            Ok(out)
+        }
+        "history_remove" => {
+            let req: ChannelReq = decode(body, top_level)?;
+            required(&req.channel, "channel")?;
+            state.node.remove_history(&req.channel).await?;
+            Ok(b"{}".to_vec())
+        }
+        "channels" => {
+            let req: ChannelsReq = decode(body, top_level)?;
+            if req.pattern.len() > MAX_PATTERN {
+                return Err(bad("pattern too long"));
+            }
+            let pattern = if req.pattern.is_empty() {
+                "*"
+            } else {
+                req.pattern.as_str()
+            };
+            let mut chans = state
+                .node
+                .hub()
+                .channels(|ch| glob_match(pattern.as_bytes(), ch.as_bytes()));
+            chans.sort();
+            let mut out = b"{\"channels\":{".to_vec();
+            for (i, (ch, n)) in chans.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(&mut out, ch);
+                out.extend_from_slice(format!(":{{\"num_clients\":{n}}}").as_bytes());
+            }
+            out.extend_from_slice(b"}}");
+            Ok(out)
+        }
+        "info" => {
+            let node = &state.node;
+            let c = &node.hub().counts;
+            let mut out = b"{\"nodes\":[{\"uid\":".to_vec();
+            write_str(&mut out, node.id());
+            out.extend_from_slice(b",\"name\":");
+            write_str(&mut out, node.name());
+            out.extend_from_slice(b",\"version\":");
+            write_str(&mut out, node.version());
+            out.extend_from_slice(
+                format!(
+                    ",\"num_clients\":{},\"num_users\":{},\"num_channels\":{},\"uptime\":{},\"num_subs\":{}}}]}}",
+                    c.clients.load(Ordering::Relaxed),
+                    c.users.load(Ordering::Relaxed),
+                    c.channels.load(Ordering::Relaxed),
+                    node.uptime().as_secs(),
+                    c.subscriptions.load(Ordering::Relaxed),
+                )
+                .as_bytes(),
+            );
+            Ok(out)
+        }
+        _ => Err(ApiError::Reply(ErrorReply::new(104, "method not found"))),
+    }
+}
+
+fn required(v: &str, name: &str) -> Result<(), ApiError> {
+    if v.is_empty() {
+        Err(bad(&format!("{name} required")))
+    } else {
+        Ok(())
+    }
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Fields of `publish` and `broadcast` (one struct: borrowed raw payloads cannot go through
+/// `#[serde(flatten)]`).
+#[derive(Deserialize)]
+struct PublishCommon<'a> {
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    b64data: String,
+    #[serde(default)]
+    skip_history: bool,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    #[serde(default)]
+    idempotency_key: String,
+}
+
+fn payload(common: &PublishCommon<'_>) -> Result<Bytes, ApiError> {
+    if let Some(d) = common.data.filter(|d| d.get() != "null") {
+        return Ok(raw_to_bytes(d));
+    }
+    if !common.b64data.is_empty() {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&common.b64data)
+            .map_err(|_| bad("b64data is not base64"))?;
+        // Only JSON payloads can reach JSON subscribers.
+        if !holdfast_protocol::json::is_json(&raw) {
+            return Err(bad(
+                "b64data must decode to JSON (binary payloads need the protobuf encoding)",
+            ));
+        }
+        return Ok(Bytes::from(
+            raw.into_iter()
+                .filter(|&b| b != b'\n' && b != b'\r')
+                .collect::<Vec<u8>>(),
+        ));
+    }
+    Err(bad("data required"))
+}
+
+async fn publish(state: &AppState, channel: &str, common: &PublishCommon<'_>) -> ApiResult {
+    required(channel, "channel")?;
+    if common.idempotency_key.len() > 256 {
+        return Err(bad("idempotency_key too long"));
+    }
+    let data = payload(common)?;
+    let req = PublishRequest {
+        data,
+        info: None,
+        skip_history: common.skip_history,
+        tags: (!common.tags.is_empty()).then(|| Arc::new(common.tags.clone())),
+        idempotency_key: opt(&common.idempotency_key).map(str::to_owned),
+    };
+    let out = state.node.publish(channel, req).await?;
+    Ok(match out.position {
+        Some(p) => {
+            let mut o = format!("{{\"offset\":{},\"epoch\":", p.offset).into_bytes();
+            write_str(&mut o, &p.epoch);
+            o.push(b'}');
+            o
+        }
+        None => b"{}".to_vec(),
+    })
+}
+
+async fn broadcast(state: &AppState, req: &PublishCommon<'_>) -> ApiResult {
+    if req.channels.is_empty() {
+        return Err(bad("channels required"));
+    }
+    if req.channels.len() > MAX_BROADCAST {
+        return Err(bad("too many channels"));
+    }
+    payload(req)?;
+    let mut out = b"{\"responses\":[".to_vec();
+    for (i, ch) in req.channels.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        envelope(&mut out, publish(state, ch, req).await, "result");
+    }
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+/// Appends `{"<key>":result}` or `{"error":…}`.
+fn envelope(out: &mut Vec<u8>, res: ApiResult, key: &str) {
+    match res {
+        Ok(r) => {
+            out.push(b'{');
+            write_str(out, key);
+            out.push(b':');
+            out.extend_from_slice(&r);
+            out.push(b'}');
+        }
+        Err(ApiError::Reply(e)) => {
+            out.extend_from_slice(b"{\"error\":");
+            write_error(out, &e);
+            out.push(b'}');
+        }
+        Err(ApiError::Decode(m)) => {
+            out.extend_from_slice(b"{\"error\":");
+            write_error(out, &ErrorReply::new(107, format!("bad request: {m}")));
+            out.push(b'}');
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Position {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    epoch: String,
+}
+
+#[derive(Deserialize, Default)]
+struct BoolValue {
+    #[serde(default)]
+    value: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct OverrideReq {
+    presence: Option<BoolValue>,
+    join_leave: Option<BoolValue>,
+    force_push_join_leave: Option<BoolValue>,
+    force_recovery: Option<BoolValue>,
+    force_positioning: Option<BoolValue>,
+}
+
+#[derive(Deserialize)]
+struct SubscribeReq<'a> {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    client: String,
+    #[serde(borrow, default)]
+    info: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    recover_since: Option<Position>,
+    #[serde(default, rename = "override")]
+    overrides: Option<OverrideReq>,
+}
+
+fn subscribe(state: &AppState, req: &SubscribeReq<'_>) -> ApiResult {
+    required(&req.user, "user")?;
+    required(&req.channel, "channel")?;
+    let o = req.overrides.as_ref();
+    let ov =
+        |f: fn(&OverrideReq) -> &Option<BoolValue>| o.and_then(|o| f(o).as_ref().map(|b| b.value));
+    let sub = ServerSubscribe {
+        channel: req.channel.clone(),
+        info: req.info.filter(|r| r.get() != "null").map(raw_to_bytes),
+        data: req.data.filter(|r| r.get() != "null").map(raw_to_bytes),
+        recover_since: req
+            .recover_since
+            .as_ref()
+            .map(|p| (p.offset, p.epoch.clone())),
+        overrides: ChannelOverride {
+            presence: ov(|o| &o.presence),
+            join_leave: ov(|o| &o.join_leave),
+            force_push_join_leave: ov(|o| &o.force_push_join_leave),
+            force_recovery: ov(|o| &o.force_recovery),
+            force_positioning: ov(|o| &o.force_positioning),
+        },
+    };
+    state
+        .node
+        .subscribe_user(&req.user, opt(&req.client), sub)?;
+    Ok(b"{}".to_vec())
+}
+
+#[derive(Deserialize)]
+struct UserChannelReq {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    client: String,
+}
+
+#[derive(Deserialize)]
+struct DisconnectObj {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Deserialize)]
+struct DisconnectReq {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    client: String,
+    #[serde(default)]
+    whitelist: Vec<String>,
+    #[serde(default)]
+    disconnect: Option<DisconnectObj>,
+}
+
+#[derive(Deserialize)]
+struct RefreshReq<'a> {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    client: String,
+    #[serde(default)]
+    expired: bool,
+    #[serde(default)]
+    expire_at: i64,
+    #[serde(borrow, default)]
+    info: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChannelReq {
+    #[serde(default)]
+    channel: String,
+}
+
+#[derive(Deserialize)]
+struct HistoryReq {
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    limit: i64,
+    #[serde(default)]
+    since: Option<Position>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+#[derive(Deserialize)]
+struct ChannelsReq {
+    #[serde(default)]
+    pattern: String,
+}
+
+#[derive(Deserialize)]
+struct BatchReq<'a> {
+    #[serde(borrow, default)]
+    commands: Vec<BTreeMap<String, &'a RawValue>>,
+    #[serde(default)]
+    parallel: bool,
+}
+
+async fn batch(state: &AppState, req: &BatchReq<'_>) -> ApiResult {
+    if req.commands.len() > MAX_BATCH {
+        return Err(bad("too many commands in batch"));
+    }
+    let results: Vec<(String, ApiResult)> = if req.parallel {
+        futures_util::future::join_all(req.commands.iter().map(|c| batch_command(state, c))).await
+    } else {
+        let mut v = Vec::with_capacity(req.commands.len());
+        for c in &req.commands {
+            v.push(batch_command(state, c).await);
+        }
+        v
+    };
+    let mut out = b"{\"replies\":[".to_vec();
+    for (i, (m, r)) in results.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        envelope(&mut out, r, &m);
+    }
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+/// One command of a batch: `{"<method>": params}`.
+async fn batch_command(state: &AppState, cmd: &BTreeMap<String, &RawValue>) -> (String, ApiResult) {
+    let mut it = cmd.iter();
+    match (it.next(), it.next()) {
+        (Some((m, params)), None) if KNOWN.contains(&m.as_str()) && m != "batch" => (
+            m.clone(),
+            execute_one(state, m, params.get().as_bytes(), false).await,
+        ),
+        (Some((m, _)), None) => (
+            m.clone(),
+            Err(ApiError::Reply(ErrorReply::new(104, "method not found"))),
+        ),
+        _ => (String::new(), Err(bad("a command has exactly one method"))),
+    }
+}
+
+/// Glob match: `*` any run, `?` one character, `[abc]`/`[a-z]`/`[!a]` a class, `\` escapes.
+pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0usize, 0usize);
+    let (mut star_p, mut star_i) = (usize::MAX, 0usize);
+    while i < s.len() {
+        if p < pat.len() {
+            match pat[p] {
+                b'*' => {
+                    star_p = p;
+                    star_i = i;
+                    p += 1;
+                    continue;
+                }
+                b'?' => {
+                    p += 1;
+                    i += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class(pat, p, s[i]) {
+                        if matched {
+                            p = next;
+                            i += 1;
+                            continue;
+                        }
+                    } else if s[i] == b'[' {
+                        p += 1;
+                        i += 1;
+                        continue;
+                    }
+                }
+                b'\\' if p + 1 < pat.len() && pat[p + 1] == s[i] => {
+                    p += 2;
+                    i += 1;
+                    continue;
+                }
+                c if c == s[i] => {
+                    p += 1;
+                    i += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if star_p == usize::MAX {
+            return false;
+        }
+        p = star_p + 1;
+        star_i += 1;
+        i = star_i;
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `c` against the class starting at `pat[p] == '['`; returns (matched, index after `]`).
+fn class(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
+    let mut j = p + 1;
+    let negate = j < pat.len() && (pat[j] == b'!' || pat[j] == b'^');
+    if negate {
+        j += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    while j < pat.len() && (pat[j] != b']' || first) {
+        first = false;
+        if j + 2 < pat.len() && pat[j + 1] == b'-' && pat[j + 2] != b']' {
+            if pat[j] <= c && c <= pat[j + 2] {
+                matched = true;
+            }
+            j += 3;
+        } else {
+            if pat[j] == c {
+                matched = true;
+            }
+            j += 1;
+        }
+    }
+    (j < pat.len()).then_some((matched != negate, j + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        let m = |p: &str, s: &str| glob_match(p.as_bytes(), s.as_bytes());
+        assert!(m("*", "anything"));
+        assert!(m("chat:*", "chat:room"));
+        assert!(!m("chat:*", "news"));
+        assert!(m("a?c", "abc"));
+        assert!(!m("a?c", "ac"));
+        assert!(m("user#[0-9]*", "user#42"));
+        assert!(!m("user#[!0-9]*", "user#42"));
+        assert!(m("*:*:end", "a:b:end"));
+        assert!(m("\\*", "*"));
+        assert!(!m("\\*", "x"));
+        assert!(m("", ""));
+        assert!(!m("", "x"));
+    }
+}
