@@ -523,3 +523,66 @@ async fn metrics_move_after_traffic() {
     assert!(after.contains("holdfast_node_clients"));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn internal_port_keeps_api_and_metrics_off_the_public_listener() {
+    let mut cfg = config_from(CFG);
+    cfg.http_server.internal_port = 1; // any non-zero: the listener is passed in below
+    let state = holdfast_server::server::build(cfg).await.unwrap();
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (pa, ia) = (public.local_addr().unwrap(), internal.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(holdfast_server::server::run(
+        state.clone(),
+        public,
+        Some(internal),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    eventually("ready", || state.node.is_ready()).await;
+    let client = reqwest::Client::new();
+    let publish = |addr: std::net::SocketAddr| {
+        client
+            .post(format!("http://{addr}/api/publish"))
+            .header("X-API-Key", API_KEY)
+            .body(r#"{"channel":"news","data":{}}"#)
+            .send()
+    };
+    assert_eq!(
+        publish(pa).await.unwrap().status(),
+        404,
+        "no API on the public port"
+    );
+    assert_eq!(
+        publish(ia).await.unwrap().status(),
+        200,
+        "API on the internal port"
+    );
+    for path in ["/metrics", "/health", "/ready"] {
+        assert_eq!(
+            reqwest::get(format!("http://{ia}{path}"))
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "{path}"
+        );
+        assert_eq!(
+            reqwest::get(format!("http://{pa}{path}"))
+                .await
+                .unwrap()
+                .status(),
+            404,
+            "{path}"
+        );
+    }
+    let mut c = TestClient::connect(&format!("ws://{pa}/connection/websocket")).await;
+    assert!(
+        c.connect_token(&token("u", None, json!({}))).await["connect"].is_object(),
+        "WebSocket stays public"
+    );
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
