@@ -9,7 +9,7 @@ use crate::engine::BrokerHandler;
 use crate::shard::Sharded;
 use bytes::Bytes;
 use holdfast_protocol::code::unsubscribe;
-use holdfast_protocol::{ClientInfo, Disconnect, Publication, Push, json};
+use holdfast_protocol::{ClientInfo, Disconnect, Encoding, Publication, Push};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +65,8 @@ pub(crate) enum GoLive {
     Gap,
     /// The subscription ended meanwhile.
     Dead,
+    /// A buffered publication is binary and the connection speaks JSON.
+    Binary,
 }
 
 impl Subscription {
@@ -124,7 +126,15 @@ impl Subscription {
                 }
                 st.offset = p.offset;
             }
-            self.client.send(encode_pub(&self.channel, &p));
+            match encode_pub(self.client.encoding(), &self.channel, &p) {
+                Some(b) => {
+                    self.client.send(b);
+                }
+                None => {
+                    st.phase = Phase::Dead;
+                    return GoLive::Binary;
+                }
+            }
         }
         GoLive::Ok
     }
@@ -135,7 +145,7 @@ impl Subscription {
         !matches!(std::mem::replace(&mut st.phase, Phase::Dead), Phase::Dead)
     }
 
-    fn deliver(&self, p: &Arc<Publication>, epoch: &Arc<str>, encoded: &mut Option<Bytes>) {
+    fn deliver(&self, p: &Arc<Publication>, epoch: &Arc<str>, encoded: &mut EncodedPush<'_>) {
         let mut st = self.state.lock();
         match &mut st.phase {
             Phase::Dead => return,
@@ -171,10 +181,16 @@ impl Subscription {
             }
             st.offset = p.offset;
         }
-        let bytes = encoded
-            .get_or_insert_with(|| encode_pub(&self.channel, p))
-            .clone();
-        self.client.send(bytes);
+        match encoded.bytes(self.client.encoding()) {
+            Some(bytes) => {
+                self.client.send(bytes);
+            }
+            None => {
+                st.phase = Phase::Dead;
+                drop(st);
+                self.client.close(Disconnect::INAPPROPRIATE_PROTOCOL);
+            }
+        }
     }
 
     /// A gap: the client is told, never silently skipped past.
@@ -185,7 +201,7 @@ impl Subscription {
         } else {
             let (code, reason) = unsubscribe::INSUFFICIENT_STATE;
             let mut out = Vec::with_capacity(96);
-            json::encode_push(
+            self.client.encoding().encode_push(
                 &mut out,
                 &Push::Unsubscribe {
                     channel: &self.channel,
@@ -200,24 +216,67 @@ impl Subscription {
         }
     }
 
-    fn deliver_event(&self, encoded: &Bytes) {
+    fn deliver_event(&self, encoded: &mut EncodedPush<'_>) {
         let st = self.state.lock();
-        if matches!(st.phase, Phase::Live) {
-            self.client.send(encoded.clone());
+        if matches!(st.phase, Phase::Live)
+            && let Some(b) = encoded.bytes(self.client.encoding())
+        {
+            self.client.send(b);
         }
     }
 }
 
-fn encode_pub(channel: &str, p: &Publication) -> Bytes {
-    let mut out = Vec::with_capacity(p.data.len() + channel.len() + 64);
-    json::encode_push(
-        &mut out,
-        &Push::Pub {
+/// A publication push for one connection's encoding; `None` when the data is binary and the
+/// connection speaks JSON (it must be closed with 3506).
+pub(crate) fn encode_pub(enc: Encoding, channel: &str, p: &Publication) -> Option<Bytes> {
+    EncodedPush::new(
+        Push::Pub {
             channel,
             publication: p,
         },
-    );
-    out.into()
+        p.binary,
+    )
+    .bytes(enc)
+}
+
+/// A push encoded at most once per encoding, shared by every receiver of that encoding.
+pub(crate) struct EncodedPush<'a> {
+    push: Push<'a>,
+    /// The payload cannot be sent as JSON.
+    binary: bool,
+    json: Option<Bytes>,
+    protobuf: Option<Bytes>,
+}
+
+impl<'a> EncodedPush<'a> {
+    pub(crate) fn new(push: Push<'a>, binary: bool) -> Self {
+        Self {
+            push,
+            binary,
+            json: None,
+            protobuf: None,
+        }
+    }
+
+    /// The encoded bytes (`None`: binary payload for a JSON connection).
+    pub(crate) fn bytes(&mut self, enc: Encoding) -> Option<Bytes> {
+        if enc == Encoding::Json && self.binary {
+            return None;
+        }
+        let slot = match enc {
+            Encoding::Json => &mut self.json,
+            Encoding::Protobuf => &mut self.protobuf,
+        };
+        let push = &self.push;
+        Some(
+            slot.get_or_insert_with(|| {
+                let mut out = Vec::with_capacity(128);
+                enc.encode_push(&mut out, push);
+                out.into()
+            })
+            .clone(),
+        )
+    }
 }
 
 type ChannelSubs = HashMap<u64, Arc<Subscription>>;
@@ -397,11 +456,12 @@ impl Hub {
         out
     }
 
-    fn broadcast_event(&self, channel: &str, encoded: Bytes) {
+    fn broadcast_event(&self, channel: &str, push: Push<'_>) {
         let shard = self.channels.get(channel).read();
         if let Some(subs) = shard.get(channel) {
+            let mut encoded = EncodedPush::new(push, false);
             for sub in subs.values().filter(|s| s.push_join_leave) {
-                sub.deliver_event(&encoded);
+                sub.deliver_event(&mut encoded);
             }
         }
     }
@@ -411,7 +471,13 @@ impl BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, p: &Arc<Publication>, epoch: &Arc<str>) {
         let shard = self.channels.get(channel).read();
         if let Some(subs) = shard.get(channel) {
-            let mut encoded = None;
+            let mut encoded = EncodedPush::new(
+                Push::Pub {
+                    channel,
+                    publication: p,
+                },
+                p.binary,
+            );
             for sub in subs.values() {
                 sub.deliver(p, epoch, &mut encoded);
             }
@@ -419,14 +485,10 @@ impl BrokerHandler for Hub {
     }
 
     fn on_join(&self, channel: &str, info: &Arc<ClientInfo>) {
-        let mut out = Vec::with_capacity(128);
-        json::encode_push(&mut out, &Push::Join { channel, info });
-        self.broadcast_event(channel, out.into());
+        self.broadcast_event(channel, Push::Join { channel, info });
     }
 
     fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>) {
-        let mut out = Vec::with_capacity(128);
-        json::encode_push(&mut out, &Push::Leave { channel, info });
-        self.broadcast_event(channel, out.into());
+        self.broadcast_event(channel, Push::Leave { channel, info });
     }
 }

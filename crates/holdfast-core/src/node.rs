@@ -45,8 +45,10 @@ pub struct NodeStats {
 /// A publish request from the server API or a session.
 #[derive(Debug, Clone, Default)]
 pub struct PublishRequest {
-    /// Raw JSON payload.
+    /// Payload (raw JSON unless `binary`).
     pub data: Bytes,
+    /// The payload is not JSON: only protobuf connections can receive it (JSON ones get 3506).
+    pub binary: bool,
     /// Publisher (client publishes).
     pub info: Option<Arc<ClientInfo>>,
     /// Do not append to history.
@@ -309,6 +311,7 @@ impl Node {
             info: req.info,
             tags: req.tags,
             time: unix_ms(),
+            binary: req.binary,
         };
         let opts = PublishOptions {
             history,

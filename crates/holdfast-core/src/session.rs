@@ -18,7 +18,7 @@ use holdfast_protocol::code::unsubscribe;
 use holdfast_protocol::command::{ConnectRequest, HistoryRequest, SubscribeRequest};
 use holdfast_protocol::reply::{ConnectResult, HistoryResult, RefreshResult, SubscribeResult};
 use holdfast_protocol::{
-    ClientInfo, Command, Disconnect, ErrorReply, Push, ReplyBody, Request, json,
+    ClientInfo, Command, Disconnect, Encoding, ErrorReply, Push, ReplyBody, Request, json,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,16 +119,21 @@ pub struct Session {
     state: State,
 }
 
-fn reply_bytes(id: u32, body: &ReplyBody) -> Bytes {
+fn reply_bytes(enc: Encoding, id: u32, body: &ReplyBody) -> Bytes {
     let mut out = Vec::with_capacity(64);
-    json::encode_reply(&mut out, id, body);
+    enc.encode_reply(&mut out, id, body);
     out.into()
 }
 
-fn push_bytes(p: &Push<'_>) -> Bytes {
+fn push_bytes(enc: Encoding, p: &Push<'_>) -> Bytes {
     let mut out = Vec::with_capacity(64);
-    json::encode_push(&mut out, p);
+    enc.encode_push(&mut out, p);
     out.into()
+}
+
+/// Whether a reply carrying these publications can go to a connection of this encoding.
+fn sendable(enc: Encoding, pubs: &[Arc<holdfast_protocol::Publication>]) -> bool {
+    enc != Encoding::Json || !pubs.iter().any(|p| p.binary)
 }
 
 impl Session {
@@ -154,7 +159,7 @@ impl Session {
 
     /// Handles one transport frame (one or more commands). An `Err` closes the connection.
     pub async fn handle_frame(&mut self, frame: &[u8]) -> Result<(), Disconnect> {
-        let commands = json::decode_frame(frame).map_err(|e| {
+        let commands = self.client.encoding().decode_frame(frame).map_err(|e| {
             tracing::info!(client = %self.client.id(), error = %e, "bad frame");
             Disconnect::BAD_REQUEST
         })?;
@@ -209,11 +214,14 @@ impl Session {
                 } => {
                     if let Some(s) = conn.subs.remove(channel.as_str()) {
                         detach(&self.node, &self.client, s).await;
-                        self.client.send(push_bytes(&Push::Unsubscribe {
-                            channel: &channel,
-                            code,
-                            reason: &reason,
-                        }));
+                        self.client.send(push_bytes(
+                            self.client.encoding(),
+                            &Push::Unsubscribe {
+                                channel: &channel,
+                                code,
+                                reason: &reason,
+                            },
+                        ));
                     }
                 }
                 Control::Subscribe(req) => self.server_subscribe(*req).await?,
@@ -256,17 +264,21 @@ impl Session {
             if let Some(s) = conn.subs.remove(&ch) {
                 detach(&self.node, &self.client, s).await;
                 let (code, reason) = unsubscribe::EXPIRED;
-                self.client.send(push_bytes(&Push::Unsubscribe {
-                    channel: &ch,
-                    code,
-                    reason,
-                }));
+                self.client.send(push_bytes(
+                    self.client.encoding(),
+                    &Push::Unsubscribe {
+                        channel: &ch,
+                        code,
+                        reason,
+                    },
+                ));
             }
         }
     }
 
     fn reply(&self, id: u32, body: ReplyBody) {
-        self.client.send(reply_bytes(id, &body));
+        self.client
+            .send(reply_bytes(self.client.encoding(), id, &body));
     }
 
     fn reply_error(&self, id: u32, e: ErrorReply) {
@@ -504,6 +516,12 @@ impl Session {
             .iter()
             .map(|a| (a.sub.channel.to_string(), a.result.clone()))
             .collect();
+        if !attached
+            .iter()
+            .all(|a| sendable(self.client.encoding(), &a.result.publications))
+        {
+            return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+        }
         self.reply(id, ReplyBody::Connect(Box::new(result)));
         self.set_expiry(decision.expire_at);
         self.client.set_connected();
@@ -665,6 +683,13 @@ impl Session {
                     .await;
                 return;
             }
+            GoLive::Binary => {
+                self.node
+                    .remove_subscription(&plan.channel, self.client.seq)
+                    .await;
+                self.client.close(Disconnect::INAPPROPRIATE_PROTOCOL);
+                return;
+            }
             GoLive::Gap => {
                 metrics::counter!("holdfast_insufficient_state_total").increment(1);
                 self.node
@@ -674,11 +699,14 @@ impl Session {
                     self.client.close(Disconnect::INSUFFICIENT_STATE);
                 } else {
                     let (code, reason) = unsubscribe::INSUFFICIENT_STATE;
-                    self.client.send(push_bytes(&Push::Unsubscribe {
-                        channel: &plan.channel,
-                        code,
-                        reason,
-                    }));
+                    self.client.send(push_bytes(
+                        self.client.encoding(),
+                        &Push::Unsubscribe {
+                            channel: &plan.channel,
+                            code,
+                            reason,
+                        },
+                    ));
                 }
                 return;
             }
@@ -802,6 +830,12 @@ impl Session {
                 return Ok(());
             }
         };
+        if !sendable(self.client.encoding(), &a.result.publications) {
+            self.node
+                .remove_subscription(&a.plan.channel, self.client.seq)
+                .await;
+            return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+        }
         metrics::counter!("holdfast_subscriptions_accepted_total").increment(1);
         self.reply(id, ReplyBody::Subscribe(Box::new(a.result.clone())));
         self.go_live(a).await;
@@ -845,17 +879,29 @@ impl Session {
                 return Ok(());
             }
         };
+        if !sendable(self.client.encoding(), &a.result.publications) {
+            self.node
+                .remove_subscription(&a.plan.channel, self.client.seq)
+                .await;
+            return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+        }
         let mut push_result = a.result.clone();
         let pubs = std::mem::take(&mut push_result.publications);
-        self.client.send(push_bytes(&Push::Subscribe {
-            channel: &a.plan.channel,
-            result: &push_result,
-        }));
-        for p in &pubs {
-            self.client.send(push_bytes(&Push::Pub {
+        self.client.send(push_bytes(
+            self.client.encoding(),
+            &Push::Subscribe {
                 channel: &a.plan.channel,
-                publication: p,
-            }));
+                result: &push_result,
+            },
+        ));
+        for p in &pubs {
+            self.client.send(push_bytes(
+                self.client.encoding(),
+                &Push::Pub {
+                    channel: &a.plan.channel,
+                    publication: p,
+                },
+            ));
         }
         self.go_live(a).await;
         Ok(())
@@ -897,8 +943,13 @@ impl Session {
             Ok(d) => d,
             Err(e) => return self.refuse(id, e),
         };
+        let data = decision.data.unwrap_or(data);
+        // JSON ingress is validated JSON; protobuf payloads are checked once here so JSON
+        // subscribers know whether they can receive them.
+        let binary = self.client.encoding() == Encoding::Protobuf && !json::is_json(&data);
         let req = PublishRequest {
-            data: decision.data.unwrap_or(data),
+            data,
+            binary,
             info: Some(info),
             skip_history: decision.skip_history,
             tags: None,
@@ -992,6 +1043,9 @@ impl Session {
             .history(&req.channel, since, limit, req.reverse)
             .await
         {
+            Ok(page) if !sendable(self.client.encoding(), &page.publications) => {
+                return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+            }
             Ok(page) => self.reply(
                 id,
                 ReplyBody::History(Box::new(HistoryResult {

@@ -7,7 +7,7 @@ use crate::node::Node;
 use crate::session::Session;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use holdfast_protocol::{Disconnect, Encoding, json};
+use holdfast_protocol::{Disconnect, Encoding};
 use rand::Rng;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,8 +30,8 @@ pub trait FrameSource: Send {
 /// Outgoing side of a transport.
 #[async_trait]
 pub trait FrameSink: Send {
-    /// Queues one frame (text for JSON) without flushing.
-    async fn send_frame(&mut self, frame: Bytes) -> std::io::Result<()>;
+    /// Queues one frame (text, or binary for protobuf) without flushing.
+    async fn send_frame(&mut self, frame: Bytes, binary: bool) -> std::io::Result<()>;
     /// Writes out everything queued.
     async fn flush(&mut self) -> std::io::Result<()>;
     /// Sends a close frame and shuts the stream down.
@@ -150,6 +150,8 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
         pong_deadline: None,
     };
     let mut frame = BytesMut::new();
+    let enc = client.encoding();
+    let (sep, binary) = (enc.separator(), enc.is_binary());
     loop {
         let drained = client.drain();
         if !drained.messages.is_empty() {
@@ -163,21 +165,28 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
                         || frame.len() + msg.len() > MAX_FRAME_BYTES)
                 {
                     bytes += frame.len() as u64;
-                    if sink.send_frame(frame.split().freeze()).await.is_err() {
+                    if sink
+                        .send_frame(frame.split().freeze(), binary)
+                        .await
+                        .is_err()
+                    {
                         failed = true;
                         break;
                     }
                     in_frame = 0;
                 }
                 if in_frame > 0 {
-                    frame.extend_from_slice(b"\n");
+                    frame.extend_from_slice(sep);
                 }
                 frame.extend_from_slice(&msg);
                 in_frame += 1;
             }
             if !failed && in_frame > 0 {
                 bytes += frame.len() as u64;
-                failed = sink.send_frame(frame.split().freeze()).await.is_err();
+                failed = sink
+                    .send_frame(frame.split().freeze(), binary)
+                    .await
+                    .is_err();
             }
             frame.clear();
             if failed || sink.flush().await.is_err() {
@@ -226,7 +235,7 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
             }
             if timers.next_ping.is_some_and(|p| now >= p) {
                 client.ping_sent();
-                client.send(Bytes::from_static(json::PING));
+                client.send(Bytes::from_static(client.encoding().ping()));
                 if !cfg.pong_timeout.is_zero() {
                     timers.pong_deadline = Some(now + cfg.pong_timeout);
                 }

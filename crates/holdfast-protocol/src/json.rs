@@ -349,6 +349,16 @@ struct WireSubRefresh {
 // ---------------------------------------------------------------------------------------------
 // Encoding
 
+/// Appends a raw JSON value, dropping raw CR/LF (whitespace in valid JSON) so it cannot break
+/// the newline framing. Values from JSON ingress have none; protobuf ingress may.
+fn write_raw(out: &mut Vec<u8>, v: &[u8]) {
+    if v.iter().any(|&b| b == b'\n' || b == b'\r') {
+        out.extend(v.iter().copied().filter(|&b| b != b'\n' && b != b'\r'));
+    } else {
+        out.extend_from_slice(v);
+    }
+}
+
 /// The server ping, an empty reply.
 pub const PING: &[u8] = b"{}";
 
@@ -455,7 +465,7 @@ impl<'a> Obj<'a> {
 
     fn raw(&mut self, k: &str, v: Option<&[u8]>) {
         if let Some(v) = v.filter(|v| !v.is_empty()) {
-            self.key(k).extend_from_slice(v);
+            write_raw(self.key(k), v);
         }
     }
 

@@ -31,6 +31,9 @@ pub struct Publication {
     pub tags: Option<Arc<BTreeMap<String, String>>>,
     /// Milliseconds since the Unix epoch when published (not sent to clients).
     pub time: i64,
+    /// `data` is not known to be JSON (published by a protobuf client, or binary `b64data`):
+    /// JSON connections cannot receive it and are closed with 3506 instead.
+    pub binary: bool,
 }
 
 /// `connect` result.

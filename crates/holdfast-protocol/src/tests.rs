@@ -357,6 +357,7 @@ fn encode_history() {
         info: Some(Arc::new(info("42", "c1", None))),
         tags: Some(Arc::new(tags)),
         time: 5,
+        binary: false,
     };
     let h = HistoryResult {
         publications: vec![Arc::new(p)],
@@ -471,5 +472,256 @@ fn every_encoded_message_is_valid_single_line_json() {
     for m in msgs {
         assert!(!m.contains('\n'));
         serde_json::from_str::<serde_json::Value>(&m).expect("valid json");
+    }
+}
+
+mod protobuf {
+    use super::info;
+    use crate::Encoding;
+    use crate::command::Request;
+    use crate::json::DecodeError;
+    use crate::proto::{self, pb};
+    use crate::reply::*;
+    use bytes::Bytes;
+    use prost::Message;
+    use std::sync::Arc;
+
+    fn frame(cmds: &[pb::Command]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in cmds {
+            c.encode_length_delimited(&mut out).expect("encode");
+        }
+        out
+    }
+
+    fn decode_reply(bytes: &[u8]) -> pb::Reply {
+        let mut buf = bytes;
+        let r = pb::Reply::decode_length_delimited(&mut buf).expect("reply");
+        assert!(buf.is_empty(), "exactly one length-prefixed message");
+        r
+    }
+
+    #[test]
+    fn commands_decode_with_their_field_numbers() {
+        let f = frame(&[
+            pb::Command {
+                id: 1,
+                connect: Some(pb::ConnectRequest {
+                    token: "tok".into(),
+                    name: "js".into(),
+                    subs: [(
+                        "#42".to_string(),
+                        pb::SubscribeRequest {
+                            recover: true,
+                            offset: 5,
+                            epoch: "e".into(),
+                            ..Default::default()
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            pb::Command {
+                id: 2,
+                subscribe: Some(pb::SubscribeRequest {
+                    channel: "c".into(),
+                    positioned: true,
+                    flag: 2,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            pb::Command {
+                id: 3,
+                publish: Some(pb::PublishRequest {
+                    channel: "c".into(),
+                    data: Bytes::from_static(&[0, 1, 2]),
+                }),
+                ..Default::default()
+            },
+            pb::Command {
+                id: 4,
+                history: Some(pb::HistoryRequest {
+                    channel: "c".into(),
+                    limit: -1,
+                    since: Some(pb::StreamPosition {
+                        offset: 3,
+                        epoch: "e".into(),
+                    }),
+                    reverse: true,
+                }),
+                ..Default::default()
+            },
+            pb::Command {
+                send: Some(pb::SendRequest {
+                    data: Bytes::from_static(b"x"),
+                }),
+                ..Default::default()
+            },
+            pb::Command::default(),
+        ]);
+        let cmds: Vec<_> = Encoding::Protobuf
+            .decode_frame(&f)
+            .expect("frame")
+            .collect::<Result<_, _>>()
+            .expect("commands");
+        let Request::Connect(c) = &cmds[0].request else {
+            panic!()
+        };
+        assert_eq!((c.token.as_str(), c.name.as_str()), ("tok", "js"));
+        assert_eq!(
+            (c.subs["#42"].channel.as_str(), c.subs["#42"].offset),
+            ("#42", 5)
+        );
+        let Request::Subscribe(s) = &cmds[1].request else {
+            panic!()
+        };
+        assert!(s.positioned && s.flag == 2);
+        let Request::Publish(p) = &cmds[2].request else {
+            panic!()
+        };
+        assert_eq!(&p.data[..], &[0, 1, 2]);
+        let Request::History(h) = &cmds[3].request else {
+            panic!()
+        };
+        assert_eq!(
+            (h.limit, h.since.as_ref().map(|s| s.offset), h.reverse),
+            (-1, Some(3), true)
+        );
+        assert!(matches!(cmds[4].request, Request::Send { .. }));
+        assert_eq!(cmds[5].request, Request::Pong, "an empty command is a pong");
+    }
+
+    #[test]
+    fn bad_protobuf_frames() {
+        assert_eq!(
+            Encoding::Protobuf.decode_frame(&[]).unwrap_err(),
+            DecodeError::EmptyFrame
+        );
+        let first = |f: &[u8]| {
+            Encoding::Protobuf
+                .decode_frame(f)
+                .expect("frame")
+                .next()
+                .expect("one")
+        };
+        assert!(
+            matches!(first(&[0x05, 1, 2]), Err(DecodeError::Malformed(_))),
+            "length beyond frame"
+        );
+        assert!(matches!(
+            first(&[
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+            ]),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(
+            matches!(first(&[0x02, 0x08]), Err(DecodeError::Malformed(_))),
+            "truncated field"
+        );
+        let unknown = frame(&[pb::Command {
+            id: 9,
+            ..Default::default()
+        }]);
+        assert_eq!(first(&unknown), Err(DecodeError::UnknownCommand));
+        let ping = frame(&[pb::Command {
+            id: 9,
+            ping: Some(pb::PingRequest {}),
+            ..Default::default()
+        }]);
+        assert_eq!(first(&ping), Err(DecodeError::UnknownCommand));
+        let no_id = frame(&[pb::Command {
+            subscribe: Some(pb::SubscribeRequest::default()),
+            ..Default::default()
+        }]);
+        assert_eq!(first(&no_id), Err(DecodeError::MissingId));
+    }
+
+    #[test]
+    fn replies_and_pushes_encode_with_their_field_numbers() {
+        let p = Publication {
+            offset: 7,
+            data: Bytes::from_static(&[0xde, 0xad]),
+            info: Some(Arc::new(info("42", "c1", Some(b"{}")))),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        proto::encode_reply(
+            &mut out,
+            5,
+            &ReplyBody::Subscribe(Box::new(SubscribeResult {
+                recoverable: true,
+                epoch: "e".into(),
+                publications: vec![Arc::new(p.clone())],
+                recovered: true,
+                offset: 6,
+                positioned: true,
+                was_recovering: true,
+                ..Default::default()
+            })),
+        );
+        let r = decode_reply(&out);
+        assert_eq!(r.id, 5);
+        let s = r.subscribe.expect("subscribe");
+        assert!(s.recoverable && s.recovered && s.positioned && s.was_recovering);
+        assert_eq!(
+            (s.offset, s.epoch.as_str(), s.publications[0].offset),
+            (6, "e", 7)
+        );
+        assert_eq!(&s.publications[0].data[..], &[0xde, 0xad]);
+        assert_eq!(s.publications[0].info.as_ref().expect("info").user, "42");
+
+        let mut out = Vec::new();
+        proto::encode_push(
+            &mut out,
+            &Push::Pub {
+                channel: "ch",
+                publication: &p,
+            },
+        );
+        let push = decode_reply(&out).push.expect("push");
+        assert_eq!(push.channel, "ch");
+        assert_eq!(push.r#pub.expect("pub").offset, 7);
+
+        let mut out = Vec::new();
+        proto::encode_push(
+            &mut out,
+            &Push::Unsubscribe {
+                channel: "ch",
+                code: 2500,
+                reason: "insufficient state",
+            },
+        );
+        let u = decode_reply(&out)
+            .push
+            .expect("push")
+            .unsubscribe
+            .expect("unsub");
+        assert_eq!((u.code, u.reason.as_str()), (2500, "insufficient state"));
+
+        let mut out = Vec::new();
+        proto::encode_reply(&mut out, 9, &ReplyBody::Error(crate::ErrorReply::INTERNAL));
+        let e = decode_reply(&out).error.expect("error");
+        assert_eq!((e.code, e.temporary), (100, true));
+
+        let mut out = Vec::new();
+        proto::encode_reply(
+            &mut out,
+            2,
+            &ReplyBody::PresenceStats {
+                num_clients: 3,
+                num_users: 2,
+            },
+        );
+        let ps = decode_reply(&out).presence_stats.expect("stats");
+        assert_eq!((ps.num_clients, ps.num_users), (3, 2));
+
+        assert_eq!(
+            decode_reply(proto::PING),
+            pb::Reply::default(),
+            "ping is an empty reply"
+        );
     }
 }

@@ -369,7 +369,7 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
                 if i > 0 {
                     out.push(b',');
                 }
-                write_publication(&mut out, p);
+                write_api_publication(&mut out, p);
             }
             out.extend_from_slice(b"],\"epoch\":");
             write_str(&mut out, &page.top.epoch);
@@ -434,6 +434,35 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
     }
 }
 
+/// A publication in an API result; binary data goes as `b64data` (what Centrifugo API clients
+/// expect), since raw bytes cannot be embedded in JSON.
+fn write_api_publication(out: &mut Vec<u8>, p: &holdfast_protocol::Publication) {
+    if !p.binary {
+        write_publication(out, p);
+        return;
+    }
+    let shown = holdfast_protocol::Publication {
+        data: Bytes::new(),
+        binary: false,
+        ..p.clone()
+    };
+    let start = out.len();
+    write_publication(out, &shown);
+    // Reopen the object to add the field.
+    if out.len() > start && out.last() == Some(&b'}') {
+        out.pop();
+        if out.len() > start + 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"b64data\":");
+        write_str(
+            out,
+            &base64::engine::general_purpose::STANDARD.encode(&p.data),
+        );
+        out.push(b'}');
+    }
+}
+
 fn required(v: &str, name: &str) -> Result<(), ApiError> {
     if v.is_empty() {
         Err(bad(&format!("{name} required")))
@@ -466,25 +495,18 @@ struct PublishCommon<'a> {
     idempotency_key: String,
 }
 
-fn payload(common: &PublishCommon<'_>) -> Result<Bytes, ApiError> {
+/// The payload and whether it is binary (not JSON).
+fn payload(common: &PublishCommon<'_>) -> Result<(Bytes, bool), ApiError> {
     if let Some(d) = common.data.filter(|d| d.get() != "null") {
-        return Ok(raw_to_bytes(d));
+        return Ok((raw_to_bytes(d), false));
     }
     if !common.b64data.is_empty() {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(&common.b64data)
             .map_err(|_| bad("b64data is not base64"))?;
-        // Only JSON payloads can reach JSON subscribers.
-        if !holdfast_protocol::json::is_json(&raw) {
-            return Err(bad(
-                "b64data must decode to JSON (binary payloads need the protobuf encoding)",
-            ));
-        }
-        return Ok(Bytes::from(
-            raw.into_iter()
-                .filter(|&b| b != b'\n' && b != b'\r')
-                .collect::<Vec<u8>>(),
-        ));
+        // Binary payloads reach protobuf connections; JSON ones are closed with 3506.
+        let binary = !holdfast_protocol::json::is_json(&raw);
+        return Ok((Bytes::from(raw), binary));
     }
     Err(bad("data required"))
 }
@@ -494,9 +516,10 @@ async fn publish(state: &AppState, channel: &str, common: &PublishCommon<'_>) ->
     if common.idempotency_key.len() > 256 {
         return Err(bad("idempotency_key too long"));
     }
-    let data = payload(common)?;
+    let (data, binary) = payload(common)?;
     let req = PublishRequest {
         data,
+        binary,
         info: None,
         skip_history: common.skip_history,
         tags: (!common.tags.is_empty()).then(|| Arc::new(common.tags.clone())),

@@ -73,17 +73,16 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         .flat_map(|s| s.split(',').map(|p| p.trim().to_owned()))
         .filter(|p| !p.is_empty())
         .collect();
-    let only_protobuf = !offered.is_empty() && offered.iter().all(|p| p == PROTOBUF_PROTOCOL);
-    if wants_protobuf || only_protobuf {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "the protobuf encoding is not supported yet",
-        );
-    }
-    let protocol = offered
-        .iter()
-        .any(|p| p == JSON_PROTOCOL)
-        .then_some(JSON_PROTOCOL);
+    let offers = |p: &str| offered.iter().any(|o| o == p);
+    let encoding = if wants_protobuf || (offers(PROTOBUF_PROTOCOL) && !offers(JSON_PROTOCOL)) {
+        Encoding::Protobuf
+    } else {
+        Encoding::Json
+    };
+    let protocol = match encoding {
+        Encoding::Protobuf => offers(PROTOBUF_PROTOCOL).then_some(PROTOBUF_PROTOCOL),
+        Encoding::Json => offers(JSON_PROTOCOL).then_some(JSON_PROTOCOL),
+    };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -112,7 +111,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         let (sink, stream) = ws.split();
         let meta = ConnectionMeta {
             transport: "websocket",
-            encoding: Encoding::Json,
+            encoding,
         };
         serve_connection(
             node,
@@ -177,9 +176,13 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 
 #[async_trait]
 impl FrameSink for WsSink {
-    async fn send_frame(&mut self, frame: Bytes) -> std::io::Result<()> {
-        let text = Utf8Bytes::try_from(frame).map_err(io_err)?;
-        match tokio::time::timeout(self.write_timeout, self.inner.feed(Message::Text(text))).await {
+    async fn send_frame(&mut self, frame: Bytes, binary: bool) -> std::io::Result<()> {
+        let msg = if binary {
+            Message::Binary(frame)
+        } else {
+            Message::Text(Utf8Bytes::try_from(frame).map_err(io_err)?)
+        };
+        match tokio::time::timeout(self.write_timeout, self.inner.feed(msg)).await {
             Ok(r) => r.map_err(io_err),
             Err(_) => Err(io_err("write timeout")),
         }

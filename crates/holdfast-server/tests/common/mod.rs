@@ -259,6 +259,7 @@ impl TestClient {
 
     /// The next message (reply, push, ping), `None` when the connection closed.
     pub async fn recv(&mut self) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some(v) = self.pending.pop_front() {
                 if self.auto_pong && v == json!({}) {
@@ -267,7 +268,7 @@ impl TestClient {
                 }
                 return Some(v);
             }
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("timed out waiting for a message")?;
             match msg {
@@ -328,8 +329,9 @@ impl TestClient {
     /// Waits until the connection ends; returns the close code.
     pub async fn closed(&mut self) -> Closed {
         self.pending.clear();
+        let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .expect("timed out waiting for close");
             match msg {
@@ -376,5 +378,121 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
             "timed out waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A raw protobuf client (`centrifuge-protobuf` subprotocol).
+pub struct ProtoClient {
+    pub ws: Ws,
+    pending: VecDeque<holdfast_protocol::proto::pb::Reply>,
+    next_id: u32,
+    /// Answer server pings (empty replies) automatically and hide them.
+    pub auto_pong: bool,
+}
+
+impl ProtoClient {
+    pub async fn connect(url: &str, subprotocol: bool) -> Self {
+        let mut req = url.into_client_request().unwrap();
+        if subprotocol {
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                "centrifuge-protobuf".parse().unwrap(),
+            );
+        }
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        if subprotocol {
+            assert_eq!(
+                resp.headers()
+                    .get("sec-websocket-protocol")
+                    .map(|v| v.to_str().unwrap()),
+                Some("centrifuge-protobuf")
+            );
+        }
+        Self {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 0,
+            auto_pong: true,
+        }
+    }
+
+    pub async fn send(&mut self, mut cmd: holdfast_protocol::proto::pb::Command) -> u32 {
+        use prost::Message as _;
+        if cmd.id == 0 && cmd.send.is_none() && cmd != Default::default() {
+            self.next_id += 1;
+            cmd.id = self.next_id;
+        }
+        let mut buf = Vec::new();
+        cmd.encode_length_delimited(&mut buf).unwrap();
+        self.ws.send(Message::Binary(buf.into())).await.unwrap();
+        cmd.id
+    }
+
+    pub async fn next(&mut self) -> holdfast_protocol::proto::pb::Reply {
+        use prost::Message as _;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(r) = self.pending.pop_front() {
+                if self.auto_pong && r == Default::default() {
+                    self.send(Default::default()).await;
+                    continue;
+                }
+                return r;
+            }
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("timed out")
+                .expect("closed")
+                .unwrap();
+            match msg {
+                Message::Binary(b) => {
+                    let mut buf = &b[..];
+                    while !buf.is_empty() {
+                        self.pending.push_back(
+                            holdfast_protocol::proto::pb::Reply::decode_length_delimited(&mut buf)
+                                .unwrap(),
+                        );
+                    }
+                }
+                Message::Text(t) => panic!("protobuf connection got a text frame: {t}"),
+                Message::Close(f) => panic!("closed: {f:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn call(
+        &mut self,
+        cmd: holdfast_protocol::proto::pb::Command,
+    ) -> holdfast_protocol::proto::pb::Reply {
+        let id = self.send(cmd).await;
+        let mut skipped = VecDeque::new();
+        loop {
+            let r = self.next().await;
+            if r.id == id {
+                while let Some(x) = skipped.pop_back() {
+                    self.pending.push_front(x);
+                }
+                return r;
+            }
+            skipped.push_back(r);
+        }
+    }
+
+    pub async fn closed(&mut self) -> Closed {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("timed out waiting for close")
+            {
+                None => return Closed::NoFrame,
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Closed::Code(f.code.into(), f.reason.to_string());
+                }
+                Some(Ok(Message::Close(None))) | Some(Err(_)) => return Closed::NoFrame,
+                Some(Ok(_)) => {}
+            }
+        }
     }
 }
