@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run all tests"). It installs what the suites need when it
-# is missing, so it runs on a fresh machine; CI (.ci/run) calls exactly this.
+# is missing (Python venv with the PyPI clients, npm packages, Debian's Chromium), so it runs on
+# a fresh machine; CI (.ci/run) calls exactly this. Artifacts (screenshots, compatibility
+# results) go to artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1; fi
+}
 
 step "format"
 cargo fmt --all --check
@@ -15,10 +22,24 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "unit and integration tests"
 cargo test --workspace
 
-step "compatibility suites (real third-party clients against the holdfast binary)"
+step "tools for the compatibility suites"
 cargo build --bin holdfast
 py="$(tests/compat/setup.sh)"
+if ! command -v chromium >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+(cd tests/compat/js && npm ci --no-audit --no-fund --loglevel=error)
+
+step "compatibility: centrifuge-js in Node and in Chromium"
+rm -rf artifacts/compat
+(cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs browser.test.mjs)
+
+step "compatibility: centrifuge-python, cent, examples"
 "$py" -m pytest -q tests/compat
+
+step "docs/COMPAT.md matches the run"
+"$py" tests/compat/report.py --check
 
 echo
 echo "all tests passed"

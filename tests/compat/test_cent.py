@@ -31,6 +31,7 @@ def cent(server):
     return Client(server.api, API_KEY)
 
 
+@pytest.mark.compat("cent", "publish, history with limit/since/reverse")
 def test_publish_and_history(cent):
     ch = chan("cent")
     results = [cent.publish(PublishRequest(channel=ch, data={"n": n})) for n in range(1, 6)]
@@ -46,6 +47,7 @@ def test_publish_and_history(cent):
     assert [p.offset for p in rev.publications] == [5, 4]
 
 
+@pytest.mark.compat("cent", "idempotent publish")
 def test_idempotent_publish(cent):
     ch = chan("idem")
     a = cent.publish(PublishRequest(channel=ch, data={"x": 1}, idempotency_key="k"))
@@ -54,6 +56,7 @@ def test_idempotent_publish(cent):
     assert len(cent.history(HistoryRequest(channel=ch, limit=-1)).publications) == 1
 
 
+@pytest.mark.compat("cent", "presence, presence_stats, channels")
 def test_presence_of_a_real_client(server, cent):
     ch = chan("presence")
 
@@ -81,6 +84,7 @@ def test_presence_of_a_real_client(server, cent):
     assert chans.channels[ch].num_clients == 1
 
 
+@pytest.mark.compat("cent", "broadcast, info, error codes")
 def test_broadcast_info_and_errors(cent):
     chs = [chan("b"), chan("b")]
     res = cent.broadcast(BroadcastRequest(channels=chs, data={"all": True}))
@@ -92,6 +96,7 @@ def test_broadcast_info_and_errors(cent):
     assert e.value.code == 102
 
 
+@pytest.mark.compat("cent", "wrong API key is unauthorized")
 def test_wrong_key_is_unauthorized(server):
     with pytest.raises(CentUnauthorizedError):
         Client(server.api, "wrong-key").publish(PublishRequest(channel="x", data={}))

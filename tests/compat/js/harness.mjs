@@ -1,0 +1,176 @@
+// Starts the real holdfast binary with a test configuration; tokens, API calls and a recorder of
+// compatibility results (written to artifacts/compat/<suite>.json for docs/COMPAT.md).
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { mkdtempSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import WebSocket from 'ws';
+
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+export const BIN = process.env.HOLDFAST_BINARY_PATH || join(ROOT, 'target', 'debug', 'holdfast');
+export const SECRET = 'compat-secret';
+export const API_KEY = 'compat-api-key';
+
+export const CONFIG = `
+[client.token]
+hmac_secret_key = "${SECRET}"
+
+[client.subscribe_to_user_personal_channel]
+enabled = true
+
+[http_api]
+key = "${API_KEY}"
+
+[channel.without_namespace]
+presence = true
+join_leave = true
+force_push_join_leave = true
+history_size = 100
+history_ttl = "300s"
+force_recovery = true
+allow_subscribe_for_client = true
+allow_subscribe_for_anonymous = true
+allow_publish_for_subscriber = true
+allow_publish_for_anonymous = true
+allow_presence_for_subscriber = true
+allow_history_for_subscriber = true
+
+[[channel.namespaces]]
+name = "smallhistory"
+history_size = 2
+history_ttl = "300s"
+force_recovery = true
+allow_subscribe_for_client = true
+allow_publish_for_subscriber = true
+
+[[channel.namespaces]]
+name = "private"
+`;
+
+export async function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+    s.on('error', rej);
+  });
+}
+
+export async function startServer(config = CONFIG, extraArgs = []) {
+  if (!existsSync(BIN)) throw new Error(`${BIN} not found: cargo build --bin holdfast`);
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), 'holdfast-js-'));
+  const cfg = join(dir, 'config.toml');
+  writeFileSync(cfg, config);
+  const proc = spawn(BIN, ['serve', '--config', cfg, '--address', '127.0.0.1', '--port', String(port), ...extraArgs], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let log = '';
+  proc.stdout.on('data', (d) => (log += d));
+  proc.stderr.on('data', (d) => (log += d));
+  const http = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 30000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`holdfast exited:\n${log}`);
+    try {
+      const r = await fetch(`${http}/ready`);
+      if (r.status === 200) break;
+    } catch {}
+    if (Date.now() > deadline) throw new Error(`holdfast not ready:\n${log}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    port,
+    http,
+    ws: `ws://127.0.0.1:${port}/connection/websocket`,
+    log: () => log,
+    async stop() {
+      if (proc.exitCode !== null) return proc.exitCode;
+      const done = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGTERM');
+      return done;
+    },
+    async api(method, body) {
+      const r = await fetch(`${http}/api/${method}`, {
+        method: 'POST',
+        headers: { 'X-API-Key': API_KEY, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      const j = await r.json();
+      if (j.error) throw Object.assign(new Error(`API ${method}: ${JSON.stringify(j.error)}`), j.error);
+      return j.result;
+    },
+  };
+}
+
+const b64url = (b) => Buffer.from(b).toString('base64url');
+
+/** An HS256 token: sub = user, ttl seconds (undefined = no exp), extra claims merged. */
+export function token(user, ttl, extra = {}) {
+  const claims = { sub: user, ...extra };
+  if (ttl !== undefined) claims.exp = Math.floor(Date.now() / 1000) + ttl;
+  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
+  const body = b64url(JSON.stringify(claims));
+  const sig = createHmac('sha256', SECRET).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
+}
+
+/**
+ * A WebSocket constructor the test controls like a network: `offline` refuses new connections,
+ * `drop()` cuts every open socket without a close frame (the transport is lost).
+ */
+export function controlledNetwork() {
+  const sockets = new Set();
+  const net = { offline: false };
+  class ControlledWebSocket extends WebSocket {
+    constructor(url, protocols) {
+      super(net.offline ? 'ws://127.0.0.1:9/offline' : url, protocols);
+      sockets.add(this);
+      this.on('close', () => sockets.delete(this));
+    }
+  }
+  net.WebSocket = ControlledWebSocket;
+  net.drop = () => {
+    for (const s of sockets) s.terminate();
+  };
+  return net;
+}
+
+/** Resolves with the first event `name` of `emitter` whose context matches `pred`. */
+export function once(emitter, name, pred = () => true, timeoutMs = 10000) {
+  return new Promise((res, rej) => {
+    const t = setTimeout(() => {
+      emitter.removeListener(name, h);
+      rej(new Error(`timed out waiting for ${name}`));
+    }, timeoutMs);
+    const h = (ctx) => {
+      if (!pred(ctx)) return;
+      clearTimeout(t);
+      emitter.removeListener(name, h);
+      res(ctx);
+    };
+    emitter.on(name, h);
+  });
+}
+
+/** Collects compatibility results and writes them to artifacts/compat/<suite>.json. */
+export class Recorder {
+  constructor(suite, client) {
+    this.suite = suite;
+    this.client = client;
+    this.rows = [];
+  }
+  add(feature, encoding, status) {
+    this.rows.push({ client: this.client, feature, encoding, status });
+  }
+  write() {
+    const dir = join(ROOT, 'artifacts', 'compat');
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, `${this.suite}.json`), JSON.stringify(this.rows, null, 2));
+  }
+}
