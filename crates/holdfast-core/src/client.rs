@@ -36,6 +36,9 @@ pub(crate) enum Control {
 
 const MAX_CONTROL: usize = 256;
 
+/// A channel's position noted for its delivery cursor: (channel, offset, epoch).
+pub(crate) type CursorPosition = (Arc<str>, u64, Arc<str>);
+
 /// State of the outbound queue.
 #[derive(Debug)]
 struct Outbox {
@@ -86,6 +89,10 @@ pub struct ClientHandle {
     user: std::sync::OnceLock<Arc<str>>,
     /// Messages written to the socket (for the metrics of this connection).
     pub(crate) sent: AtomicU64,
+    /// Subscriptions with a delivery cursor (weak: the hub and the session own them).
+    cursor_subs: Mutex<Vec<std::sync::Weak<crate::hub::Subscription>>>,
+    /// Their positions when the outstanding ping was queued: the pong confirms these.
+    ping_snapshot: Mutex<Vec<CursorPosition>>,
 }
 
 impl ClientHandle {
@@ -109,6 +116,8 @@ impl ClientHandle {
             expires_at: Mutex::new(None),
             user: std::sync::OnceLock::new(),
             sent: AtomicU64::new(0),
+            cursor_subs: Mutex::new(Vec::new()),
+            ping_snapshot: Mutex::new(Vec::new()),
         })
     }
 
@@ -246,6 +255,31 @@ impl ClientHandle {
     /// Whether the connect command succeeded.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// Tracks a subscription's position for its delivery cursor.
+    pub(crate) fn track_cursor(&self, sub: &Arc<crate::hub::Subscription>) {
+        let mut subs = self.cursor_subs.lock();
+        subs.retain(|w| w.strong_count() > 0);
+        subs.push(Arc::downgrade(sub));
+    }
+
+    /// Records the positions of cursor subscriptions; call right before queueing a ping, so the
+    /// snapshot never claims a publication queued after it.
+    pub fn snapshot_cursors(&self) {
+        let snap: Vec<_> = self
+            .cursor_subs
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter_map(|s| s.live_position().map(|(o, e)| (s.channel.clone(), o, e)))
+            .collect();
+        *self.ping_snapshot.lock() = snap;
+    }
+
+    /// The positions the last ping confirmed (taken once, on its pong).
+    pub(crate) fn take_ping_snapshot(&self) -> Vec<CursorPosition> {
+        std::mem::take(&mut *self.ping_snapshot.lock())
     }
 
     /// Marks a ping as written; returns false when the previous one is still unanswered.

@@ -238,6 +238,10 @@ pub struct ChannelOptions {
     pub allow_history_for_anonymous: bool,
     /// `chat#42,43` channels may be subscribed by the listed users only.
     pub allow_user_limited_channels: bool,
+    /// Holdfast extension: keep, per user, the last position confirmed delivered on server-side
+    /// subscriptions (by pong or `holdfast.ack`), and recover a connection that presents no
+    /// position from it. Needs history and `force_recovery`.
+    pub delivery_cursor: bool,
 }
 
 impl ChannelOptions {
@@ -306,6 +310,12 @@ impl NodeConfig {
                 e(
                     "force_recovery",
                     "recovery needs history_size and history_ttl",
+                );
+            }
+            if o.delivery_cursor && !o.force_recovery {
+                e(
+                    "delivery_cursor",
+                    "delivery cursors need history and force_recovery",
                 );
             }
             if let Some(meta) = o.history_meta_ttl

@@ -139,6 +139,14 @@ impl Subscription {
         GoLive::Ok
     }
 
+    /// Position of the last publication queued to the client, while the subscription is live and
+    /// positioned.
+    pub(crate) fn live_position(&self) -> Option<(u64, Arc<str>)> {
+        let st = self.state.lock();
+        (matches!(st.phase, Phase::Live) && st.positioned && st.offset > 0)
+            .then(|| (st.offset, st.epoch.clone()))
+    }
+
     /// Stops deliveries; returns false when it was already dead.
     pub(crate) fn kill(&self) -> bool {
         let mut st = self.state.lock();

@@ -4,8 +4,8 @@ use crate::channel::{ChannelRules, ResolvedChannel};
 use crate::client::{ClientHandle, Control};
 use crate::config::{ConfigError, NodeConfig};
 use crate::engine::{
-    Broker, EngineError, HistoryOptions, HistoryPage, HistoryQuery, PresenceStore, PublishOptions,
-    PublishOutcome,
+    Broker, CursorStore, Engine, EngineError, HistoryOptions, HistoryPage, HistoryQuery,
+    PresenceStore, PublishOptions, PublishOutcome,
 };
 use crate::handler::Handler;
 use crate::hub::{Hub, Subscription};
@@ -78,6 +78,7 @@ struct NodeInner {
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
     presence: Arc<dyn PresenceStore>,
+    cursors: Arc<dyn CursorStore>,
     handler: Arc<dyn Handler>,
     /// Upgrades are accepted only while set (engine connected, hooks in place, not draining).
     ready: AtomicBool,
@@ -98,10 +99,14 @@ impl Node {
     /// Builds a node over an engine and hooks. The node is not ready until [`Node::start`].
     pub fn new(
         config: NodeConfig,
-        broker: Arc<dyn Broker>,
-        presence: Arc<dyn PresenceStore>,
+        engine: Engine,
         handler: Arc<dyn Handler>,
     ) -> Result<Self, Vec<ConfigError>> {
+        let Engine {
+            broker,
+            presence,
+            cursors,
+        } = engine;
         config.validate()?;
         let hub = Arc::new(Hub::new());
         broker.set_handler(hub.clone());
@@ -116,6 +121,7 @@ impl Node {
                 hub,
                 broker,
                 presence,
+                cursors,
                 handler,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
@@ -237,6 +243,10 @@ impl Node {
 
     pub(crate) fn presence_store(&self) -> &dyn PresenceStore {
         &*self.inner.presence
+    }
+
+    pub(crate) fn cursors(&self) -> &dyn CursorStore {
+        &*self.inner.cursors
     }
 
     pub(crate) fn new_client(&self, encoding: Encoding) -> Arc<ClientHandle> {
@@ -374,6 +384,19 @@ impl Node {
         self.inner
             .broker
             .remove_history(channel)
+            .await
+            .map_err(engine_error)
+    }
+
+    /// The delivery cursor of a user in a channel (what is known to have reached the user).
+    pub async fn delivery_cursor(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<Option<crate::engine::StreamTop>, ErrorReply> {
+        self.inner
+            .cursors
+            .load_cursor(user, channel)
             .await
             .map_err(engine_error)
     }

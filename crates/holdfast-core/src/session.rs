@@ -25,6 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// RPC method a client calls to confirm delivery: `{"channel":…,"offset":…,"epoch":…}`.
+pub const ACK_METHOD: &str = "holdfast.ack";
+
 /// A server-side subscription requested through the server API.
 #[derive(Debug, Clone, Default)]
 pub struct ServerSubscribe {
@@ -78,6 +81,10 @@ struct SessionSub {
     join_leave: bool,
     /// When the subscription token expires (client-side subscriptions with an expiring token).
     expire_at: Option<i64>,
+    /// Lifetime of this channel's delivery cursor, when it has one.
+    cursor_ttl: Option<Duration>,
+    /// Offset last saved to the cursor (saves only move it forward).
+    confirmed: u64,
 }
 
 /// Everything decided about a subscription before it is attached.
@@ -97,6 +104,8 @@ struct Plan {
     data: Option<Bytes>,
     chan_info: Option<Bytes>,
     expire_at: Option<i64>,
+    /// Keep a delivery cursor for the user.
+    cursor: bool,
 }
 
 /// A subscription attached to the hub, its reply not yet queued.
@@ -314,6 +323,7 @@ impl Session {
             }
             (State::Connected(_), Request::Pong) => {
                 if self.client.pong_received() {
+                    self.confirm_cursors().await;
                     Ok(())
                 } else {
                     tracing::info!(client = %self.client.id(), "unnecessary pong");
@@ -454,12 +464,22 @@ impl Session {
             let options = opts.overrides.apply(&r.options);
             let history = options.history_enabled();
             let presented = req.subs.get(&ch).filter(|p| p.recover);
+            let cursor = options.delivery_cursor && history && !user.is_empty();
             // Recoverable server-side subscriptions recover from the position the client
-            // presents, or from the stream start for a client that presents none: what was
-            // published to a user before (or between) their connections is delivered on connect.
-            let recover = match presented {
-                Some(p) => Some((p.offset, p.epoch.clone())),
-                None => Some((0, String::new())),
+            // presents; for a client that presents none, from the user's delivery cursor (what
+            // reached the user on any device) or else from the stream start: what was published
+            // to a user before (or between) their connections is delivered on connect.
+            let saved = match (presented, cursor) {
+                (None, true) => self.node.cursors().load_cursor(&user, &ch).await.unwrap_or_else(|e| {
+                    tracing::warn!(channel = %ch, error = %e, "cursor load failed; recovering from the stream start");
+                    None
+                }),
+                _ => None,
+            };
+            let recover = match (presented, saved) {
+                (Some(p), _) => Some((p.offset, p.epoch.clone())),
+                (None, Some(c)) => Some((c.offset, c.epoch.to_string())),
+                (None, None) => Some((0, String::new())),
             }
             .filter(|_| history && options.force_recovery);
             let plan = Plan {
@@ -474,6 +494,7 @@ impl Session {
                 chan_info: opts.info,
                 expire_at: None,
                 server_side: true,
+                cursor,
                 options,
             };
             match self.attach(plan).await {
@@ -711,6 +732,12 @@ impl Session {
                 return;
             }
         }
+        if plan.cursor {
+            self.client.track_cursor(&sub);
+        }
+        let cursor_ttl = plan
+            .cursor
+            .then(|| self.node.rules().meta_ttl(&plan.options));
         let Ok(conn) = self.conn_mut() else { return };
         let info = if plan.chan_info.is_some() {
             Arc::new(ClientInfo {
@@ -726,6 +753,8 @@ impl Session {
             presence: plan.options.presence,
             join_leave: plan.options.join_leave,
             expire_at: plan.expire_at,
+            cursor_ttl,
+            confirmed: 0,
         };
         conn.subs.insert(plan.channel.clone(), s);
         if plan.options.presence
@@ -821,6 +850,7 @@ impl Session {
             data: decision.data,
             chan_info: decision.info,
             expire_at: decision.expire_at,
+            cursor: false,
             options,
         };
         let a = match self.attach(plan).await {
@@ -870,6 +900,7 @@ impl Session {
             data: req.data,
             chan_info: req.info,
             expire_at: None,
+            cursor: false,
             options,
         };
         let a = match self.attach(plan).await {
@@ -1072,6 +1103,13 @@ impl Session {
     }
 
     async fn rpc(&mut self, id: u32, method: &str, data: Bytes) -> Result<(), Disconnect> {
+        if method == ACK_METHOD {
+            match self.ack(&data).await {
+                Ok(()) => self.reply(id, ReplyBody::Rpc(Some(Bytes::from_static(b"{}")))),
+                Err(e) => self.reply_error(id, e),
+            }
+            return Ok(());
+        }
         let ctx = self.conn()?.ctx.clone();
         match self.node.handler().on_rpc(&ctx, method, &data).await {
             Ok(data) => {
@@ -1140,6 +1178,70 @@ impl Session {
             s.expire_at = decision.expire_at;
         }
         self.reply(id, ReplyBody::SubRefresh(result));
+        Ok(())
+    }
+
+    /// Saves the positions the answered ping confirmed to the delivery cursors.
+    async fn confirm_cursors(&mut self) {
+        let snapshot = self.client.take_ping_snapshot();
+        if snapshot.is_empty() {
+            return;
+        }
+        let node = self.node.clone();
+        let Ok(conn) = self.conn_mut() else { return };
+        let user = conn.ctx.user.clone();
+        for (channel, offset, epoch) in snapshot {
+            let Some(s) = conn.subs.get_mut(&channel) else {
+                continue;
+            };
+            let Some(ttl) = s.cursor_ttl else { continue };
+            if offset <= s.confirmed {
+                continue;
+            }
+            let pos = crate::engine::StreamTop { offset, epoch };
+            match node.cursors().save_cursor(&user, &channel, &pos, ttl).await {
+                Ok(()) => {
+                    s.confirmed = offset;
+                    metrics::counter!("holdfast_cursor_saves_total", "by" => "pong").increment(1);
+                }
+                Err(e) => tracing::warn!(%channel, error = %e, "cursor save failed"),
+            }
+        }
+    }
+
+    /// `holdfast.ack`: the client confirms it processed a channel up to a position.
+    async fn ack(&mut self, data: &[u8]) -> Result<(), ErrorReply> {
+        #[derive(serde::Deserialize)]
+        struct Ack {
+            channel: String,
+            offset: u64,
+            epoch: String,
+        }
+        let ack: Ack = serde_json::from_slice(data).map_err(|_| ErrorReply::BAD_REQUEST)?;
+        let node = self.node.clone();
+        let conn = self.conn_mut().map_err(|_| ErrorReply::BAD_REQUEST)?;
+        let user = conn.ctx.user.clone();
+        let s = conn
+            .subs
+            .get_mut(ack.channel.as_str())
+            .ok_or(ErrorReply::PERMISSION_DENIED)?;
+        let ttl = s.cursor_ttl.ok_or(ErrorReply::NOT_AVAILABLE)?;
+        let (delivered, epoch) = s.sub.live_position().ok_or(ErrorReply::BAD_REQUEST)?;
+        if ack.epoch != *epoch || ack.offset > delivered {
+            return Err(ErrorReply::BAD_REQUEST);
+        }
+        if ack.offset > s.confirmed {
+            let pos = crate::engine::StreamTop {
+                offset: ack.offset,
+                epoch,
+            };
+            node.cursors()
+                .save_cursor(&user, &ack.channel, &pos, ttl)
+                .await
+                .map_err(engine_error)?;
+            s.confirmed = ack.offset;
+            metrics::counter!("holdfast_cursor_saves_total", "by" => "ack").increment(1);
+        }
         Ok(())
     }
 

@@ -234,6 +234,7 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
                 }
             }
             if timers.next_ping.is_some_and(|p| now >= p) {
+                client.snapshot_cursors();
                 client.ping_sent();
                 client.send(Bytes::from_static(client.encoding().ping()));
                 if !cfg.pong_timeout.is_zero() {

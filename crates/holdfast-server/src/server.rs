@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use holdfast_core::Node;
-use holdfast_core::engine::{Broker, MemoryEngine, PresenceStore};
+use holdfast_core::engine::{Engine, MemoryEngine};
 use holdfast_core::handler::{StandardHandler, TokenVerifier};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::future::Future;
@@ -59,16 +59,11 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
     }
-    let engine = MemoryEngine::new();
-    build_with_engine(config, engine.clone(), engine).await
+    build_with_engine(config, Engine::from_one(MemoryEngine::new())).await
 }
 
 /// [`build`] with a given engine (tests, embedding).
-pub async fn build_with_engine(
-    config: Config,
-    broker: Arc<dyn Broker>,
-    presence: Arc<dyn PresenceStore>,
-) -> anyhow::Result<Arc<AppState>> {
+pub async fn build_with_engine(config: Config, engine: Engine) -> anyhow::Result<Arc<AppState>> {
     if let Err(errs) = config.validate() {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
@@ -89,7 +84,7 @@ pub async fn build_with_engine(
         );
     }
     let handler = Arc::new(StandardHandler::new(&config.client, verifier));
-    let node = Node::new(config.node_config(), broker, presence, handler).map_err(|errs| {
+    let node = Node::new(config.node_config(), engine, handler).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
     })?;

@@ -4,7 +4,7 @@
 //! Checks panic with a message naming the broken contract.
 
 use super::{
-    Broker, BrokerHandler, EngineError, HistoryOptions, HistoryQuery, PresenceStore,
+    Broker, BrokerHandler, CursorStore, EngineError, HistoryOptions, HistoryQuery, PresenceStore,
     PublishOptions, StreamTop,
 };
 use bytes::Bytes;
@@ -88,14 +88,15 @@ fn offsets(page: &super::HistoryPage) -> Vec<u64> {
 pub async fn run_all<F, Fut>(factory: F)
 where
     F: Fn() -> Fut,
-    Fut: Future<Output = (Arc<dyn Broker>, Arc<dyn PresenceStore>)>,
+    Fut: Future<Output = super::Engine>,
 {
     let fresh = || async {
-        let (b, p) = factory().await;
+        let e = factory().await;
         let rec = Arc::new(Recorder::default());
-        b.set_handler(rec.clone());
-        (b, p, rec)
+        e.broker.set_handler(rec.clone());
+        (e.broker, e.presence, rec)
     };
+    cursors(&*factory().await.cursors).await;
     let (b, _, rec) = fresh().await;
     offsets_start_at_one_and_deliver_in_order(&*b, &rec).await;
     let (b, _, _) = fresh().await;
@@ -349,4 +350,56 @@ async fn presence(b: &dyn Broker, p: &dyn PresenceStore, rec: &Recorder) {
     let ev = rec.events.lock().clone();
     assert!(ev.contains(&Event::Join("p".into(), "c9".into())));
     assert!(ev.contains(&Event::Leave("p".into(), "c9".into())));
+}
+
+async fn cursors(c: &dyn CursorStore) {
+    let ttl = Duration::from_secs(2);
+    let pos = |offset: u64, epoch: &str| StreamTop {
+        offset,
+        epoch: epoch.into(),
+    };
+    assert_eq!(
+        c.load_cursor("u", "#u").await.expect("load"),
+        None,
+        "no cursor yet"
+    );
+    c.save_cursor("u", "#u", &pos(5, "epochAAA"), ttl)
+        .await
+        .expect("save");
+    assert_eq!(
+        c.load_cursor("u", "#u").await.expect("load"),
+        Some(pos(5, "epochAAA"))
+    );
+    c.save_cursor("u", "#u", &pos(3, "epochAAA"), ttl)
+        .await
+        .expect("save");
+    assert_eq!(
+        c.load_cursor("u", "#u").await.expect("load"),
+        Some(pos(5, "epochAAA")),
+        "a cursor never moves back within an epoch"
+    );
+    c.save_cursor("u", "#u", &pos(2, "epochBBB"), ttl)
+        .await
+        .expect("save");
+    assert_eq!(
+        c.load_cursor("u", "#u").await.expect("load"),
+        Some(pos(2, "epochBBB")),
+        "a new epoch replaces the cursor"
+    );
+    assert_eq!(
+        c.load_cursor("v", "#u").await.expect("load"),
+        None,
+        "cursors are per user"
+    );
+    assert_eq!(
+        c.load_cursor("u", "other").await.expect("load"),
+        None,
+        "and per channel"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        c.load_cursor("u", "#u").await.expect("load"),
+        None,
+        "cursors expire"
+    );
 }

@@ -6,8 +6,8 @@
 //! recover are told `recovered: false` instead of being given wrong offsets.
 
 use super::{
-    Broker, BrokerHandler, EngineError, HistoryPage, HistoryQuery, PresenceStore, PublishOptions,
-    PublishOutcome, StreamTop, new_epoch,
+    Broker, BrokerHandler, CursorStore, EngineError, HistoryPage, HistoryQuery, PresenceStore,
+    PublishOptions, PublishOutcome, StreamTop, new_epoch,
 };
 use crate::shard::Sharded;
 use async_trait::async_trait;
@@ -33,7 +33,11 @@ pub struct MemoryEngine {
     presence: Sharded<Mutex<HashMap<Arc<str>, ChannelPresence>>>,
     /// The node that receives deliveries.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
+    /// Delivery cursors: (user, channel) → position and expiry.
+    cursors: Sharded<Mutex<HashMap<CursorKey, (StreamTop, Instant)>>>,
 }
+
+type CursorKey = (Arc<str>, Arc<str>);
 
 type ChannelPresence = HashMap<Arc<str>, Arc<ClientInfo>>;
 type SharedChannel = Arc<Mutex<ChannelState>>;
@@ -90,6 +94,7 @@ impl MemoryEngine {
             channels: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
             presence: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
             handler: OnceLock::new(),
+            cursors: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
         });
         let weak = Arc::downgrade(&engine);
         tokio::spawn(sweep_loop(weak));
@@ -122,6 +127,9 @@ impl MemoryEngine {
     /// Drops expired items, expired streams and expired idempotency results.
     pub fn sweep(&self) {
         let now = Instant::now();
+        for shard in self.cursors.iter() {
+            shard.lock().retain(|_, (_, exp)| *exp > now);
+        }
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
             shard.retain(|_, state| {
@@ -370,6 +378,43 @@ impl PresenceStore for MemoryEngine {
     }
 }
 
+#[async_trait]
+impl CursorStore for MemoryEngine {
+    async fn save_cursor(
+        &self,
+        user: &str,
+        channel: &str,
+        pos: &StreamTop,
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        let key: CursorKey = (user.into(), channel.into());
+        let mut shard = self.cursors.get(&key).lock();
+        let exp = Instant::now() + ttl;
+        match shard.get_mut(&key) {
+            Some((cur, e)) if cur.epoch == pos.epoch && cur.offset >= pos.offset => *e = exp,
+            Some(slot) => *slot = (pos.clone(), exp),
+            None => {
+                shard.insert(key, (pos.clone(), exp));
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_cursor(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<Option<StreamTop>, EngineError> {
+        let key: CursorKey = (user.into(), channel.into());
+        let shard = self.cursors.get(&key).lock();
+        let now = Instant::now();
+        Ok(shard
+            .get(&key)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(p, _)| p.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,11 +422,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn conformance_suite() {
-        conformance::run_all(|| async {
-            let e = MemoryEngine::new();
-            (e.clone() as Arc<dyn Broker>, e as Arc<dyn PresenceStore>)
-        })
-        .await;
+        conformance::run_all(|| async { crate::engine::Engine::from_one(MemoryEngine::new()) })
+            .await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -157,6 +157,49 @@ pub trait PresenceStore: Send + Sync + Debug {
     async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), EngineError>;
 }
 
+/// Delivery cursors: per user and channel, the last position known to have reached the user.
+#[async_trait]
+pub trait CursorStore: Send + Sync + Debug {
+    /// Records `pos` for (`user`, `channel`) for `ttl`. Within one epoch a cursor only moves
+    /// forward (an older offset is ignored); a different epoch replaces it.
+    async fn save_cursor(
+        &self,
+        user: &str,
+        channel: &str,
+        pos: &StreamTop,
+        ttl: Duration,
+    ) -> Result<(), EngineError>;
+
+    /// The cursor of (`user`, `channel`), if one was saved and has not expired.
+    async fn load_cursor(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<Option<StreamTop>, EngineError>;
+}
+
+/// The three parts of an engine, as the node uses them.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    /// Publications and history.
+    pub broker: Arc<dyn Broker>,
+    /// Presence.
+    pub presence: Arc<dyn PresenceStore>,
+    /// Delivery cursors.
+    pub cursors: Arc<dyn CursorStore>,
+}
+
+impl Engine {
+    /// All three parts from one implementation.
+    pub fn from_one<E: Broker + PresenceStore + CursorStore + 'static>(e: Arc<E>) -> Self {
+        Self {
+            broker: e.clone(),
+            presence: e.clone(),
+            cursors: e,
+        }
+    }
+}
+
 /// A random 8-letter epoch.
 pub fn new_epoch() -> Arc<str> {
     use rand::Rng;

@@ -76,9 +76,16 @@ impl TestServer {
 
     /// Starts over a given engine.
     pub async fn start_with_engine(config: Config, engine: Arc<engines::FaultyEngine>) -> Self {
-        let state = server::build_with_engine(config, engine.clone(), engine.inner.clone())
-            .await
-            .unwrap();
+        let state = server::build_with_engine(
+            config,
+            holdfast_core::engine::Engine {
+                broker: engine.clone(),
+                presence: engine.inner.clone(),
+                cursors: engine.inner.clone(),
+            },
+        )
+        .await
+        .unwrap();
         Self::start_state(state).await
     }
 
