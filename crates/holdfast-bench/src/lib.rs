@@ -1,0 +1,5 @@
+//! Holdfast's load generator and delivery verifier, as a library; the `holdfast-bench` binary
+//! is a thin CLI over it.
+
+pub mod client;
+pub mod verify;
