@@ -41,5 +41,9 @@ step "compatibility: centrifuge-python, cent, examples"
 step "docs/COMPAT.md matches the run"
 "$py" tests/compat/report.py --check
 
+step "delivery verifier: short runs with faults and a restart"
+cargo build --bins
+scripts/verify.sh
+
 echo
 echo "all tests passed"

@@ -430,23 +430,38 @@ fn spawn_publishers(
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut seq = 0u64;
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(32));
+            let mut tasks = Vec::new();
             while !stop.load(Ordering::Acquire) {
                 tick.tick().await;
                 seq += 1;
                 let ch = channel_name(&args, &run, (seq as usize) % args.channels);
                 let body = serde_json::json!({"channel": ch, "data": {"p": "api", "s": seq}});
-                match api(&http, &args, "publish", body).await {
-                    Ok(r) => {
-                        let mut a = acks.lock().await;
-                        a.api_ok += 1;
-                        let e = r["epoch"].as_str().unwrap_or("").to_owned();
-                        let o = r["offset"].as_u64().unwrap_or(0);
-                        let m = a.max.entry((ch, e)).or_default();
-                        *m = (*m).max(o);
-                        live.published.fetch_add(1, Ordering::Relaxed);
+                // Publishes run concurrently (bounded) so the rate holds while the server is busy.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (http, args, acks, live) =
+                    (http.clone(), args.clone(), acks.clone(), live.clone());
+                tasks.push(tokio::spawn(async move {
+                    match api(&http, &args, "publish", body).await {
+                        Ok(r) => {
+                            let mut a = acks.lock().await;
+                            a.api_ok += 1;
+                            let e = r["epoch"].as_str().unwrap_or("").to_owned();
+                            let o = r["offset"].as_u64().unwrap_or(0);
+                            let m = a.max.entry((ch, e)).or_default();
+                            *m = (*m).max(o);
+                            live.published.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => acks.lock().await.api_failed += 1,
                     }
-                    Err(_) => acks.lock().await.api_failed += 1,
-                }
+                    drop(permit);
+                }));
+                tasks.retain(|t| !t.is_finished());
+            }
+            for t in tasks {
+                let _ = t.await;
             }
         }));
     }
@@ -646,6 +661,7 @@ async fn run_subscribers(
 /// Server-side disconnects of each subscriber at random times, ~`jitter` seconds apart.
 async fn jitter(args: VerifyArgs, run: String, index: usize, count: usize, started: Instant) {
     let http = reqwest::Client::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
     let end = Duration::from_secs_f64(args.duration);
     let mut next: Vec<(Duration, usize)> = (index..args.subscribers)
         .step_by(count)
@@ -665,7 +681,14 @@ async fn jitter(args: VerifyArgs, run: String, index: usize, count: usize, start
         tokio::time::sleep_until((started + at).into()).await;
         let user = format!("verify-{run}-{i}");
         let body = serde_json::json!({"user": user, "disconnect": {"code": 3011, "reason": "verify jitter"}});
-        let _ = api(&http, &args, "disconnect", body).await;
+        // Fire and go on: a busy server must not slow the schedule down (bounded in flight).
+        if let Ok(permit) = in_flight.clone().try_acquire_owned() {
+            let (http, args) = (http.clone(), args.clone());
+            tokio::spawn(async move {
+                let _ = api(&http, &args, "disconnect", body).await;
+                drop(permit);
+            });
+        }
         next[0].0 = at
             + Duration::from_secs_f64(
                 rand::rng().random_range(args.jitter * 0.5..args.jitter * 1.5),
@@ -1009,4 +1032,91 @@ fn print_summary(r: &Report) {
         "catch-up (open → recovered) p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} samples)",
         r.catch_up_ms.p50, r.catch_up_ms.p99, r.catch_up_ms.max, r.catch_up_ms.count
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> VerifyArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            v: VerifyArgs,
+        }
+        Cli::parse_from(["x"]).v
+    }
+
+    fn seg(epoch: &str, base: u64) -> Option<Segment> {
+        Some(Segment {
+            epoch: epoch.into(),
+            base,
+            end: None,
+            received: 0,
+            told: false,
+        })
+    }
+
+    fn report(accounts: Vec<Account>, top: u64) -> Report {
+        let result = WorkerResult {
+            accounts: accounts.into_iter().map(|a| ("c".to_string(), a)).collect(),
+        };
+        let tops: Tops = [("c".to_string(), ("E".to_string(), top))].into();
+        account(&args(), &result, &tops, &Acks::default(), Duration::ZERO)
+    }
+
+    fn deliver(offsets: &[u64], base: u64) -> Account {
+        let mut acc = Account::default();
+        let mut s = seg("E", base);
+        let mut next = base + 1;
+        for o in offsets {
+            accept(&mut acc, &mut s, &mut next, *o, &Live::default());
+        }
+        acc.segments.extend(s);
+        acc
+    }
+
+    #[test]
+    fn everything_delivered() {
+        let r = report(vec![deliver(&[3, 4, 5], 2)], 5);
+        assert_eq!((r.expected, r.delivered, r.lost_silently), (3, 3, 0));
+    }
+
+    #[test]
+    fn a_missing_tail_is_lost_silently() {
+        let r = report(vec![deliver(&[3, 4], 2)], 6);
+        assert_eq!((r.expected, r.delivered, r.lost_silently), (4, 2, 2));
+    }
+
+    #[test]
+    fn a_gap_is_out_of_order_and_lost() {
+        let r = report(vec![deliver(&[3, 5, 6], 2)], 6);
+        assert_eq!((r.out_of_order, r.lost_silently), (1, 1));
+    }
+
+    #[test]
+    fn duplicates_are_counted() {
+        let r = report(vec![deliver(&[3, 4, 4, 3, 5], 2)], 5);
+        assert_eq!((r.duplicated, r.delivered, r.lost_silently), (2, 3, 0));
+    }
+
+    #[test]
+    fn told_segments_count_as_told() {
+        let mut a = deliver(&[1], 0);
+        a.segments[0].told = true;
+        a.segments[0].end = Some(4);
+        a.segments.push(Segment {
+            epoch: "E".into(),
+            base: 4,
+            end: None,
+            received: 2,
+            told: false,
+        });
+        let r = report(vec![a], 6);
+        assert_eq!(
+            (r.expected, r.delivered, r.lost_told, r.lost_silently),
+            (6, 3, 3, 0)
+        );
+    }
 }
