@@ -2,4 +2,5 @@
 //! is a thin CLI over it.
 
 pub mod client;
+pub mod publish;
 pub mod verify;

@@ -3,7 +3,7 @@
 //! Run with: `cargo run --release -p holdfast-bench -- verify --help`
 
 use clap::{Parser, Subcommand};
-use holdfast_bench::verify;
+use holdfast_bench::{publish, verify};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,6 +21,8 @@ enum Command {
     /// Subscribers, publishers and faults against a server; reports every lost, duplicated or
     /// out-of-order delivery.
     Verify(Box<verify::VerifyArgs>),
+    /// Acknowledged publishes per second and publish latency through the server API.
+    Publish(publish::PublishArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +37,9 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("verify: the guarantees were not met");
                 std::process::exit(1);
             }
+        }
+        Command::Publish(args) => {
+            rt.block_on(publish::run(args))?;
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ pub mod handler;
 pub mod hub;
 pub mod node;
 pub mod session;
-mod shard;
+pub mod shard;
 pub mod transport;
 
 pub use config::NodeConfig;

@@ -4,13 +4,13 @@ use std::hash::{BuildHasher, Hash};
 
 /// `N` values of `T` (usually a locked map), one picked per key.
 #[derive(Debug)]
-pub(crate) struct Sharded<T> {
+pub struct Sharded<T> {
     shards: Box<[T]>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl<T> Sharded<T> {
-    pub(crate) fn new(n: usize, make: impl Fn() -> T) -> Self {
+    pub fn new(n: usize, make: impl Fn() -> T) -> Self {
         Self {
             shards: (0..n.max(1)).map(|_| make()).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
@@ -18,13 +18,13 @@ impl<T> Sharded<T> {
     }
 
     /// The shard of `key`.
-    pub(crate) fn get<K: Hash + ?Sized>(&self, key: &K) -> &T {
+    pub fn get<K: Hash + ?Sized>(&self, key: &K) -> &T {
         let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
         &self.shards[i]
     }
 
     /// Every shard.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.shards.iter()
     }
 }

@@ -117,15 +117,38 @@ impl Default for HttpApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct EngineConfig {
-    /// `memory`.
+    /// `disk` (durable, the default) or `memory`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The disk engine.
+    pub disk: DiskEngineConfig,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            kind: "memory".into(),
+            kind: "disk".into(),
+            disk: DiskEngineConfig::default(),
+        }
+    }
+}
+
+/// `engine.disk.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct DiskEngineConfig {
+    /// Data directory.
+    pub path: String,
+    /// `fsync` (acknowledged publications survive power loss) or `os` (they survive a crash of
+    /// the process, not of the machine).
+    pub durability: String,
+}
+
+impl Default for DiskEngineConfig {
+    fn default() -> Self {
+        Self {
+            path: "./holdfast-data".into(),
+            durability: "fsync".into(),
         }
     }
 }
@@ -192,8 +215,17 @@ impl Config {
                 problem: problem.into(),
             })
         };
-        if self.engine.kind != "memory" {
-            e("engine.type", "unsupported engine (supported: memory)");
+        if !matches!(self.engine.kind.as_str(), "disk" | "memory") {
+            e(
+                "engine.type",
+                "unsupported engine (supported: disk, memory)",
+            );
+        }
+        if !matches!(self.engine.disk.durability.as_str(), "fsync" | "os") {
+            e("engine.disk.durability", "must be \"fsync\" or \"os\"");
+        }
+        if self.engine.kind == "disk" && self.engine.disk.path.is_empty() {
+            e("engine.disk.path", "must name a directory");
         }
         if !matches!(self.http_api.error_mode.as_str(), "" | "transport") {
             e("http_api.error_mode", "must be \"\" or \"transport\"");
@@ -401,6 +433,13 @@ force_recovery = true
 allow_subscribe_for_client = true
 allow_publish_for_subscriber = true
 allow_history_for_subscriber = true
+
+[engine]
+type = "disk"                 # durable: history survives restarts ("memory" keeps it in the process)
+
+[engine.disk]
+path = "./holdfast-data"
+durability = "fsync"          # or "os": survives a crash of the process, not of the machine
 
 [log]
 level = "info"

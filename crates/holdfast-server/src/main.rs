@@ -51,8 +51,24 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8000/health")]
         url: String,
     },
+    /// Check or reset the disk engine's data directory.
+    Disk {
+        #[command(subcommand)]
+        action: DiskAction,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand, Debug)]
+enum DiskAction {
+    /// Read the whole log: report records and streams, a torn tail, or corruption (exit 1).
+    Check,
+    /// Move the data directory aside (to <path>.reset-<unix time>) so the next start is empty.
+    /// Clients recovering afterwards are told `recovered: false`.
+    Reset,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -173,6 +189,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "client.insecure is on: anyone may connect and do anything (development only)"
         );
     }
+    // Open the engine first (the disk engine replays its log): nothing listens until it is ready.
+    let state = holdfast_server::server::build(cfg.clone()).await?;
     let public =
         tokio::net::TcpListener::bind((cfg.http_server.address.as_str(), cfg.http_server.port))
             .await
@@ -199,7 +217,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let state = holdfast_server::server::build(cfg).await?;
     holdfast_server::server::run(state, public, internal, shutdown_signal()).await
 }
 
@@ -301,6 +318,51 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", resp.text().await.unwrap_or_default());
                 Ok(())
             }),
+        Command::Disk { action, cfg } => {
+            let loaded = load(&cfg, Vec::new())?;
+            let path = std::path::PathBuf::from(&loaded.config.engine.disk.path);
+            match action {
+                DiskAction::Check => match holdfast_disk::check(&path) {
+                    Ok(r) => {
+                        println!(
+                            "{}: ok — {} records, {} streams{}",
+                            path.display(),
+                            r.records,
+                            r.streams,
+                            if r.torn_bytes > 0 {
+                                format!(
+                                    ", {} bytes of a torn last write (cut on the next start)",
+                                    r.torn_bytes
+                                )
+                            } else {
+                                String::new()
+                            }
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                },
+                DiskAction::Reset => {
+                    if !path.exists() {
+                        println!("{} does not exist: nothing to reset", path.display());
+                        return Ok(());
+                    }
+                    let aside = std::path::PathBuf::from(format!(
+                        "{}.reset-{}",
+                        path.display(),
+                        holdfast_core::node::unix_secs()
+                    ));
+                    std::fs::rename(&path, &aside)
+                        .with_context(|| format!("moving {} aside", path.display()))?;
+                    println!(
+                        "moved {} to {}; the next start begins empty",
+                        path.display(),
+                        aside.display()
+                    );
+                    Ok(())
+                }
+            }
+        }
         Command::Version => {
             println!("holdfast {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -59,7 +59,38 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
     }
-    build_with_engine(config, Engine::from_one(MemoryEngine::new())).await
+    let engine = open_engine(&config)?;
+    build_with_engine(config, engine).await
+}
+
+/// Opens the configured engine (replaying the disk engine's log).
+pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
+    match config.engine.kind.as_str() {
+        "memory" => Ok(Engine::from_one(MemoryEngine::new())),
+        _ => {
+            let d = &config.engine.disk;
+            let durability = if d.durability == "os" {
+                holdfast_disk::Durability::Os
+            } else {
+                holdfast_disk::Durability::Fsync
+            };
+            let started = std::time::Instant::now();
+            let (engine, report) = holdfast_disk::DiskEngine::open(holdfast_disk::DiskConfig::new(
+                &d.path, durability,
+            ))
+            .with_context(|| format!("opening the disk engine in {}", d.path))?;
+            tracing::info!(
+                path = %d.path,
+                durability = %d.durability,
+                records = report.records,
+                streams = report.streams,
+                torn_bytes = report.torn_bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "disk engine open"
+            );
+            Ok(Engine::from_one(engine))
+        }
+    }
 }
 
 /// [`build`] with a given engine (tests, embedding).

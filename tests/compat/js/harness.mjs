@@ -24,6 +24,9 @@ enabled = true
 [http_api]
 key = "${API_KEY}"
 
+[engine]
+type = "memory"
+
 [channel.without_namespace]
 presence = true
 join_leave = true

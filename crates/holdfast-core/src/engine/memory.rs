@@ -5,6 +5,7 @@
 //! A restart loses everything; every stream then starts under a new epoch, so clients that
 //! recover are told `recovered: false` instead of being given wrong offsets.
 
+use super::window::StreamWindow;
 use super::{
     Broker, BrokerHandler, CursorStore, EngineError, HistoryPage, HistoryQuery, PresenceStore,
     PublishOptions, PublishOutcome, StreamTop, new_epoch,
@@ -13,7 +14,7 @@ use crate::shard::Sharded;
 use async_trait::async_trait;
 use holdfast_protocol::{ClientInfo, Publication};
 use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -44,46 +45,9 @@ type SharedChannel = Arc<Mutex<ChannelState>>;
 
 #[derive(Debug, Default)]
 struct ChannelState {
-    stream: Option<Stream>,
+    stream: Option<StreamWindow>,
     /// idempotency key → (result, expiry).
     idempotent: HashMap<String, (Option<StreamTop>, Instant)>,
-}
-
-#[derive(Debug)]
-struct Stream {
-    epoch: Arc<str>,
-    top: u64,
-    /// Contiguous publications ending at `top`.
-    items: VecDeque<Arc<Publication>>,
-    /// Items are dropped at this instant unless another publish comes first.
-    items_expire: Instant,
-    /// The whole stream (epoch and top) is dropped at this instant unless accessed.
-    meta_expire: Instant,
-}
-
-impl Stream {
-    fn new(now: Instant, meta_ttl: Duration) -> Self {
-        Self {
-            epoch: new_epoch(),
-            top: 0,
-            items: VecDeque::new(),
-            items_expire: now,
-            meta_expire: now + meta_ttl,
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        if now >= self.items_expire {
-            self.items.clear();
-        }
-    }
-
-    fn top(&self) -> StreamTop {
-        StreamTop {
-            offset: self.top,
-            epoch: self.epoch.clone(),
-        }
-    }
 }
 
 impl MemoryEngine {
@@ -201,17 +165,11 @@ impl Broker for MemoryEngine {
             Some(h) => {
                 let stream = st
                     .stream
-                    .get_or_insert_with(|| Stream::new(now, h.meta_ttl));
+                    .get_or_insert_with(|| StreamWindow::new(new_epoch(), now, h.meta_ttl));
                 stream.expire(now);
-                stream.top += 1;
-                publication.offset = stream.top;
+                publication.offset = stream.top + 1;
                 let p = Arc::new(publication);
-                stream.items.push_back(p.clone());
-                while stream.items.len() > h.size.max(1) {
-                    stream.items.pop_front();
-                }
-                stream.items_expire = now + h.ttl;
-                stream.meta_expire = stream.meta_expire.max(now + h.meta_ttl);
+                stream.push(p.clone(), h, now);
                 let epoch = stream.epoch.clone();
                 if let Some(handler) = self.handler() {
                     handler.on_publication(channel, &p, &epoch);
@@ -268,62 +226,9 @@ impl Broker for MemoryEngine {
         let state = self.channel_state(channel);
         let mut st = state.lock();
         let now = Instant::now();
-        let stream = st
-            .stream
-            .get_or_insert_with(|| Stream::new(now, query.meta_ttl));
-        stream.expire(now);
-        stream.meta_expire = stream.meta_expire.max(now + query.meta_ttl);
-        let top = stream.top();
-        if let Some((_, epoch)) = &query.since
-            && !epoch.is_empty()
-            && **epoch != *stream.epoch
-        {
-            return Err(EngineError::UnrecoverablePosition);
-        }
-        let limit = query.limit.unwrap_or(usize::MAX);
-        if limit == 0 || stream.items.is_empty() {
-            return Ok(HistoryPage {
-                publications: Vec::new(),
-                top,
-            });
-        }
-        let first = stream.top + 1 - stream.items.len() as u64;
-        let pubs: Vec<Arc<Publication>> = if query.reverse {
-            // Offsets strictly below `since` (or everything), newest first.
-            let below = match &query.since {
-                Some((since, _)) => (*since).min(stream.top + 1),
-                None => stream.top + 1,
-            };
-            if below <= first {
-                Vec::new()
-            } else {
-                let end = (below - first) as usize; // exclusive index
-                stream
-                    .items
-                    .range(..end)
-                    .rev()
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            }
-        } else {
-            let after = query.since.as_ref().map_or(0, |(o, _)| *o);
-            let start = if after < first {
-                0
-            } else {
-                (after + 1 - first) as usize
-            };
-            stream
-                .items
-                .range(start.min(stream.items.len())..)
-                .take(limit)
-                .cloned()
-                .collect()
-        };
-        Ok(HistoryPage {
-            publications: pubs,
-            top,
-        })
+        st.stream
+            .get_or_insert_with(|| StreamWindow::new(new_epoch(), now, query.meta_ttl))
+            .read(query, now)
     }
 
     async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 pub mod conformance;
 pub mod memory;
+pub mod window;
 
 pub use memory::MemoryEngine;
+pub use window::StreamWindow;
 
 /// The newest position of a stream.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -34,6 +34,7 @@ pub fn base_config() -> Config {
     c.client.token.hmac_secret_key = SECRET.into();
     c.http_api.key = API_KEY.into();
     c.shutdown.timeout = Duration::from_secs(5);
+    c.engine.kind = "memory".into();
     c
 }
 
@@ -55,6 +56,9 @@ pub fn config_from(toml_text: &str) -> Config {
     }
     if c.http_api.key.is_empty() {
         c.http_api.key = API_KEY.into();
+    }
+    if !toml_text.contains("[engine") {
+        c.engine.kind = "memory".into();
     }
     c.shutdown.timeout = Duration::from_secs(5);
     c
