@@ -23,7 +23,7 @@ step "unit and integration tests"
 cargo test --workspace
 
 step "tools for the compatibility suites"
-cargo build --bin holdfast
+cargo build --workspace --bins
 py="$(tests/compat/setup.sh)"
 if ! command -v chromium >/dev/null; then
   as_root apt-get update -qq
@@ -42,7 +42,7 @@ step "docs/COMPAT.md matches the run"
 "$py" tests/compat/report.py --check
 
 step "delivery verifier: short runs with faults and a restart"
-cargo build --bins
+cargo build --workspace --bins
 scripts/verify.sh
 
 echo

@@ -59,6 +59,77 @@ pub struct ClientConfig {
     pub token: TokenConfig,
     /// Separate keys for subscription tokens.
     pub subscription_token: SubscriptionTokenConfig,
+    /// Connect and refresh proxies (HTTP hooks to the application backend).
+    pub proxy: ClientProxyConfig,
+}
+
+/// `client.proxy.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClientProxyConfig {
+    /// Decides connections that come without a token.
+    pub connect: ProxyConfig,
+    /// Renews expiring connections on the server side.
+    pub refresh: ProxyConfig,
+}
+
+/// One HTTP proxy endpoint (also the element type of the top-level `proxies` list).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ProxyConfig {
+    /// Name (for the `proxies` list and `*_proxy_name` options).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Used (for `client.proxy.*`; channel and RPC proxies are enabled per namespace).
+    pub enabled: bool,
+    /// URL the JSON request is POSTed to.
+    pub endpoint: String,
+    /// Longest wait for the answer.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Headers of the client's upgrade request to forward (names, any case).
+    pub http_headers: Vec<String>,
+    /// Include the connection's token `meta` in requests.
+    pub include_connection_meta: bool,
+    /// Requests in flight at most; beyond, commands get error 111 (too many requests).
+    pub max_in_flight: usize,
+    /// HTTP options.
+    pub http: ProxyHttpConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            enabled: false,
+            endpoint: String::new(),
+            timeout: Duration::from_secs(1),
+            http_headers: Vec::new(),
+            include_connection_meta: false,
+            max_in_flight: 1000,
+            http: ProxyHttpConfig::default(),
+        }
+    }
+}
+
+/// `*.http.*` of a proxy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ProxyHttpConfig {
+    /// Headers added to every request (e.g. a shared secret).
+    pub static_headers: std::collections::BTreeMap<String, String>,
+}
+
+/// `channel.proxy.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ChannelProxyConfig {
+    /// Decides subscriptions in namespaces with `subscribe_proxy_enabled`.
+    pub subscribe: ProxyConfig,
+    /// Decides (and may rewrite) publications in namespaces with `publish_proxy_enabled`.
+    pub publish: ProxyConfig,
+    /// Renews expiring subscriptions in namespaces with `sub_refresh_proxy_enabled`.
+    pub sub_refresh: ProxyConfig,
 }
 
 impl Default for ClientConfig {
@@ -81,6 +152,7 @@ impl Default for ClientConfig {
             subscribe_to_user_personal_channel: PersonalChannelConfig::default(),
             token: TokenConfig::default(),
             subscription_token: SubscriptionTokenConfig::default(),
+            proxy: ClientProxyConfig::default(),
         }
     }
 }
@@ -172,6 +244,8 @@ pub struct ChannelConfig {
     pub history_meta_ttl: Duration,
     /// Longest channel name accepted (107 beyond).
     pub max_length: usize,
+    /// Default channel proxies.
+    pub proxy: ChannelProxyConfig,
 }
 
 impl Default for ChannelConfig {
@@ -181,6 +255,7 @@ impl Default for ChannelConfig {
             namespaces: Vec::new(),
             history_meta_ttl: Duration::from_secs(720 * 3600),
             max_length: 255,
+            proxy: ChannelProxyConfig::default(),
         }
     }
 }
@@ -242,6 +317,18 @@ pub struct ChannelOptions {
     /// subscriptions (by pong or `holdfast.ack`), and recover a connection that presents no
     /// position from it. Needs history and `force_recovery`.
     pub delivery_cursor: bool,
+    /// Subscriptions are decided by the subscribe proxy.
+    pub subscribe_proxy_enabled: bool,
+    /// Named proxy for subscriptions (empty = `channel.proxy.subscribe`).
+    pub subscribe_proxy_name: String,
+    /// Client publications go through the publish proxy.
+    pub publish_proxy_enabled: bool,
+    /// Named proxy for publications.
+    pub publish_proxy_name: String,
+    /// Expiring subscriptions are renewed by the sub_refresh proxy.
+    pub sub_refresh_proxy_enabled: bool,
+    /// Named proxy for subscription refresh.
+    pub sub_refresh_proxy_name: String,
 }
 
 impl ChannelOptions {

@@ -49,6 +49,8 @@ pub struct ClientContext {
     pub conn_info: Option<Bytes>,
     /// Server-side metadata (token `meta`), never sent to clients.
     pub meta: Option<Bytes>,
+    /// Forwardable HTTP headers of the connection's upgrade request.
+    pub headers: crate::transport::Headers,
 }
 
 /// Per-channel option overrides from a token or hook (`{"presence":{"value":true}}` in JWTs).
@@ -122,8 +124,10 @@ pub struct ConnectEvent {
     pub name: String,
     /// Client SDK version.
     pub version: String,
-    /// Emulated headers.
+    /// Emulated headers (sent by the client in `connect`).
     pub headers: BTreeMap<String, String>,
+    /// Forwardable HTTP headers of the upgrade request.
+    pub http_headers: crate::transport::Headers,
 }
 
 /// Who connected and with what.
@@ -200,6 +204,61 @@ pub struct RefreshDecision {
     pub info: Option<Bytes>,
 }
 
+/// A connection's life, reported to [`Handler::on_lifecycle`] (for webhooks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LifecycleEvent {
+    /// A connect succeeded.
+    Connected {
+        /// Connection id.
+        client: Arc<str>,
+        /// User id.
+        user: Arc<str>,
+        /// Transport name.
+        transport: &'static str,
+    },
+    /// A connected connection closed.
+    Disconnected {
+        /// Connection id.
+        client: Arc<str>,
+        /// User id.
+        user: Arc<str>,
+        /// Disconnect code (3000 when the socket just closed).
+        code: u16,
+        /// Reason text.
+        reason: String,
+    },
+    /// A subscription (client- or server-side) became live.
+    Subscribed {
+        /// Connection id.
+        client: Arc<str>,
+        /// User id.
+        user: Arc<str>,
+        /// Channel.
+        channel: Arc<str>,
+    },
+    /// A subscription ended while the connection stayed (a disconnect reports only
+    /// `Disconnected`).
+    Unsubscribed {
+        /// Connection id.
+        client: Arc<str>,
+        /// User id.
+        user: Arc<str>,
+        /// Channel.
+        channel: Arc<str>,
+    },
+}
+
+/// Result of a server-side refresh of a connection or subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerRefresh {
+    /// The credentials are no longer valid: close (3005) or unsubscribe (2501).
+    pub expired: bool,
+    /// New expiry, unix seconds (None = never).
+    pub expire_at: Option<i64>,
+    /// New info.
+    pub info: Option<Bytes>,
+}
+
 /// The hooks of a node.
 #[async_trait]
 pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
@@ -256,6 +315,37 @@ pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
         _client: &ClientContext,
         _token: &str,
     ) -> Result<RefreshDecision, HandlerError> {
+        Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+
+    /// Reports a lifecycle event. Called on the connection's task: must not block (queue it).
+    fn on_lifecycle(&self, _event: LifecycleEvent) {}
+
+    /// Whether expiring connections are refreshed by the server ([`Handler::on_server_refresh`])
+    /// instead of by the client sending `refresh`.
+    fn refreshes_connections(&self) -> bool {
+        false
+    }
+
+    /// Refreshes an expiring connection on the server side. Errors are retried later.
+    async fn on_server_refresh(
+        &self,
+        _client: &ClientContext,
+    ) -> Result<ServerRefresh, HandlerError> {
+        Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+
+    /// Whether expiring subscriptions of this namespace are refreshed by the server.
+    fn refreshes_subscriptions(&self, _options: &ChannelOptions) -> bool {
+        false
+    }
+
+    /// Refreshes an expiring subscription on the server side. Errors are retried later.
+    async fn on_server_sub_refresh(
+        &self,
+        _client: &ClientContext,
+        _channel: &str,
+    ) -> Result<ServerRefresh, HandlerError> {
         Err(ErrorReply::NOT_AVAILABLE.into())
     }
 
@@ -585,5 +675,179 @@ impl From<TokenError> for HandlerError {
             TokenError::Expired => HandlerError::Reply(ErrorReply::TOKEN_EXPIRED),
             TokenError::Invalid(_) => HandlerError::Disconnect(Disconnect::INVALID_TOKEN),
         }
+    }
+}
+
+/// An RPC method's implementation.
+pub type RpcFn = Arc<
+    dyn Fn(
+            ClientContext,
+            Bytes,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Option<Bytes>, HandlerError>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// RPC methods by name, owned by the node (not by connections, so nothing accumulates per
+/// connection): the "message router" applications otherwise write by hand.
+#[derive(Clone, Default)]
+pub struct RpcMethods {
+    methods: std::collections::HashMap<String, RpcFn>,
+}
+
+impl std::fmt::Debug for RpcMethods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcMethods")
+            .field("methods", &self.methods.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl RpcMethods {
+    /// No methods.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `method`.
+    #[must_use]
+    pub fn on<F, Fut>(mut self, method: &str, f: F) -> Self
+    where
+        F: Fn(ClientContext, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Option<Bytes>, HandlerError>> + Send + 'static,
+    {
+        self.methods
+            .insert(method.to_owned(), Arc::new(move |c, d| Box::pin(f(c, d))));
+        self
+    }
+
+    /// Number of registered methods.
+    pub fn len(&self) -> usize {
+        self.methods.len()
+    }
+
+    /// Whether no method is registered.
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty()
+    }
+
+    /// Calls `method`; `None` when it is not registered.
+    pub async fn call(
+        &self,
+        client: &ClientContext,
+        method: &str,
+        data: &Bytes,
+    ) -> Option<Result<Option<Bytes>, HandlerError>> {
+        let f = self.methods.get(method)?.clone();
+        Some(f(client.clone(), data.clone()).await)
+    }
+}
+
+/// A handler that answers RPCs from [`RpcMethods`] (104 for unknown methods) and delegates
+/// everything else to `inner`.
+#[derive(Debug)]
+pub struct WithRpc<H> {
+    inner: H,
+    methods: RpcMethods,
+}
+
+impl<H: Handler> WithRpc<H> {
+    /// Wraps `inner`.
+    pub fn new(inner: H, methods: RpcMethods) -> Self {
+        Self { inner, methods }
+    }
+
+    /// The registered methods.
+    pub fn methods(&self) -> &RpcMethods {
+        &self.methods
+    }
+}
+
+#[async_trait]
+impl<H: Handler> Handler for WithRpc<H> {
+    async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError> {
+        self.inner.on_connecting(ev).await
+    }
+    async fn on_subscribe(
+        &self,
+        client: &ClientContext,
+        ev: &SubscribeEvent<'_>,
+    ) -> Result<SubscribeDecision, HandlerError> {
+        self.inner.on_subscribe(client, ev).await
+    }
+    async fn on_publish(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+        data: &Bytes,
+    ) -> Result<PublishDecision, HandlerError> {
+        self.inner.on_publish(client, ev, data).await
+    }
+    async fn on_presence(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+    ) -> Result<(), HandlerError> {
+        self.inner.on_presence(client, ev).await
+    }
+    async fn on_history(
+        &self,
+        client: &ClientContext,
+        ev: &ChannelEvent<'_>,
+    ) -> Result<(), HandlerError> {
+        self.inner.on_history(client, ev).await
+    }
+    async fn on_rpc(
+        &self,
+        client: &ClientContext,
+        method: &str,
+        data: &Bytes,
+    ) -> Result<Option<Bytes>, HandlerError> {
+        match self.methods.call(client, method, data).await {
+            Some(r) => r,
+            None if self.methods.is_empty() => self.inner.on_rpc(client, method, data).await,
+            None => Err(ErrorReply::METHOD_NOT_FOUND.into()),
+        }
+    }
+    async fn on_send(&self, client: &ClientContext, data: &Bytes) -> Result<(), HandlerError> {
+        self.inner.on_send(client, data).await
+    }
+    async fn on_refresh(
+        &self,
+        client: &ClientContext,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        self.inner.on_refresh(client, token).await
+    }
+    async fn on_sub_refresh(
+        &self,
+        client: &ClientContext,
+        channel: &str,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        self.inner.on_sub_refresh(client, channel, token).await
+    }
+    fn on_lifecycle(&self, event: LifecycleEvent) {
+        self.inner.on_lifecycle(event);
+    }
+    fn refreshes_connections(&self) -> bool {
+        self.inner.refreshes_connections()
+    }
+    async fn on_server_refresh(
+        &self,
+        client: &ClientContext,
+    ) -> Result<ServerRefresh, HandlerError> {
+        self.inner.on_server_refresh(client).await
+    }
+    fn refreshes_subscriptions(&self, options: &ChannelOptions) -> bool {
+        self.inner.refreshes_subscriptions(options)
+    }
+    async fn on_server_sub_refresh(
+        &self,
+        client: &ClientContext,
+        channel: &str,
+    ) -> Result<ServerRefresh, HandlerError> {
+        self.inner.on_server_sub_refresh(client, channel).await
     }
 }

@@ -59,6 +59,8 @@ struct Connected {
     /// Publisher/presence identity of this connection.
     info: Arc<ClientInfo>,
     subs: HashMap<Arc<str>, SessionSub>,
+    /// When the server refreshes this connection's credentials (server-side refresh).
+    refresh_at: Option<tokio::time::Instant>,
 }
 
 impl Connected {
@@ -85,6 +87,8 @@ struct SessionSub {
     cursor_ttl: Option<Duration>,
     /// Offset last saved to the cursor (saves only move it forward).
     confirmed: u64,
+    /// The server refreshes this subscription at expiry (instead of the client's sub_refresh).
+    server_refresh: bool,
 }
 
 /// Everything decided about a subscription before it is attached.
@@ -125,6 +129,8 @@ pub struct Session {
     node: Node,
     client: Arc<ClientHandle>,
     transport: &'static str,
+    /// Forwardable HTTP headers of the upgrade request.
+    headers: crate::transport::Headers,
     state: State,
 }
 
@@ -147,11 +153,17 @@ fn sendable(enc: Encoding, pubs: &[Arc<holdfast_protocol::Publication>]) -> bool
 
 impl Session {
     /// A session for a newly accepted connection.
-    pub fn new(node: Node, client: Arc<ClientHandle>, transport: &'static str) -> Self {
+    pub fn new(
+        node: Node,
+        client: Arc<ClientHandle>,
+        transport: &'static str,
+        headers: crate::transport::Headers,
+    ) -> Self {
         Self {
             node,
             client,
             transport,
+            headers,
             state: State::New,
         }
     }
@@ -213,6 +225,7 @@ impl Session {
                         }
                         if let Some(s) = conn.subs.remove(&channel) {
                             detach(&self.node, &self.client, s).await;
+                            emit_unsubscribed(&self.node, &self.client, &conn.ctx.user, &channel);
                         }
                     }
                 }
@@ -221,8 +234,9 @@ impl Session {
                     code,
                     reason,
                 } => {
-                    if let Some(s) = conn.subs.remove(channel.as_str()) {
+                    if let Some((ch, s)) = conn.subs.remove_entry(channel.as_str()) {
                         detach(&self.node, &self.client, s).await;
+                        emit_unsubscribed(&self.node, &self.client, &conn.ctx.user, &ch);
                         self.client.send(push_bytes(
                             self.client.encoding(),
                             &Push::Unsubscribe {
@@ -250,28 +264,80 @@ impl Session {
         let State::Connected(conn) = &self.state else {
             return None;
         };
-        let earliest = conn.subs.values().filter_map(|s| s.expire_at).min()?;
-        let delay = self.node.config().client.expired_sub_close_delay;
-        let at = earliest.saturating_sub(unix_secs()).max(0) as u64;
-        Some(tokio::time::Instant::now() + Duration::from_secs(at) + delay)
+        let grace = self.node.config().client.expired_sub_close_delay;
+        let subs = conn
+            .subs
+            .values()
+            .filter_map(|s| {
+                let at = s.expire_at?;
+                let wait = Duration::from_secs(at.saturating_sub(unix_secs()).max(0) as u64);
+                // Server-refreshed subscriptions are refreshed at expiry; client ones get a grace.
+                Some(
+                    tokio::time::Instant::now()
+                        + wait
+                        + if s.server_refresh {
+                            Duration::ZERO
+                        } else {
+                            grace
+                        },
+                )
+            })
+            .min();
+        [subs, conn.refresh_at].into_iter().flatten().min()
     }
 
-    /// Unsubscribes subscriptions whose token expired without a `sub_refresh` (push 2501).
+    /// Timed work: server-side refreshes of the connection and of subscriptions, and
+    /// unsubscribing subscriptions whose token expired without a `sub_refresh` (push 2501).
     pub async fn on_timer(&mut self) {
+        self.refresh_connection().await;
         let State::Connected(conn) = &mut self.state else {
             return;
         };
         let grace = self.node.config().client.expired_sub_close_delay.as_secs() as i64;
         let now = unix_secs();
-        let expired: Vec<Arc<str>> = conn
+        let due: Vec<(Arc<str>, bool)> = conn
             .subs
             .iter()
-            .filter(|(_, s)| s.expire_at.is_some_and(|e| e + grace <= now))
-            .map(|(ch, _)| ch.clone())
+            .filter(|(_, s)| {
+                s.expire_at
+                    .is_some_and(|e| e + if s.server_refresh { 0 } else { grace } <= now)
+            })
+            .map(|(ch, s)| (ch.clone(), s.server_refresh))
             .collect();
+        let ctx = conn.ctx.clone();
+        let mut expired = Vec::new();
+        for (ch, server) in due {
+            if !server {
+                expired.push(ch);
+                continue;
+            }
+            match self.node.handler().on_server_sub_refresh(&ctx, &ch).await {
+                Ok(r) if r.expired => expired.push(ch),
+                Ok(r) => {
+                    if let Ok(conn) = self.conn_mut()
+                        && let Some(s) = conn.subs.get_mut(&ch)
+                    {
+                        s.expire_at = r.expire_at;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(client = %self.client.id(), channel = %ch, error = ?e, "subscription refresh failed; retrying in 10s");
+                    if let Ok(conn) = self.conn_mut()
+                        && let Some(s) = conn.subs.get_mut(&ch)
+                    {
+                        s.expire_at = Some(unix_secs() + 10);
+                    }
+                }
+            }
+        }
+        let State::Connected(conn) = &mut self.state else {
+            return;
+        };
+        let user = conn.ctx.user.clone();
         for ch in expired {
             if let Some(s) = conn.subs.remove(&ch) {
                 detach(&self.node, &self.client, s).await;
+                emit_unsubscribed(&self.node, &self.client, &user, &ch);
                 let (code, reason) = unsubscribe::EXPIRED;
                 self.client.send(push_bytes(
                     self.client.encoding(),
@@ -281,6 +347,39 @@ impl Session {
                         reason,
                     },
                 ));
+            }
+        }
+    }
+
+    /// Refreshes the connection's credentials on the server side when due.
+    async fn refresh_connection(&mut self) {
+        let Ok(conn) = self.conn() else { return };
+        if conn
+            .refresh_at
+            .is_none_or(|at| at > tokio::time::Instant::now())
+        {
+            return;
+        }
+        let ctx = conn.ctx.clone();
+        let res = self.node.handler().on_server_refresh(&ctx).await;
+        let State::Connected(conn) = &mut self.state else {
+            return;
+        };
+        match res {
+            Ok(r) if r.expired => {
+                conn.refresh_at = None;
+                tracing::info!(client = %self.client.id(), user = %ctx.user, "connection refresh: expired");
+                self.client.close(Disconnect::EXPIRED);
+            }
+            Ok(r) => {
+                conn.refresh_at = r.expire_at.map(at_unix);
+                if let Some(info) = r.info {
+                    conn.set_conn_info(info);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.client.id(), error = ?e, "connection refresh failed; retrying in 10s");
+                conn.refresh_at = Some(tokio::time::Instant::now() + Duration::from_secs(10));
             }
         }
     }
@@ -387,6 +486,7 @@ impl Session {
             name: req.name.clone(),
             version: req.version.clone(),
             headers: req.headers.clone(),
+            http_headers: self.headers.clone(),
         };
         let decision = match self.node.handler().on_connecting(&ev).await {
             Ok(d) => d,
@@ -453,9 +553,11 @@ impl Session {
                 encoding: self.client.encoding(),
                 conn_info: decision.info,
                 meta: decision.meta,
+                headers: self.headers.clone(),
             },
             info,
             subs: HashMap::new(),
+            refresh_at: None,
         }));
         tracing::debug!(client = %self.client.id(), user = %user, "connected");
 
@@ -529,7 +631,10 @@ impl Session {
             },
             ..Default::default()
         };
-        if let Some(exp) = decision.expire_at {
+        // With server-side refresh the client is not told about expiry: the server renews it.
+        let server_refresh =
+            decision.expire_at.is_some() && self.node.handler().refreshes_connections();
+        if let Some(exp) = decision.expire_at.filter(|_| !server_refresh) {
             result.expires = true;
             result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
         }
@@ -544,8 +649,21 @@ impl Session {
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }
         self.reply(id, ReplyBody::Connect(Box::new(result)));
-        self.set_expiry(decision.expire_at);
+        if server_refresh {
+            if let Ok(conn) = self.conn_mut() {
+                conn.refresh_at = decision.expire_at.map(at_unix);
+            }
+        } else {
+            self.set_expiry(decision.expire_at);
+        }
         self.client.set_connected();
+        self.node
+            .handler()
+            .on_lifecycle(crate::handler::LifecycleEvent::Connected {
+                client: self.client.id.clone(),
+                user: user.clone(),
+                transport: self.transport,
+            });
         for a in attached {
             self.go_live(a).await;
         }
@@ -738,7 +856,9 @@ impl Session {
         let cursor_ttl = plan
             .cursor
             .then(|| self.node.rules().meta_ttl(&plan.options));
-        let Ok(conn) = self.conn_mut() else { return };
+        let State::Connected(conn) = &mut self.state else {
+            return;
+        };
         let info = if plan.chan_info.is_some() {
             Arc::new(ClientInfo {
                 chan_info: plan.chan_info.clone(),
@@ -755,8 +875,18 @@ impl Session {
             expire_at: plan.expire_at,
             cursor_ttl,
             confirmed: 0,
+            server_refresh: plan.expire_at.is_some()
+                && !plan.server_side
+                && self.node.handler().refreshes_subscriptions(&plan.options),
         };
         conn.subs.insert(plan.channel.clone(), s);
+        self.node
+            .handler()
+            .on_lifecycle(crate::handler::LifecycleEvent::Subscribed {
+                client: self.client.id.clone(),
+                user: conn.ctx.user.clone(),
+                channel: plan.channel.clone(),
+            });
         if plan.options.presence
             && let Err(e) = self
                 .node
@@ -942,9 +1072,12 @@ impl Session {
         if channel.is_empty() {
             return Err(Disconnect::BAD_REQUEST);
         }
-        let conn = self.conn_mut()?;
-        if let Some(s) = conn.subs.remove(channel) {
+        let State::Connected(conn) = &mut self.state else {
+            return Err(Disconnect::BAD_REQUEST);
+        };
+        if let Some((ch, s)) = conn.subs.remove_entry(channel) {
             detach(&self.node, &self.client, s).await;
+            emit_unsubscribed(&self.node, &self.client, &conn.ctx.user, &ch);
         }
         self.reply(id, ReplyBody::Unsubscribe);
         Ok(())
@@ -1188,7 +1321,9 @@ impl Session {
             return;
         }
         let node = self.node.clone();
-        let Ok(conn) = self.conn_mut() else { return };
+        let State::Connected(conn) = &mut self.state else {
+            return;
+        };
         let user = conn.ctx.user.clone();
         for (channel, offset, epoch) in snapshot {
             let Some(s) = conn.subs.get_mut(&channel) else {
@@ -1253,8 +1388,36 @@ impl Session {
                 detach(&self.node, &self.client, s).await;
             }
             self.node.hub().remove_client(&self.client, &conn.ctx.user);
+            let d = self
+                .client
+                .closing_reason()
+                .unwrap_or(Disconnect::CONNECTION_CLOSED);
+            self.node
+                .handler()
+                .on_lifecycle(crate::handler::LifecycleEvent::Disconnected {
+                    client: self.client.id.clone(),
+                    user: conn.ctx.user.clone(),
+                    code: d.code,
+                    reason: d.reason.into_owned(),
+                });
         }
     }
+}
+
+/// A tokio instant for a unix time in seconds.
+fn at_unix(secs: i64) -> tokio::time::Instant {
+    tokio::time::Instant::now()
+        + Duration::from_secs(secs.saturating_sub(unix_secs()).max(0) as u64)
+}
+
+/// Reports an unsubscribe (the connection stays) to the lifecycle hook.
+fn emit_unsubscribed(node: &Node, client: &ClientHandle, user: &Arc<str>, channel: &Arc<str>) {
+    node.handler()
+        .on_lifecycle(crate::handler::LifecycleEvent::Unsubscribed {
+            client: client.id.clone(),
+            user: user.clone(),
+            channel: channel.clone(),
+        });
 }
 
 /// Ends a subscription: no more deliveries, presence and leave.

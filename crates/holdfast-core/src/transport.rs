@@ -39,13 +39,19 @@ pub trait FrameSink: Send {
 }
 
 /// What the server knows about a connection before it speaks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionMeta {
     /// Transport name (`websocket`).
     pub transport: &'static str,
     /// Frame encoding.
     pub encoding: Encoding,
+    /// HTTP headers of the upgrade request that hooks may forward (lower-case names; only
+    /// those the configuration asks for are kept).
+    pub headers: Headers,
 }
+
+/// Forwardable request headers: (lower-case name, value).
+pub type Headers = Arc<[(String, String)]>;
 
 /// Serves one connection until it closes. Call inside a task tracked by
 /// [`Node::tracker`] so shutdown waits for it.
@@ -55,7 +61,7 @@ where
     K: FrameSink,
 {
     let client = node.new_client(meta.encoding);
-    let session = Session::new(node.clone(), client.clone(), meta.transport);
+    let session = Session::new(node.clone(), client.clone(), meta.transport, meta.headers);
     metrics::gauge!("holdfast_connections_active").increment(1.0);
     tokio::join!(
         read_loop(session, source),

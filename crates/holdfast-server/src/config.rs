@@ -2,7 +2,9 @@
 //! variables, then command-line overrides. Key names follow Centrifugo v6.
 
 use anyhow::{Context, bail};
-use holdfast_core::config::{ChannelConfig, ClientConfig, ConfigError, NodeConfig, duration};
+use holdfast_core::config::{
+    ChannelConfig, ClientConfig, ConfigError, NodeConfig, ProxyConfig, duration,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -35,6 +37,98 @@ pub struct Config {
     pub health: Toggle,
     /// Kept for Centrifugo configs: `/metrics` is always served.
     pub prometheus: Toggle,
+    /// RPC routing to proxies.
+    pub rpc: RpcConfig,
+    /// Named proxies, referenced by `*_proxy_name` and `rpc.routes`.
+    pub proxies: Vec<ProxyConfig>,
+    /// Lifecycle webhooks (a Holdfast extension).
+    pub webhooks: WebhookConfig,
+}
+
+/// `rpc.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RpcConfig {
+    /// Default RPC proxy.
+    pub proxy: ProxyConfig,
+    /// Methods without a namespace.
+    pub without_namespace: RpcNamespace,
+    /// RPC namespaces: a method `ns:rest` uses namespace `ns`.
+    pub namespaces: Vec<RpcNamespace>,
+    /// Routes by method, checked first, in order: exact names, or prefixes ending in `*`
+    /// (`agents.*`), each to a named proxy (a Holdfast extension).
+    pub routes: Vec<RpcRoute>,
+}
+
+/// An RPC namespace's options.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RpcNamespace {
+    /// Namespace name (namespaces only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Calls go to a proxy.
+    pub proxy_enabled: bool,
+    /// Named proxy (empty = `rpc.proxy`).
+    pub proxy_name: String,
+}
+
+/// An RPC route.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RpcRoute {
+    /// Method name, or prefix ending in `*`.
+    pub method: String,
+    /// Named proxy.
+    pub proxy: String,
+}
+
+/// `webhooks.*`: connection lifecycle events POSTed to the application, batched, at least once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct WebhookConfig {
+    /// Send lifecycle webhooks.
+    pub enabled: bool,
+    /// URL the batches are POSTed to.
+    pub endpoint: String,
+    /// Events to send: `connected`, `disconnected`, `subscribed`, `unsubscribed`.
+    pub events: Vec<String>,
+    /// Longest wait for one delivery attempt.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Most events per request.
+    pub batch_size: usize,
+    /// Longest an event waits for its batch to fill.
+    #[serde(with = "duration")]
+    pub batch_max_wait: Duration,
+    /// Events queued at most; beyond, new events are dropped (and counted).
+    pub queue_size: usize,
+    /// Longest pause between retries of a failed batch.
+    #[serde(with = "duration")]
+    pub max_retry_delay: Duration,
+    /// Headers added to every request.
+    pub static_headers: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            endpoint: String::new(),
+            events: vec![
+                "connected".into(),
+                "disconnected".into(),
+                "subscribed".into(),
+                "unsubscribed".into(),
+            ],
+            timeout: Duration::from_secs(5),
+            batch_size: 100,
+            batch_max_wait: Duration::from_millis(100),
+            queue_size: 10_000,
+            max_retry_delay: Duration::from_secs(30),
+            static_headers: Default::default(),
+        }
+    }
 }
 
 /// `http_server.*`
@@ -253,8 +347,136 @@ impl Config {
         if self.http_api.max_body_size < 1024 {
             e("http_api.max_body_size", "must be at least 1024 bytes");
         }
+        for (key, p) in [
+            ("client.proxy.connect", &self.client.proxy.connect),
+            ("client.proxy.refresh", &self.client.proxy.refresh),
+        ] {
+            if p.enabled && p.endpoint.is_empty() {
+                e(
+                    &format!("{key}.endpoint"),
+                    "an enabled proxy needs an endpoint",
+                );
+            }
+        }
+        let names: std::collections::HashSet<&str> =
+            self.proxies.iter().map(|p| p.name.as_str()).collect();
+        for (i, p) in self.proxies.iter().enumerate() {
+            if p.name.is_empty() {
+                e(&format!("proxies[{i}].name"), "a named proxy needs a name");
+            }
+            if p.endpoint.is_empty() {
+                e(
+                    &format!("proxies[{i}].endpoint"),
+                    "a named proxy needs an endpoint",
+                );
+            }
+        }
+        let mut check_proxy = |key: String, enabled: bool, name: &str, default: &ProxyConfig| {
+            if !enabled {
+                return;
+            }
+            if name.is_empty() {
+                if default.endpoint.is_empty() {
+                    errs_push(
+                        &mut e,
+                        &key,
+                        "the proxy is enabled but its default endpoint is not set",
+                    );
+                }
+            } else if !names.contains(name) {
+                errs_push(&mut e, &key, &format!("names an undefined proxy {name:?}"));
+            }
+        };
+        let chp = &self.channel.proxy;
+        let namespaces = std::iter::once((
+            "channel.without_namespace".to_string(),
+            &self.channel.without_namespace,
+        ))
+        .chain(
+            self.channel
+                .namespaces
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("channel.namespaces[{i}]"), n)),
+        );
+        for (prefix, o) in namespaces {
+            check_proxy(
+                format!("{prefix}.subscribe_proxy_enabled"),
+                o.subscribe_proxy_enabled,
+                &o.subscribe_proxy_name,
+                &chp.subscribe,
+            );
+            check_proxy(
+                format!("{prefix}.publish_proxy_enabled"),
+                o.publish_proxy_enabled,
+                &o.publish_proxy_name,
+                &chp.publish,
+            );
+            check_proxy(
+                format!("{prefix}.sub_refresh_proxy_enabled"),
+                o.sub_refresh_proxy_enabled,
+                &o.sub_refresh_proxy_name,
+                &chp.sub_refresh,
+            );
+        }
+        let rpc = &self.rpc;
+        check_proxy(
+            "rpc.without_namespace.proxy_enabled".into(),
+            rpc.without_namespace.proxy_enabled,
+            &rpc.without_namespace.proxy_name,
+            &rpc.proxy,
+        );
+        for (i, n) in rpc.namespaces.iter().enumerate() {
+            check_proxy(
+                format!("rpc.namespaces[{i}].proxy_enabled"),
+                n.proxy_enabled,
+                &n.proxy_name,
+                &rpc.proxy,
+            );
+        }
+        for (i, r) in rpc.routes.iter().enumerate() {
+            if r.method.is_empty() {
+                e(
+                    &format!("rpc.routes[{i}].method"),
+                    "a route needs a method or prefix",
+                );
+            }
+            if !names.contains(r.proxy.as_str()) {
+                e(
+                    &format!("rpc.routes[{i}].proxy"),
+                    &format!("names an undefined proxy {:?}", r.proxy),
+                );
+            }
+        }
+        let w = &self.webhooks;
+        if w.enabled {
+            if w.endpoint.is_empty() {
+                e(
+                    "webhooks.endpoint",
+                    "webhooks are enabled but have no endpoint",
+                );
+            }
+            for ev in &w.events {
+                if !matches!(
+                    ev.as_str(),
+                    "connected" | "disconnected" | "subscribed" | "unsubscribed"
+                ) {
+                    e("webhooks.events", &format!("unknown event {ev:?}"));
+                }
+            }
+            if w.batch_size == 0 || w.queue_size == 0 {
+                e(
+                    "webhooks.batch_size",
+                    "batch_size and queue_size must be at least 1",
+                );
+            }
+        }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
+}
+
+fn errs_push(e: &mut impl FnMut(&str, &str), key: &str, problem: &str) {
+    e(key, problem);
 }
 
 /// A loaded configuration and the keys it did not understand.

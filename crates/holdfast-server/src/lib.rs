@@ -7,5 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod jwt;
+pub mod proxy;
 pub mod server;
+pub mod webhook;
 pub mod ws;

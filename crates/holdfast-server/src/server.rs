@@ -28,6 +28,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Prometheus renderer.
     pub metrics: PrometheusHandle,
+    /// Lower-case names of the upgrade-request headers that proxies forward.
+    pub forwarded_headers: Vec<String>,
 }
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -114,7 +116,13 @@ pub async fn build_with_engine(config: Config, engine: Engine) -> anyhow::Result
             "no token keys configured (client.token.*): only anonymous connects can succeed"
         );
     }
-    let handler = Arc::new(StandardHandler::new(&config.client, verifier));
+    let standard = StandardHandler::new(&config.client, verifier);
+    let webhooks = config
+        .webhooks
+        .enabled
+        .then(|| crate::webhook::Webhooks::start(&config.webhooks, &uuid_like()));
+    let handler = Arc::new(crate::proxy::ProxyHandler::new(&config, standard, webhooks));
+    let forwarded_headers = crate::proxy::ProxyHandler::forwarded_headers(&config);
     let node = Node::new(config.node_config(), engine, handler).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
@@ -123,7 +131,38 @@ pub async fn build_with_engine(config: Config, engine: Engine) -> anyhow::Result
         node,
         config: Arc::new(config),
         metrics,
+        forwarded_headers,
     }))
+}
+
+fn uuid_like() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// State for embedding: a node the application built itself (with its own hooks), and the
+/// server's configuration for the transport. The application calls `node.start()` once ready
+/// and `node.shutdown(..)` on exit.
+pub fn embed(node: Node, config: Config) -> Arc<AppState> {
+    let forwarded_headers = crate::proxy::ProxyHandler::forwarded_headers(&config);
+    Arc::new(AppState {
+        node,
+        config: Arc::new(config),
+        metrics: metrics_handle(),
+        forwarded_headers,
+    })
+}
+
+/// The WebSocket endpoint alone (`/connection/websocket`), to merge into an application's router.
+pub fn websocket_routes(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/connection/websocket", get(crate::ws::upgrade))
+        .with_state(state)
+}
+
+/// The server API, health, readiness and metrics, to merge into an application's router.
+pub fn operator_routes(state: Arc<AppState>) -> Router {
+    internal_router().with_state(state)
 }
 
 /// Public routes (WebSocket) plus, when there is no internal port, the operator routes.

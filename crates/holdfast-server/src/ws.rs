@@ -83,6 +83,16 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         Encoding::Protobuf => offers(PROTOBUF_PROTOCOL).then_some(PROTOBUF_PROTOCOL),
         Encoding::Json => offers(JSON_PROTOCOL).then_some(JSON_PROTOCOL),
     };
+    // Only the headers some proxy forwards are kept with the connection.
+    let headers: holdfast_core::transport::Headers = app
+        .forwarded_headers
+        .iter()
+        .filter_map(|name| {
+            let v = req.headers().get(name.as_str())?.to_str().ok()?;
+            Some((name.clone(), v.to_owned()))
+        })
+        .collect::<Vec<_>>()
+        .into();
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -112,6 +122,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         let meta = ConnectionMeta {
             transport: "websocket",
             encoding,
+            headers,
         };
         serve_connection(
             node,

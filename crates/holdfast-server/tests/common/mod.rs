@@ -244,6 +244,17 @@ impl TestClient {
         }
     }
 
+    /// Wraps an already open socket.
+    pub fn from_ws(ws: Ws) -> Self {
+        Self {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 0,
+            frames: 0,
+            auto_pong: true,
+        }
+    }
+
     pub fn next_id(&mut self) -> u32 {
         self.next_id += 1;
         self.next_id
