@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run all tests"). It installs what the suites need when it
-# is missing (Python venv with the PyPI clients, npm packages, Debian's Chromium), so it runs on
+# is missing (Python venv with the PyPI clients, npm packages, Debian's Chromium and Redis), so it runs on
 # a fresh machine; CI (.ci/run) calls exactly this. Artifacts (screenshots, compatibility
 # results) go to artifacts/.
 set -euo pipefail
@@ -12,6 +12,20 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
     echo "need root to run: $*" >&2; return 1; fi
 }
+
+apt_install() {
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+step "system packages the suites use"
+# The Redis engine's tests spawn real redis-server processes (and redis-cli builds a cluster).
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  apt_install redis-server
+fi
+if ! command -v chromium >/dev/null; then
+  apt_install chromium
+fi
 
 step "format"
 cargo fmt --all --check
@@ -25,10 +39,6 @@ cargo test --workspace
 step "tools for the compatibility suites"
 cargo build --workspace --bins
 py="$(tests/compat/setup.sh)"
-if ! command -v chromium >/dev/null; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-fi
 (cd tests/compat/js && npm ci --no-audit --no-fund --loglevel=error)
 
 step "compatibility: centrifuge-js in Node and in Chromium"

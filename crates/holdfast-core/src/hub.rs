@@ -147,6 +147,23 @@ impl Subscription {
             .then(|| (st.offset, st.epoch.clone()))
     }
 
+    /// Tells the client when its position is behind `top` (deliveries may have been missed) or,
+    /// with `rewound`, past `top` in the same epoch (its newest offsets will be reused).
+    fn check_behind(&self, top: &crate::engine::StreamTop, rewound: bool) {
+        let mut st = self.state.lock();
+        let live = matches!(st.phase, Phase::Live) && st.positioned;
+        let stale = if rewound {
+            *st.epoch == *top.epoch && st.offset > top.offset
+        } else {
+            (!st.epoch.is_empty() && *st.epoch != *top.epoch) || st.offset < top.offset
+        };
+        if live && stale {
+            st.phase = Phase::Dead;
+            drop(st);
+            self.lost();
+        }
+    }
+
     /// Stops deliveries; returns false when it was already dead.
     pub(crate) fn kill(&self) -> bool {
         let mut st = self.state.lock();
@@ -498,5 +515,23 @@ impl BrokerHandler for Hub {
 
     fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>) {
         self.broadcast_event(channel, Push::Leave { channel, info });
+    }
+
+    fn check_position(&self, channel: &str, top: &crate::engine::StreamTop) {
+        let shard = self.channels.get(channel).read();
+        if let Some(subs) = shard.get(channel) {
+            for sub in subs.values() {
+                sub.check_behind(top, false);
+            }
+        }
+    }
+
+    fn on_rewind(&self, channel: &str, top: &crate::engine::StreamTop) {
+        let shard = self.channels.get(channel).read();
+        if let Some(subs) = shard.get(channel) {
+            for sub in subs.values() {
+                sub.check_behind(top, true);
+            }
+        }
     }
 }

@@ -93,6 +93,10 @@ struct NodeInner {
     stats: NodeStats,
     /// Serialise hub-first/last transitions with broker subscribe/unsubscribe per channel.
     sub_locks: Sharded<tokio::sync::Mutex<()>>,
+    /// Other nodes heard from (distributed engines), with when.
+    peers: parking_lot::Mutex<std::collections::HashMap<String, (NodeInfo, std::time::Instant)>>,
+    /// `channels` surveys waiting for replies from other nodes.
+    surveys: parking_lot::Mutex<std::collections::HashMap<u64, SurveyReplies>>,
 }
 
 impl Node {
@@ -109,10 +113,13 @@ impl Node {
         } = engine;
         config.validate()?;
         let hub = Arc::new(Hub::new());
-        broker.set_handler(hub.clone());
         let rules = ChannelRules::new(&config.channel);
-        Ok(Self {
-            inner: Arc::new(NodeInner {
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<NodeInner>| {
+            broker.set_handler(Arc::new(NodeEvents {
+                hub: hub.clone(),
+                node: weak.clone(),
+            }));
+            NodeInner {
                 id: uuid::Uuid::new_v4().to_string().into(),
                 name: std::env::var("HOSTNAME").unwrap_or_else(|_| "holdfast".into()),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -131,15 +138,49 @@ impl Node {
                 started: std::time::Instant::now(),
                 stats: NodeStats::default(),
                 sub_locks: Sharded::new(SUB_LOCKS, || tokio::sync::Mutex::new(())),
-            }),
-        })
+                peers: Default::default(),
+                surveys: Default::default(),
+            }
+        });
+        Ok(Self { inner })
     }
 
-    /// Marks the node ready: call once the engine is connected.
+    /// Marks the node ready: call once the engine is connected. With a distributed engine this
+    /// also starts the heartbeat that tells other nodes this one is alive.
     pub fn start(&self) {
-        if !self.inner.draining.load(Ordering::Acquire) {
-            self.inner.ready.store(true, Ordering::Release);
+        if self.inner.draining.load(Ordering::Acquire) {
+            return;
         }
+        let was = self.inner.ready.swap(true, Ordering::AcqRel);
+        if !was && self.inner.broker.distributed() {
+            let weak = Arc::downgrade(&self.inner);
+            let stop = self.inner.shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(HEARTBEAT);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    let Some(inner) = weak.upgrade() else { return };
+                    let node = Node { inner };
+                    if let Err(e) = node.control(NodeCommand::Node(node.info())).await {
+                        tracing::debug!(error = ?e, "heartbeat not sent");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Whether the engine can serve now.
+    pub fn engine_healthy(&self) -> bool {
+        self.inner.broker.healthy()
+    }
+
+    /// Resolves once the engine is connected.
+    pub async fn engine_ready(&self) {
+        self.inner.broker.ready().await;
     }
 
     /// Whether new connections are accepted.
@@ -155,6 +196,12 @@ impl Node {
     /// Stops accepting, closes every connection with 3001 and waits for the connection tasks,
     /// at most `timeout`.
     pub async fn shutdown(&self, timeout: Duration) {
+        if self.inner.broker.distributed() && !self.inner.draining.load(Ordering::Acquire) {
+            let gone = NodeCommand::Gone {
+                uid: self.inner.id.to_string(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.control(gone)).await;
+        }
         self.inner.ready.store(false, Ordering::Release);
         self.inner.draining.store(true, Ordering::Release);
         self.inner.shutdown.cancel();
@@ -440,80 +487,476 @@ impl Node {
         }
     }
 
-    /// Closes a user's connections (or one of them), except those in `whitelist`.
-    /// Returns how many were closed.
-    pub fn disconnect_user(
+    /// Closes a user's connections (or one of them), except those in `whitelist`, on every
+    /// node.
+    pub async fn disconnect_user(
         &self,
         user: &str,
         client: Option<&str>,
         whitelist: &[String],
         disconnect: Disconnect,
-    ) -> usize {
-        let mut n = 0;
-        for c in self.target_clients(user, client) {
-            if whitelist.iter().any(|w| w == c.id()) {
-                continue;
-            }
-            c.close(disconnect.clone());
-            n += 1;
-        }
-        n
+    ) -> Result<(), ErrorReply> {
+        self.control(NodeCommand::Disconnect {
+            user: user.into(),
+            client: client.map(Into::into),
+            whitelist: whitelist.to_vec(),
+            code: disconnect.code,
+            reason: disconnect.reason.into_owned(),
+        })
+        .await
     }
 
     /// Unsubscribes a user's connections (or one of them) from a channel, with an `unsubscribe`
-    /// push (code 2000).
-    pub fn unsubscribe_user(&self, user: &str, channel: &str, client: Option<&str>) -> usize {
-        let (code, reason) = holdfast_protocol::code::unsubscribe::SERVER;
-        let targets = self.target_clients(user, client);
-        for c in &targets {
-            c.push_control(Control::Unsubscribe {
-                channel: channel.to_owned(),
-                code,
-                reason: reason.to_owned(),
-            });
-        }
-        targets.len()
+    /// push (code 2000), on every node.
+    pub async fn unsubscribe_user(
+        &self,
+        user: &str,
+        channel: &str,
+        client: Option<&str>,
+    ) -> Result<(), ErrorReply> {
+        self.control(NodeCommand::Unsubscribe {
+            user: user.into(),
+            channel: channel.into(),
+            client: client.map(Into::into),
+        })
+        .await
     }
 
     /// Subscribes a user's live connections (or one of them) to a channel, with a `subscribe`
-    /// push.
-    pub fn subscribe_user(
+    /// push, on every node.
+    pub async fn subscribe_user(
         &self,
         user: &str,
         client: Option<&str>,
         sub: ServerSubscribe,
-    ) -> Result<usize, ErrorReply> {
+    ) -> Result<(), ErrorReply> {
         self.inner.rules.resolve(&sub.channel)?;
-        let targets = self.target_clients(user, client);
-        for c in &targets {
-            c.push_control(Control::Subscribe(Box::new(sub.clone())));
-        }
-        Ok(targets.len())
+        let o = sub.overrides;
+        self.control(NodeCommand::Subscribe {
+            user: user.into(),
+            client: client.map(Into::into),
+            channel: sub.channel,
+            info: sub.info.map(|b| b.to_vec()),
+            data: sub.data.map(|b| b.to_vec()),
+            recover: sub.recover_since,
+            overrides: [
+                o.presence,
+                o.join_leave,
+                o.force_push_join_leave,
+                o.force_recovery,
+                o.force_positioning,
+            ],
+        })
+        .await
     }
 
-    /// Sets the expiry of a user's connections (or one of them). `expire_at` None = never;
-    /// `expired` closes them with 3005.
-    pub fn refresh_user(
+    /// Sets the expiry of a user's connections (or one of them) on every node. `expire_at`
+    /// None = never; `expired` closes them with 3005.
+    pub async fn refresh_user(
         &self,
         user: &str,
         client: Option<&str>,
         expired: bool,
         expire_at: Option<i64>,
         info: Option<Bytes>,
-    ) -> usize {
-        let targets = self.target_clients(user, client);
-        for c in &targets {
-            if expired {
-                c.close(Disconnect::EXPIRED);
-            } else {
-                c.push_control(Control::Refresh {
-                    expire_at,
-                    info: info.clone(),
+    ) -> Result<(), ErrorReply> {
+        self.control(NodeCommand::Refresh {
+            user: user.into(),
+            client: client.map(Into::into),
+            expired,
+            expire_at,
+            info: info.map(|b| b.to_vec()),
+        })
+        .await
+    }
+
+    async fn control(&self, cmd: NodeCommand) -> Result<(), ErrorReply> {
+        let data = serde_json::to_vec(&cmd).map_err(|_| ErrorReply::INTERNAL)?;
+        self.inner
+            .broker
+            .publish_control(data.into())
+            .await
+            .map_err(engine_error)
+    }
+
+    /// This node's description, for `info`.
+    pub fn info(&self) -> NodeInfo {
+        let c = &self.inner.hub.counts;
+        NodeInfo {
+            uid: self.inner.id.to_string(),
+            name: self.inner.name.clone(),
+            version: self.inner.version.clone(),
+            num_clients: c.clients.load(Ordering::Relaxed),
+            num_users: c.users.load(Ordering::Relaxed),
+            num_channels: c.channels.load(Ordering::Relaxed),
+            num_subs: c.subscriptions.load(Ordering::Relaxed),
+            uptime: self.uptime().as_secs(),
+        }
+    }
+
+    /// Every live node (this one first): peers heard from in the last 7 s.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let mut out = vec![self.info()];
+        let now = std::time::Instant::now();
+        let mut peers = self.inner.peers.lock();
+        peers.retain(|_, (_, seen)| now.duration_since(*seen) < PEER_TTL);
+        out.extend(peers.values().map(|(i, _)| i.clone()));
+        out
+    }
+
+    /// Channels with subscribers on any node, with their subscriber counts, filtered.
+    pub async fn channels(
+        &self,
+        pattern: &str,
+        filter: impl Fn(&str) -> bool,
+    ) -> Vec<(String, usize)> {
+        let mut all: std::collections::BTreeMap<String, usize> =
+            self.inner.hub.channels(&filter).into_iter().collect();
+        let peers = self.nodes().len() - 1;
+        if self.inner.broker.distributed() && peers > 0 {
+            let id: u64 = rand::random();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(peers.max(1));
+            self.inner.surveys.lock().insert(id, tx);
+            let asked = self
+                .control(NodeCommand::Survey {
+                    id,
+                    origin: self.inner.id.to_string(),
+                    pattern: pattern.into(),
+                })
+                .await;
+            if asked.is_ok() {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                for _ in 0..peers {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(chans)) => {
+                            for (ch, n) in chans {
+                                *all.entry(ch).or_default() += n;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            self.inner.surveys.lock().remove(&id);
+        }
+        all.into_iter().collect()
+    }
+
+    fn apply_control(&self, data: &[u8]) {
+        let cmd: NodeCommand = match serde_json::from_slice(data) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable control message");
+                return;
+            }
+        };
+        match cmd {
+            NodeCommand::Disconnect {
+                user,
+                client,
+                whitelist,
+                code,
+                reason,
+            } => {
+                let d = Disconnect::new(code, reason);
+                for c in self.target_clients(&user, client.as_deref()) {
+                    if !whitelist.iter().any(|w| w == c.id()) {
+                        c.close(d.clone());
+                    }
+                }
+            }
+            NodeCommand::Unsubscribe {
+                user,
+                channel,
+                client,
+            } => {
+                let (code, reason) = holdfast_protocol::code::unsubscribe::SERVER;
+                for c in self.target_clients(&user, client.as_deref()) {
+                    c.push_control(Control::Unsubscribe {
+                        channel: channel.clone(),
+                        code,
+                        reason: reason.to_owned(),
+                    });
+                }
+            }
+            NodeCommand::Subscribe {
+                user,
+                client,
+                channel,
+                info,
+                data,
+                recover,
+                overrides: o,
+            } => {
+                let sub = ServerSubscribe {
+                    channel,
+                    info: info.map(Bytes::from),
+                    data: data.map(Bytes::from),
+                    recover_since: recover,
+                    overrides: crate::handler::ChannelOverride {
+                        presence: o[0],
+                        join_leave: o[1],
+                        force_push_join_leave: o[2],
+                        force_recovery: o[3],
+                        force_positioning: o[4],
+                    },
+                };
+                for c in self.target_clients(&user, client.as_deref()) {
+                    c.push_control(Control::Subscribe(Box::new(sub.clone())));
+                }
+            }
+            NodeCommand::Refresh {
+                user,
+                client,
+                expired,
+                expire_at,
+                info,
+            } => {
+                for c in self.target_clients(&user, client.as_deref()) {
+                    if expired {
+                        c.close(Disconnect::EXPIRED);
+                    } else {
+                        c.push_control(Control::Refresh {
+                            expire_at,
+                            info: info.clone().map(Bytes::from),
+                        });
+                    }
+                }
+            }
+            NodeCommand::Node(info) => {
+                if info.uid != *self.inner.id {
+                    self.inner
+                        .peers
+                        .lock()
+                        .insert(info.uid.clone(), (info, std::time::Instant::now()));
+                }
+            }
+            NodeCommand::Gone { uid } => {
+                self.inner.peers.lock().remove(&uid);
+            }
+            NodeCommand::Survey {
+                id,
+                origin,
+                pattern,
+            } => {
+                if origin == *self.inner.id {
+                    return;
+                }
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let channels = node
+                        .inner
+                        .hub
+                        .channels(|ch| crate::node::glob_match(pattern.as_bytes(), ch.as_bytes()));
+                    let _ = node
+                        .control(NodeCommand::SurveyReply {
+                            id,
+                            target: origin,
+                            channels,
+                        })
+                        .await;
                 });
             }
+            NodeCommand::SurveyReply {
+                id,
+                target,
+                channels,
+            } => {
+                if target == *self.inner.id
+                    && let Some(tx) = self.inner.surveys.lock().get(&id)
+                {
+                    let _ = tx.try_send(channels);
+                }
+            }
         }
-        targets.len()
     }
+}
+
+/// Where replies to one `channels` survey go.
+type SurveyReplies = tokio::sync::mpsc::Sender<Vec<(String, usize)>>;
+
+/// How long a peer counts as alive after its last heartbeat.
+const PEER_TTL: Duration = Duration::from_secs(7);
+/// How often a node announces itself to its peers.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// A node as `info` lists it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node id.
+    pub uid: String,
+    /// Name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Connections.
+    pub num_clients: u64,
+    /// Distinct users.
+    pub num_users: u64,
+    /// Channels with local subscribers.
+    pub num_channels: u64,
+    /// Subscriptions.
+    pub num_subs: u64,
+    /// Seconds since start.
+    pub uptime: u64,
+}
+
+/// Commands between nodes (JSON over the engine's control channel).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum NodeCommand {
+    Disconnect {
+        user: String,
+        client: Option<String>,
+        whitelist: Vec<String>,
+        code: u16,
+        reason: String,
+    },
+    Unsubscribe {
+        user: String,
+        channel: String,
+        client: Option<String>,
+    },
+    Subscribe {
+        user: String,
+        client: Option<String>,
+        channel: String,
+        info: Option<Vec<u8>>,
+        data: Option<Vec<u8>>,
+        recover: Option<(u64, String)>,
+        overrides: [Option<bool>; 5],
+    },
+    Refresh {
+        user: String,
+        client: Option<String>,
+        expired: bool,
+        expire_at: Option<i64>,
+        info: Option<Vec<u8>>,
+    },
+    Gone {
+        uid: String,
+    },
+    Node(NodeInfo),
+    Survey {
+        id: u64,
+        origin: String,
+        pattern: String,
+    },
+    SurveyReply {
+        id: u64,
+        target: String,
+        channels: Vec<(String, usize)>,
+    },
+}
+
+/// What the engine delivers to this node: deliveries go to the hub, control to the node.
+#[derive(Debug)]
+struct NodeEvents {
+    hub: Arc<Hub>,
+    node: std::sync::Weak<NodeInner>,
+}
+
+impl crate::engine::BrokerHandler for NodeEvents {
+    fn on_publication(&self, channel: &str, p: &Arc<Publication>, epoch: &Arc<str>) {
+        self.hub.on_publication(channel, p, epoch);
+    }
+    fn on_join(&self, channel: &str, info: &Arc<ClientInfo>) {
+        self.hub.on_join(channel, info);
+    }
+    fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>) {
+        self.hub.on_leave(channel, info);
+    }
+    fn check_position(&self, channel: &str, top: &crate::engine::StreamTop) {
+        self.hub.check_position(channel, top);
+    }
+    fn on_rewind(&self, channel: &str, top: &crate::engine::StreamTop) {
+        self.hub.on_rewind(channel, top);
+    }
+    fn on_control(&self, data: &[u8]) {
+        if let Some(inner) = self.node.upgrade() {
+            Node { inner }.apply_control(data);
+        }
+    }
+}
+
+/// Glob match: `*` any run, `?` one character, `[abc]`/`[a-z]`/`[!a]` a class, `\\` escapes.
+pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0usize, 0usize);
+    let (mut star_p, mut star_i) = (usize::MAX, 0usize);
+    while i < s.len() {
+        if p < pat.len() {
+            match pat[p] {
+                b'*' => {
+                    star_p = p;
+                    star_i = i;
+                    p += 1;
+                    continue;
+                }
+                b'?' => {
+                    p += 1;
+                    i += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = glob_class(pat, p, s[i]) {
+                        if matched {
+                            p = next;
+                            i += 1;
+                            continue;
+                        }
+                    } else if s[i] == b'[' {
+                        p += 1;
+                        i += 1;
+                        continue;
+                    }
+                }
+                b'\\' if p + 1 < pat.len() && pat[p + 1] == s[i] => {
+                    p += 2;
+                    i += 1;
+                    continue;
+                }
+                c if c == s[i] => {
+                    p += 1;
+                    i += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if star_p == usize::MAX {
+            return false;
+        }
+        p = star_p + 1;
+        star_i += 1;
+        i = star_i;
+    }
+    pat[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `c` against the class starting at `pat[p] == '['`; returns (matched, index after `]`).
+fn glob_class(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
+    let mut j = p + 1;
+    let negate = j < pat.len() && (pat[j] == b'!' || pat[j] == b'^');
+    if negate {
+        j += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    while j < pat.len() && (pat[j] != b']' || first) {
+        first = false;
+        if j + 2 < pat.len() && pat[j + 1] == b'-' && pat[j + 2] != b']' {
+            if pat[j] <= c && c <= pat[j + 2] {
+                matched = true;
+            }
+            j += 3;
+        } else {
+            if pat[j] == c {
+                matched = true;
+            }
+            j += 1;
+        }
+    }
+    (j < pat.len()).then_some((matched != negate, j + 1))
 }
 
 /// Maps an engine failure to the client/API error.

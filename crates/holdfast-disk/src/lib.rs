@@ -960,6 +960,13 @@ impl Broker for DiskEngine {
         page
     }
 
+    async fn publish_control(&self, data: bytes::Bytes) -> Result<(), EngineError> {
+        if let Some(h) = self.state.handler.get() {
+            h.on_control(&data);
+        }
+        Ok(())
+    }
+
     async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {
         self.check()?;
         let (ack, rx) = oneshot::channel();

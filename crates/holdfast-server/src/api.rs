@@ -23,7 +23,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Most commands in one batch.
@@ -291,7 +290,7 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
         }
         "subscribe" => {
             let req: SubscribeReq<'_> = decode(body, top_level)?;
-            subscribe(state, &req)
+            subscribe(state, &req).await
         }
         "unsubscribe" => {
             let req: UserChannelReq = decode(body, top_level)?;
@@ -300,7 +299,8 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             state.node.rules().resolve(&req.channel)?;
             state
                 .node
-                .unsubscribe_user(&req.user, &req.channel, opt(&req.client));
+                .unsubscribe_user(&req.user, &req.channel, opt(&req.client))
+                .await?;
             Ok(b"{}".to_vec())
         }
         "disconnect" => {
@@ -317,7 +317,8 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             };
             state
                 .node
-                .disconnect_user(&req.user, opt(&req.client), &req.whitelist, d);
+                .disconnect_user(&req.user, opt(&req.client), &req.whitelist, d)
+                .await?;
             Ok(b"{}".to_vec())
         }
         "refresh" => {
@@ -327,7 +328,8 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             let expire_at = (req.expire_at > 0).then_some(req.expire_at);
             state
                 .node
-                .refresh_user(&req.user, opt(&req.client), req.expired, expire_at, info);
+                .refresh_user(&req.user, opt(&req.client), req.expired, expire_at, info)
+                .await?;
             Ok(b"{}".to_vec())
         }
         "presence" => {
@@ -392,11 +394,10 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             } else {
                 req.pattern.as_str()
             };
-            let mut chans = state
+            let chans = state
                 .node
-                .hub()
-                .channels(|ch| glob_match(pattern.as_bytes(), ch.as_bytes()));
-            chans.sort();
+                .channels(pattern, |ch| glob_match(pattern.as_bytes(), ch.as_bytes()))
+                .await;
             let mut out = b"{\"channels\":{".to_vec();
             for (i, (ch, n)) in chans.iter().enumerate() {
                 if i > 0 {
@@ -409,25 +410,27 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             Ok(out)
         }
         "info" => {
-            let node = &state.node;
-            let c = &node.hub().counts;
-            let mut out = b"{\"nodes\":[{\"uid\":".to_vec();
-            write_str(&mut out, node.id());
-            out.extend_from_slice(b",\"name\":");
-            write_str(&mut out, node.name());
-            out.extend_from_slice(b",\"version\":");
-            write_str(&mut out, node.version());
-            out.extend_from_slice(
-                format!(
-                    ",\"num_clients\":{},\"num_users\":{},\"num_channels\":{},\"uptime\":{},\"num_subs\":{}}}]}}",
-                    c.clients.load(Ordering::Relaxed),
-                    c.users.load(Ordering::Relaxed),
-                    c.channels.load(Ordering::Relaxed),
-                    node.uptime().as_secs(),
-                    c.subscriptions.load(Ordering::Relaxed),
-                )
-                .as_bytes(),
-            );
+            let nodes = state.node.nodes();
+            let mut out = b"{\"nodes\":[".to_vec();
+            for (i, n) in nodes.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"uid\":");
+                write_str(&mut out, &n.uid);
+                out.extend_from_slice(b",\"name\":");
+                write_str(&mut out, &n.name);
+                out.extend_from_slice(b",\"version\":");
+                write_str(&mut out, &n.version);
+                out.extend_from_slice(
+                    format!(
+                        ",\"num_clients\":{},\"num_users\":{},\"num_channels\":{},\"uptime\":{},\"num_subs\":{}}}",
+                        n.num_clients, n.num_users, n.num_channels, n.uptime, n.num_subs,
+                    )
+                    .as_bytes(),
+                );
+            }
+            out.extend_from_slice(b"]}");
             Ok(out)
         }
         _ => Err(ApiError::Reply(ErrorReply::new(104, "method not found"))),
@@ -620,7 +623,7 @@ struct SubscribeReq<'a> {
     overrides: Option<OverrideReq>,
 }
 
-fn subscribe(state: &AppState, req: &SubscribeReq<'_>) -> ApiResult {
+async fn subscribe(state: &AppState, req: &SubscribeReq<'_>) -> ApiResult {
     required(&req.user, "user")?;
     required(&req.channel, "channel")?;
     let o = req.overrides.as_ref();
@@ -644,7 +647,8 @@ fn subscribe(state: &AppState, req: &SubscribeReq<'_>) -> ApiResult {
     };
     state
         .node
-        .subscribe_user(&req.user, opt(&req.client), sub)?;
+        .subscribe_user(&req.user, opt(&req.client), sub)
+        .await?;
     Ok(b"{}".to_vec())
 }
 
@@ -764,85 +768,7 @@ async fn batch_command(state: &AppState, cmd: &BTreeMap<String, &RawValue>) -> (
     }
 }
 
-/// Glob match: `*` any run, `?` one character, `[abc]`/`[a-z]`/`[!a]` a class, `\` escapes.
-pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
-    let (mut p, mut i) = (0usize, 0usize);
-    let (mut star_p, mut star_i) = (usize::MAX, 0usize);
-    while i < s.len() {
-        if p < pat.len() {
-            match pat[p] {
-                b'*' => {
-                    star_p = p;
-                    star_i = i;
-                    p += 1;
-                    continue;
-                }
-                b'?' => {
-                    p += 1;
-                    i += 1;
-                    continue;
-                }
-                b'[' => {
-                    if let Some((matched, next)) = class(pat, p, s[i]) {
-                        if matched {
-                            p = next;
-                            i += 1;
-                            continue;
-                        }
-                    } else if s[i] == b'[' {
-                        p += 1;
-                        i += 1;
-                        continue;
-                    }
-                }
-                b'\\' if p + 1 < pat.len() && pat[p + 1] == s[i] => {
-                    p += 2;
-                    i += 1;
-                    continue;
-                }
-                c if c == s[i] => {
-                    p += 1;
-                    i += 1;
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        if star_p == usize::MAX {
-            return false;
-        }
-        p = star_p + 1;
-        star_i += 1;
-        i = star_i;
-    }
-    pat[p..].iter().all(|&c| c == b'*')
-}
-
-/// Matches `c` against the class starting at `pat[p] == '['`; returns (matched, index after `]`).
-fn class(pat: &[u8], p: usize, c: u8) -> Option<(bool, usize)> {
-    let mut j = p + 1;
-    let negate = j < pat.len() && (pat[j] == b'!' || pat[j] == b'^');
-    if negate {
-        j += 1;
-    }
-    let mut matched = false;
-    let mut first = true;
-    while j < pat.len() && (pat[j] != b']' || first) {
-        first = false;
-        if j + 2 < pat.len() && pat[j + 1] == b'-' && pat[j + 2] != b']' {
-            if pat[j] <= c && c <= pat[j + 2] {
-                matched = true;
-            }
-            j += 3;
-        } else {
-            if pat[j] == c {
-                matched = true;
-            }
-            j += 1;
-        }
-    }
-    (j < pat.len()).then_some((matched != negate, j + 1))
-}
+pub use holdfast_core::node::glob_match;
 
 #[cfg(test)]
 mod tests {

@@ -211,11 +211,13 @@ impl Default for HttpApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct EngineConfig {
-    /// `disk` (durable, the default) or `memory`.
+    /// `disk` (durable, the default), `memory`, or `redis` (many nodes).
     #[serde(rename = "type")]
     pub kind: String,
     /// The disk engine.
     pub disk: DiskEngineConfig,
+    /// The Redis engine.
+    pub redis: RedisEngineConfig,
 }
 
 impl Default for EngineConfig {
@@ -223,8 +225,83 @@ impl Default for EngineConfig {
         Self {
             kind: "disk".into(),
             disk: DiskEngineConfig::default(),
+            redis: RedisEngineConfig::default(),
         }
     }
+}
+
+/// `engine.redis.*`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct RedisEngineConfig {
+    /// One address (`"redis://host:6379"`, `"redis+cluster://h1:7000,h2:7001"`) or a list of
+    /// independent instances that channels are spread over.
+    #[serde(deserialize_with = "one_or_many")]
+    pub address: Vec<String>,
+    /// Prefix of every key and pub/sub channel.
+    pub prefix: String,
+    /// Hash-tag partitions (changing it starts every stream over).
+    pub partitions: u32,
+    /// Pub/sub connections per instance.
+    pub pubsub_shards: usize,
+    /// Connect timeout.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// A command (publish, history read) against an unreachable Redis fails after this.
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    /// How often pub/sub connections are probed.
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// Presence entries of a node that stopped refreshing them expire after this.
+    #[serde(with = "duration")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for RedisEngineConfig {
+    fn default() -> Self {
+        let d = holdfast_redis::RedisConfig::new(vec!["redis://127.0.0.1:6379".into()]);
+        Self {
+            address: d.addresses,
+            prefix: d.prefix,
+            partitions: d.partitions,
+            pubsub_shards: d.pubsub_shards,
+            connect_timeout: d.connect_timeout,
+            command_timeout: d.command_timeout,
+            ping_interval: d.ping_interval,
+            presence_ttl: d.presence_ttl,
+        }
+    }
+}
+
+impl RedisEngineConfig {
+    /// The engine's settings.
+    pub fn engine_config(&self) -> holdfast_redis::RedisConfig {
+        holdfast_redis::RedisConfig {
+            addresses: self.address.clone(),
+            prefix: self.prefix.clone(),
+            partitions: self.partitions,
+            pubsub_shards: self.pubsub_shards,
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+            ping_interval: self.ping_interval,
+            presence_ttl: self.presence_ttl,
+        }
+    }
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `engine.disk.*`
@@ -309,11 +386,16 @@ impl Config {
                 problem: problem.into(),
             })
         };
-        if !matches!(self.engine.kind.as_str(), "disk" | "memory") {
+        if !matches!(self.engine.kind.as_str(), "disk" | "memory" | "redis") {
             e(
                 "engine.type",
-                "unsupported engine (supported: disk, memory)",
+                "unsupported engine (supported: disk, memory, redis)",
             );
+        }
+        if self.engine.kind == "redis" {
+            for (key, problem) in self.engine.redis.engine_config().validate() {
+                e(key, &problem);
+            }
         }
         if !matches!(self.engine.disk.durability.as_str(), "fsync" | "os") {
             e("engine.disk.durability", "must be \"fsync\" or \"os\"");

@@ -69,6 +69,12 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
 pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
     match config.engine.kind.as_str() {
         "memory" => Ok(Engine::from_one(MemoryEngine::new())),
+        "redis" => {
+            let cfg = config.engine.redis.engine_config();
+            tracing::info!(addresses = ?cfg.addresses, prefix = %cfg.prefix, "redis engine");
+            let engine = holdfast_redis::RedisEngine::new(cfg).map_err(anyhow::Error::msg)?;
+            Ok(Engine::from_one(engine))
+        }
         _ => {
             let d = &config.engine.disk;
             let durability = if d.durability == "os" {
@@ -191,7 +197,9 @@ pub async fn run(
     internal: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_with_readiness(state, public, internal, std::future::ready(()), shutdown).await
+    let node = state.node.clone();
+    let engine_ready = async move { node.engine_ready().await };
+    run_with_readiness(state, public, internal, engine_ready, shutdown).await
 }
 
 /// [`run`], with the node becoming ready only when `ready` resolves (an engine still
@@ -277,6 +285,7 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     let s = node.stats();
     let body = serde_json::json!({
         "status": if node.is_draining() { "draining" } else { "ok" },
+        "engine": if node.engine_healthy() { "ok" } else { "unavailable" },
         "node": node.id(),
         "name": node.name(),
         "version": node.version(),
@@ -300,7 +309,14 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
 }
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    if app.node.is_ready() {
+    if app.node.is_ready() && !app.node.engine_healthy() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"engine unavailable"}"#,
+        )
+            .into_response()
+    } else if app.node.is_ready() {
         (
             [(header::CONTENT_TYPE, "application/json")],
             r#"{"status":"ready"}"#,

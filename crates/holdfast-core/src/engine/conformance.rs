@@ -23,6 +23,8 @@ pub enum Event {
     Join(String, String),
     /// channel, client
     Leave(String, String),
+    /// control message
+    Control(Bytes),
 }
 
 /// A [`BrokerHandler`] that records deliveries.
@@ -50,6 +52,30 @@ impl BrokerHandler for Recorder {
         self.events
             .lock()
             .push(Event::Leave(channel.into(), info.client.to_string()));
+    }
+    fn on_control(&self, data: &[u8]) {
+        self.events
+            .lock()
+            .push(Event::Control(Bytes::copy_from_slice(data)));
+    }
+}
+
+impl Recorder {
+    /// Waits (up to 10 s) until `done` holds for the recorded events. Distributed engines
+    /// deliver asynchronously; local ones have delivered by the time publish returns.
+    pub async fn wait_for(&self, what: &str, done: impl Fn(&[Event]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if done(&self.events.lock()) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; saw {:?}",
+                self.events.lock()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -109,9 +135,22 @@ where
     publish_without_history(&*b, &rec).await;
     let (b, p, rec) = fresh().await;
     presence(&*b, &*p, &rec).await;
+    let (b, _, rec) = fresh().await;
+    control(&*b, &rec).await;
+}
+
+async fn control(b: &dyn Broker, rec: &Recorder) {
+    b.publish_control(Bytes::from_static(b"{\"t\":\"x\"}"))
+        .await
+        .expect("control");
+    rec.wait_for("the control message", |ev| {
+        ev.contains(&Event::Control(Bytes::from_static(b"{\"t\":\"x\"}")))
+    })
+    .await;
 }
 
 async fn offsets_start_at_one_and_deliver_in_order(b: &dyn Broker, rec: &Recorder) {
+    b.subscribe("c1").await.expect("subscribe");
     let empty = b
         .history("c1", &query(None, Some(0), false))
         .await
@@ -134,6 +173,11 @@ async fn offsets_start_at_one_and_deliver_in_order(b: &dyn Broker, rec: &Recorde
         );
         assert!(!out.suppressed);
     }
+    let is_c1 = |e: &Event| matches!(e, Event::Pub(ch, ..) if ch == "c1");
+    rec.wait_for("5 deliveries", |ev| {
+        ev.iter().filter(|e| is_c1(e)).count() >= 5
+    })
+    .await;
     let ev = rec.events.lock().clone();
     let got: Vec<u64> = ev
         .iter()
@@ -268,6 +312,7 @@ async fn trimming_and_ttl(b: &dyn Broker) {
 }
 
 async fn idempotent_publish(b: &dyn Broker, rec: &Recorder) {
+    b.subscribe("i").await.expect("subscribe");
     let mut opts = hist(10, 60);
     opts.idempotency_key = Some("k1".into());
     opts.idempotency_ttl = Duration::from_secs(300);
@@ -284,6 +329,13 @@ async fn idempotent_publish(b: &dyn Broker, rec: &Recorder) {
     opts.idempotency_key = Some("k2".into());
     let third = b.publish("i", data(2), &opts).await.expect("third");
     assert_eq!(third.position.map(|p| p.offset), Some(2));
+    // Deliveries of one channel are ordered: once offset 2 is in, a delivery of the
+    // suppressed repeat would be too.
+    rec.wait_for("offset 2", |ev| {
+        ev.iter()
+            .any(|e| matches!(e, Event::Pub(c, 2, ..) if c == "i"))
+    })
+    .await;
     let delivered = rec
         .events
         .lock()
@@ -303,18 +355,17 @@ async fn idempotent_publish(b: &dyn Broker, rec: &Recorder) {
 }
 
 async fn publish_without_history(b: &dyn Broker, rec: &Recorder) {
+    b.subscribe("n").await.expect("subscribe");
     let out = b
         .publish("n", data(1), &PublishOptions::default())
         .await
         .expect("publish");
     assert_eq!(out.position, None, "no history, no position");
-    assert!(
-        rec.events
-            .lock()
-            .iter()
-            .any(|e| matches!(e, Event::Pub(c, 0, ..) if c == "n")),
-        "still delivered, with offset 0"
-    );
+    rec.wait_for("a delivery with offset 0", |ev| {
+        ev.iter()
+            .any(|e| matches!(e, Event::Pub(c, 0, ..) if c == "n"))
+    })
+    .await;
 }
 
 async fn presence(b: &dyn Broker, p: &dyn PresenceStore, rec: &Recorder) {
@@ -326,6 +377,7 @@ async fn presence(b: &dyn Broker, p: &dyn PresenceStore, rec: &Recorder) {
             chan_info: None,
         })
     };
+    b.subscribe("p").await.expect("subscribe");
     p.add_presence("p", info("u1", "c1")).await.expect("add");
     p.add_presence("p", info("u1", "c2")).await.expect("add");
     p.add_presence("p", info("u2", "c3")).await.expect("add");
@@ -347,9 +399,11 @@ async fn presence(b: &dyn Broker, p: &dyn PresenceStore, rec: &Recorder) {
     assert_eq!(p.presence_stats("empty").await.expect("stats"), (0, 0));
     b.publish_join("p", info("u1", "c9")).await.expect("join");
     b.publish_leave("p", info("u1", "c9")).await.expect("leave");
-    let ev = rec.events.lock().clone();
-    assert!(ev.contains(&Event::Join("p".into(), "c9".into())));
-    assert!(ev.contains(&Event::Leave("p".into(), "c9".into())));
+    rec.wait_for("join and leave", |ev| {
+        ev.contains(&Event::Join("p".into(), "c9".into()))
+            && ev.contains(&Event::Leave("p".into(), "c9".into()))
+    })
+    .await;
 }
 
 async fn cursors(c: &dyn CursorStore) {

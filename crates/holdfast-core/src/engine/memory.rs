@@ -231,6 +231,13 @@ impl Broker for MemoryEngine {
             .read(query, now)
     }
 
+    async fn publish_control(&self, data: bytes::Bytes) -> Result<(), EngineError> {
+        if let Some(h) = self.handler() {
+            h.on_control(&data);
+        }
+        Ok(())
+    }
+
     async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {
         if let Some(state) = self.existing_channel_state(channel)
             && let Some(stream) = &mut state.lock().stream

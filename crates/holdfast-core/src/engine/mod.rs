@@ -105,6 +105,18 @@ pub trait BrokerHandler: Send + Sync + Debug {
     fn on_join(&self, channel: &str, info: &Arc<ClientInfo>);
     /// A client left a channel.
     fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>);
+
+    /// The node may have missed deliveries of `channel` (its pub/sub connection was rebuilt):
+    /// every positioned subscriber behind `top` is told to recover.
+    fn check_position(&self, _channel: &str, _top: &StreamTop) {}
+
+    /// The stream of `channel` went back to `top` in the same epoch (a backend lost its newest
+    /// writes): every positioned subscriber past `top` is told to recover, since offsets after
+    /// `top` will be reused for different publications.
+    fn on_rewind(&self, _channel: &str, _top: &StreamTop) {}
+
+    /// A control message from a node (possibly this one): see [`Broker::publish_control`].
+    fn on_control(&self, _data: &[u8]) {}
 }
 
 /// Publication transport and history.
@@ -144,6 +156,23 @@ pub trait Broker: Send + Sync + Debug {
 
     /// Drops the publications of a channel, keeping its epoch and top offset.
     async fn remove_history(&self, channel: &str) -> Result<(), EngineError>;
+
+    /// Sends a control message to every node's handler ([`BrokerHandler::on_control`]),
+    /// this node's included. Single-node engines deliver it locally.
+    async fn publish_control(&self, data: bytes::Bytes) -> Result<(), EngineError>;
+
+    /// Whether other nodes may share this engine (then node heartbeats and surveys are used).
+    fn distributed(&self) -> bool {
+        false
+    }
+
+    /// Whether the engine can serve now (`/ready` reports it).
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    /// Resolves once the engine is connected (the node is marked ready after it).
+    async fn ready(&self) {}
 }
 
 /// Who is in which channel.

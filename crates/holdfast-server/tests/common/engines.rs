@@ -54,6 +54,9 @@ impl BrokerHandler for Filter {
     fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>) {
         self.next.on_leave(channel, info);
     }
+    fn on_control(&self, data: &[u8]) {
+        self.next.on_control(data);
+    }
 }
 
 impl FaultyEngine {
@@ -123,6 +126,9 @@ impl Broker for FaultyEngine {
             f.await;
         }
         page
+    }
+    async fn publish_control(&self, data: bytes::Bytes) -> Result<(), EngineError> {
+        self.inner.publish_control(data).await
     }
     async fn remove_history(&self, ch: &str) -> Result<(), EngineError> {
         self.inner.remove_history(ch).await
