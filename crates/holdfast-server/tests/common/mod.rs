@@ -71,6 +71,7 @@ fn uuid_like() -> String {
 }
 
 pub mod engines;
+pub mod redis;
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {

@@ -1,0 +1,522 @@
+//! Several real `holdfast` processes over real `redis-server` processes: deliveries, presence
+//! and API commands across nodes, `info` over live nodes, a node killed or shut down (its
+//! clients recover on another node with zero loss), Redis restarted with and without
+//! persistence (clients recover or are told, never silently lose), sharding over two Redis
+//! instances and a 3-master Redis Cluster with sharded pub/sub.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::redis::{RedisCluster, RedisServer, free_port, raw};
+use common::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const NODE_WAIT: Duration = Duration::from_secs(30);
+
+struct Node {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Node {
+    fn ws(&self) -> String {
+        format!("ws://127.0.0.1:{}/connection/websocket", self.port)
+    }
+
+    async fn api(&self, method: &str, body: Value) -> Value {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}/api/{method}", self.port))
+            .header("X-API-Key", API_KEY)
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn ready_status(&self) -> u16 {
+        match reqwest::get(format!("http://127.0.0.1:{}/ready", self.port)).await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    async fn wait_ready(&self, want: u16) {
+        let deadline = tokio::time::Instant::now() + NODE_WAIT;
+        while self.ready_status().await != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} /ready never answered {want}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn write_config(dir: &Path, addresses: &[String], prefix: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join("config.toml");
+    let addrs: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[client.token]
+hmac_secret_key = "{SECRET}"
+[http_api]
+key = "{API_KEY}"
+[engine]
+type = "redis"
+[engine.redis]
+address = [{}]
+prefix = "{prefix}"
+ping_interval = "200ms"
+command_timeout = "1s"
+connect_timeout = "500ms"
+[log]
+level = "warn"
+[shutdown]
+timeout = "5s"
+[channel.without_namespace]
+history_size = 10000
+history_ttl = "600s"
+force_recovery = true
+force_positioning = true
+presence = true
+join_leave = true
+force_push_join_leave = true
+allow_subscribe_for_client = true
+allow_presence_for_subscriber = true
+"#,
+            addrs.join(", ")
+        ),
+    )
+    .unwrap();
+    p
+}
+
+// The child lives in the returned Node, which kills and reaps it.
+#[allow(clippy::zombie_processes)]
+async fn start_node(cfg: &Path) -> Node {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .args(["--address", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let n = Node {
+        child: Some(child),
+        port,
+    };
+    n.wait_ready(200).await;
+    n
+}
+
+fn test_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("holdfast-multinode-{}-{name}", std::process::id()))
+}
+
+async fn client(node: &Node, user: &str) -> TestClient {
+    let mut c = TestClient::connect(&node.ws()).await;
+    let r = c.connect_token(&token(user, None, json!({}))).await;
+    assert!(r.get("connect").is_some(), "{r}");
+    c
+}
+
+/// The next publication pushed on `channel`, skipping join/leave pushes.
+async fn next_pub(c: &mut TestClient, channel: &str) -> Value {
+    loop {
+        let p = c.push().await;
+        if p["channel"] == channel && p.get("pub").is_some() {
+            return p["pub"].clone();
+        }
+        assert!(
+            p.get("join").is_some() || p.get("leave").is_some(),
+            "unexpected push {p}"
+        );
+    }
+}
+
+async fn publish_ok(node: &Node, channel: &str, data: Value) -> u64 {
+    let r = node
+        .api("publish", json!({"channel": channel, "data": data}))
+        .await;
+    assert!(r.get("error").is_none(), "publish failed: {r}");
+    r["result"]["offset"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_publications_presence_and_api_commands() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start();
+    let cfg = write_config(&test_dir("share"), &[redis.url()], "share");
+    let (a, b) = (start_node(&cfg).await, start_node(&cfg).await);
+
+    let mut cb = client(&b, "ub").await;
+    let r = cb.call("subscribe", json!({"channel": "room"})).await;
+    assert!(r.get("subscribe").is_some(), "{r}");
+    let mut ca = client(&a, "ua").await;
+    let r = ca.call("subscribe", json!({"channel": "room"})).await;
+    assert!(r.get("subscribe").is_some(), "{r}");
+    // The join of a's client reaches b's client through Redis.
+    loop {
+        let join = cb.push().await;
+        assert!(join.get("join").is_some(), "{join}");
+        if join["join"]["info"]["user"] == "ua" {
+            break;
+        }
+    }
+
+    // Published on a, delivered on both.
+    let off = publish_ok(&a, "room", json!({"hello": 1})).await;
+    assert_eq!(off, 1);
+    assert_eq!(next_pub(&mut cb, "room").await["data"], json!({"hello": 1}));
+    assert_eq!(next_pub(&mut ca, "room").await["data"], json!({"hello": 1}));
+
+    // Presence asked on either node lists both clients.
+    for n in [&a, &b] {
+        let p = n.api("presence_stats", json!({"channel": "room"})).await;
+        assert_eq!(
+            p["result"],
+            json!({"num_clients": 2, "num_users": 2}),
+            "{p}"
+        );
+    }
+
+    // info lists both live nodes; channels counts subscribers on every node.
+    let deadline = tokio::time::Instant::now() + NODE_WAIT;
+    loop {
+        let info = a.api("info", json!({})).await;
+        if info["result"]["nodes"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "info: {info}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ch = a.api("channels", json!({"pattern": "ro*"})).await;
+    assert_eq!(
+        ch["result"]["channels"]["room"]["num_clients"], 2,
+        "channels: {ch}"
+    );
+
+    // API unsubscribe sent to b reaches a's client; API disconnect sent to a closes b's.
+    let r = b
+        .api("unsubscribe", json!({"user": "ua", "channel": "room"}))
+        .await;
+    assert!(r.get("error").is_none(), "{r}");
+    let p = ca.push().await;
+    assert_eq!(p["unsubscribe"]["code"], 2000, "{p}");
+    let r = a.api("disconnect", json!({"user": "ub"})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    match cb.closed().await {
+        Closed::Code(code, _) => assert_eq!(code, 3503),
+        other => panic!("expected 3503, got {other:?}"),
+    }
+
+    // A node that stops drops out of info.
+    let mut b = b;
+    b.terminate();
+    let deadline = tokio::time::Instant::now() + NODE_WAIT;
+    loop {
+        let info = a.api("info", json!({})).await;
+        if info["result"]["nodes"].as_array().map(Vec::len) == Some(1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "info: {info}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client on a node that goes away (killed, or shut down with 3001) reconnects to another
+/// node and recovers exactly what it missed, once, in order.
+async fn node_loss_is_recovered(sigkill: bool) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start();
+    let name = if sigkill { "kill" } else { "term" };
+    let cfg = write_config(&test_dir(name), &[redis.url()], name);
+    let (mut a, b) = (start_node(&cfg).await, start_node(&cfg).await);
+    let mut c = client(&a, "u").await;
+    let r = c.call("subscribe", json!({"channel": "feed"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=50u64 {
+        assert_eq!(publish_ok(&b, "feed", json!({"n": n})).await, n);
+    }
+    let mut last = 0;
+    for n in 1..=50u64 {
+        let p = next_pub(&mut c, "feed").await;
+        assert_eq!(p["offset"], n);
+        assert_eq!(p["data"]["n"], n);
+        last = n;
+    }
+    if sigkill {
+        a.kill();
+        assert_eq!(c.closed().await, Closed::NoFrame);
+    } else {
+        a.terminate();
+        match c.closed().await {
+            Closed::Code(code, _) => assert_eq!(code, 3001, "shutdown code"),
+            other => panic!("expected 3001, got {other:?}"),
+        }
+    }
+    for n in 51..=100u64 {
+        publish_ok(&b, "feed", json!({"n": n})).await;
+    }
+    let mut c = client(&b, "u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "feed", "recover": true, "offset": last, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    let got: Vec<u64> = r["subscribe"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        (51..=100).collect::<Vec<_>>(),
+        "missed ones, once, in order"
+    );
+    for n in 101..=110u64 {
+        publish_ok(&b, "feed", json!({"n": n})).await;
+        assert_eq!(next_pub(&mut c, "feed").await["offset"], n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_clients_recover_on_another_with_zero_loss() {
+    node_loss_is_recovered(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_closes_with_3001_and_clients_recover_elsewhere() {
+    node_loss_is_recovered(false).await;
+}
+
+/// Offsets a client ends up holding for `channel` up to `until`, whether they arrive live or
+/// through a recovery after the server told it to (unsubscribe 2500). Returns the offsets and
+/// how many times it was told.
+async fn collect_until(
+    c: &mut TestClient,
+    channel: &str,
+    epoch: &mut String,
+    until: u64,
+) -> (Vec<u64>, usize) {
+    let mut got: Vec<u64> = Vec::new();
+    let mut told = 0;
+    let mut last = 0;
+    while last < until {
+        let p = c.push().await;
+        if p.get("join").is_some() || p.get("leave").is_some() {
+            continue;
+        }
+        if let Some(u) = p.get("unsubscribe") {
+            assert_eq!(u["code"], 2500, "{p}");
+            told += 1;
+            let r = c
+                .call(
+                    "subscribe",
+                    json!({"channel": channel, "recover": true, "offset": last, "epoch": epoch}),
+                )
+                .await;
+            let s = &r["subscribe"];
+            assert!(s.is_object(), "{r}");
+            if s["recovered"] == true {
+                for p in s["publications"].as_array().into_iter().flatten() {
+                    last = p["offset"].as_u64().unwrap();
+                    got.push(last);
+                }
+            } else {
+                // Told: history is gone. Start over at the new position.
+                *epoch = s["epoch"].as_str().unwrap().to_owned();
+                last = s["offset"].as_u64().unwrap_or(0);
+                got.push(u64::MAX);
+            }
+            continue;
+        }
+        let o = p["pub"]["offset"].as_u64().unwrap();
+        got.push(o);
+        last = o;
+    }
+    (got, told)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_with_fsync_persistence_loses_nothing() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let cfg = write_config(&test_dir("aof"), &[redis.url()], "aof");
+    let a = start_node(&cfg).await;
+    let mut c = client(&a, "u").await;
+    let r = c.call("subscribe", json!({"channel": "p"})).await;
+    let mut epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        publish_ok(&a, "p", json!({"n": n})).await;
+    }
+    for n in 1..=3u64 {
+        assert_eq!(next_pub(&mut c, "p").await["offset"], n);
+    }
+    redis.kill();
+    // While Redis is down: publishes fail with error 100, /ready says so.
+    let r = a.api("publish", json!({"channel": "p", "data": {}})).await;
+    assert_eq!(r["error"]["code"], 100, "{r}");
+    a.wait_ready(503).await;
+    redis.restart();
+    a.wait_ready(200).await;
+    for n in 4..=6 {
+        // The command connection reconnects on use: retry until Redis answers.
+        let deadline = tokio::time::Instant::now() + NODE_WAIT;
+        loop {
+            let r = a
+                .api("publish", json!({"channel": "p", "data": {"n": n}}))
+                .await;
+            if r.get("error").is_none() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{r}");
+        }
+    }
+    let (got, _told) = collect_until(&mut c, "p", &mut epoch, 6).await;
+    assert_eq!(
+        got,
+        [4, 5, 6],
+        "after the restart: live or recovered, nothing lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_without_persistence_tells_clients_recovered_false() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut redis = RedisServer::start();
+    let cfg = write_config(&test_dir("nopersist"), &[redis.url()], "np");
+    let a = start_node(&cfg).await;
+    let mut c = client(&a, "u").await;
+    let r = c.call("subscribe", json!({"channel": "q"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        publish_ok(&a, "q", json!({"n": n})).await;
+    }
+    for n in 1..=3u64 {
+        assert_eq!(next_pub(&mut c, "q").await["offset"], n);
+    }
+    redis.restart();
+    // The node notices, resubscribes, finds the stream gone and tells the subscriber.
+    let p = c.push().await;
+    assert_eq!(p["unsubscribe"]["code"], 2500, "{p}");
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "q", "recover": true, "offset": 3, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["was_recovering"], true, "{r}");
+    assert_ne!(r["subscribe"]["recovered"], true, "told recovered: false: {r}");
+    assert_ne!(r["subscribe"]["epoch"], epoch, "a new epoch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_spread_over_two_redis_instances() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (r1, r2) = (RedisServer::start(), RedisServer::start());
+    let cfg = write_config(&test_dir("shard"), &[r1.url(), r2.url()], "shard");
+    let (a, b) = (start_node(&cfg).await, start_node(&cfg).await);
+    let mut c = client(&b, "u").await;
+    for i in 0..16 {
+        let r = c
+            .call("subscribe", json!({"channel": format!("s{i}")}))
+            .await;
+        assert!(r.get("subscribe").is_some(), "{r}");
+    }
+    for i in 0..16 {
+        publish_ok(&a, &format!("s{i}"), json!({"i": i})).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 16 {
+        let p = c.push().await;
+        if p.get("pub").is_some() {
+            seen.insert(p["channel"].as_str().unwrap().to_owned());
+        }
+    }
+    for r in [&r1, &r2] {
+        let n: u64 = raw(r.port, "DBSIZE")
+            .unwrap()
+            .trim_start_matches(':')
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(n > 0, "instance {} holds no keys", r.port);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_nodes_share_channels_over_sharded_pubsub() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cluster = RedisCluster::start();
+    let cfg = write_config(&test_dir("cluster"), &[cluster.url()], "cl");
+    let (a, b) = (start_node(&cfg).await, start_node(&cfg).await);
+    let mut c = client(&b, "u").await;
+    for i in 0..8 {
+        let r = c
+            .call("subscribe", json!({"channel": format!("k{i}")}))
+            .await;
+        assert!(r.get("subscribe").is_some(), "{r}");
+    }
+    for i in 0..8 {
+        assert_eq!(publish_ok(&a, &format!("k{i}"), json!({"i": i})).await, 1);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 8 {
+        let p = c.push().await;
+        if p.get("pub").is_some() {
+            seen.insert(p["channel"].as_str().unwrap().to_owned());
+        }
+    }
+    let p = a.api("presence", json!({"channel": "k0"})).await;
+    assert_eq!(
+        p["result"]["presence"].as_object().map(|m| m.len()),
+        Some(1),
+        "{p}"
+    );
+    // API disconnect crosses nodes in cluster mode too.
+    let r = a.api("disconnect", json!({"user": "u"})).await;
+    assert!(r.get("error").is_none(), "{r}");
+    match c.closed().await {
+        Closed::Code(code, _) => assert_eq!(code, 3503),
+        other => panic!("expected 3503, got {other:?}"),
+    }
+}
