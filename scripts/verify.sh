@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Short delivery-verifier runs (part of scripts/test.sh): a few hundred clients for seconds, with
-# faults, against a real holdfast process. Fails when anything is lost silently, duplicated or
+# faults, against real holdfast processes (one node; then two nodes over a real redis-server with
+# a rolling restart). Fails when anything is lost silently, duplicated or
 # out of order, or when a restart leaves a client untold.
 #
 #   scripts/verify.sh            # both runs
@@ -13,37 +14,52 @@ bin="${BIN_DIR:-target/debug}"
 state="${VERIFY_STATE:-$(mktemp -d -t holdfast-verify-XXXX)}"
 export VERIFY_STATE="$state"
 
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_server [node]: node 0 (the default) or 1, each with its own port, pid and log.
 start_server() {
+  local n="${1:-0}"
   "$bin/holdfast" serve --config crates/holdfast-bench/verify-server.toml \
-    --address 127.0.0.1 --port "$(cat "$state/port")" >> "$state/server.log" 2>&1 &
-  echo $! > "$state/pid"
-  for _ in $(seq 1 400); do
-    curl -sf "http://127.0.0.1:$(cat "$state/port")/ready" >/dev/null && return 0
+    --address 127.0.0.1 --port "$(cat "$state/port$n")" >> "$state/server$n.log" 2>&1 &
+  echo $! > "$state/pid$n"
+  for _ in $(seq 1 800); do
+    curl -sf "http://127.0.0.1:$(cat "$state/port$n")/ready" >/dev/null && return 0
     sleep 0.025
   done
-  echo "holdfast did not become ready" >&2
-  cat "$state/server.log" >&2
+  echo "holdfast node $n did not become ready" >&2
+  cat "$state/server$n.log" >&2
   return 1
 }
 
+# stop_server [signal] [node]
 stop_server() {
   local pid
-  pid="$(cat "$state/pid" 2>/dev/null || true)"
+  pid="$(cat "$state/pid${2:-0}" 2>/dev/null || true)"
   [ -n "$pid" ] || return 0
   kill -"${1:-TERM}" "$pid" 2>/dev/null || true
   while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done
 }
 
+# The restart hook: `verify.sh restart [signal] [node]`.
 if [ "${1:-}" = "restart" ]; then
-  stop_server "${2:-TERM}"
-  start_server
+  stop_server "${2:-TERM}" "${3:-0}"
+  start_server "${3:-0}"
   exit 0
 fi
 mode="${1:-short}"
 
-python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' > "$state/port"
-port="$(cat "$state/port")"
-trap 'stop_server KILL; rm -rf "$state"' EXIT
+free_port > "$state/port0"
+free_port > "$state/port1"
+port="$(cat "$state/port0")"
+cleanup() {
+  stop_server KILL 0
+  stop_server KILL 1
+  if [ -f "$state/redis.pid" ]; then kill -KILL "$(cat "$state/redis.pid")" 2>/dev/null || true; fi
+  rm -rf "$state"
+}
+trap cleanup EXIT
 mkdir -p artifacts
 
 if [ "$mode" = "jitter" ]; then
@@ -52,8 +68,8 @@ if [ "$mode" = "jitter" ]; then
   bin=target/release
   start_server() {
     taskset -c 0 "$bin/holdfast" serve --config crates/holdfast-bench/verify-server.toml \
-      --address 127.0.0.1 --port "$port" >> "$state/server.log" 2>&1 &
-    echo $! > "$state/pid"
+      --address 127.0.0.1 --port "$port" >> "$state/server0.log" 2>&1 &
+    echo $! > "$state/pid0"
     for _ in $(seq 1 400); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && return 0; sleep 0.025; done
     return 1
   }
@@ -103,3 +119,40 @@ assert r["told_events"] == 0, f"the disk engine keeps the epoch: nobody needs te
 print(f"disk + SIG{sys.argv[1]}: {r['delivered']} of {r['expected']} delivered, 0 told, 0 lost")
 PY
 done
+
+# Two nodes over Redis: subscribers spread over both (and moving to the other node on every
+# reconnect, as behind a load balancer), publishes rotating over both APIs, then a rolling
+# restart: node 0 stops (SIGTERM, clients closed with 3001) and comes back, then node 1.
+# Nothing may be lost, not even with the client told: every client recovers on the other node.
+stop_server TERM 0
+redis_port="$(free_port)"
+# (In a subshell, so the shell does not report the job when the cleanup kills it.)
+(redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$state" > "$state/redis.log" 2>&1 & echo $! > "$state/redis.pid")
+for _ in $(seq 1 400); do
+  redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break
+  sleep 0.025
+done
+export HOLDFAST_ENGINE_TYPE=redis HOLDFAST_ENGINE_REDIS_ADDRESS="redis://127.0.0.1:$redis_port" \
+  HOLDFAST_ENGINE_REDIS_PING_INTERVAL=200ms
+start_server 0
+start_server 1
+port1="$(cat "$state/port1")"
+echo "--- verify: two nodes over Redis, clients on both, rolling restart of each node"
+"$bin/holdfast-bench" verify \
+  --url "ws://127.0.0.1:$port/connection/websocket,ws://127.0.0.1:$port1/connection/websocket" \
+  --api "http://127.0.0.1:$port,http://127.0.0.1:$port1" \
+  --api-key verify-api-key --secret verify-secret --quiet --check --check-none-lost \
+  --subscribers 200 --channels 5 --duration 10 --api-rate 40 --client-rate 10 \
+  --restart-cmd "$0 restart TERM 0" --restart-at 3 \
+  --restart-cmd "$0 restart TERM 1" --restart-at 6 \
+  --report artifacts/verify-redis-rolling.json
+python3 - <<'PY'
+import json
+r = json.load(open("artifacts/verify-redis-rolling.json"))
+codes = r["close_codes"]
+assert r["reconnects"] > 0 and any(str(c) == "3001" for c in codes), f"the nodes really restarted: {codes}"
+print(f"redis, rolling restart of 2 nodes: {r['delivered']} of {r['expected']} delivered, "
+      f"{r['lost_silently']} lost silently, {r['lost_told']} lost told, {r['duplicated']} duplicated, "
+      f"reconnects {r['reconnects']}, close codes {codes}")
+PY

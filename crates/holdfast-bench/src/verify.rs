@@ -28,10 +28,11 @@ const MAX_PER_WORKER: usize = 15_000;
 /// Options of a verify run.
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyArgs {
-    /// Server WebSocket URL.
+    /// Server WebSocket URL; several nodes comma-separated (subscribers spread over them and
+    /// move to the next one on every reconnect, as behind a load balancer).
     #[arg(long, default_value = "ws://127.0.0.1:8000/connection/websocket")]
     pub url: String,
-    /// Server HTTP base (for /api).
+    /// Server HTTP base (for /api); several comma-separated (requests rotate over them).
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub api: String,
     /// Server API key.
@@ -75,12 +76,13 @@ pub struct VerifyArgs {
     /// Seconds from the start at which every subscriber drops at once (repeatable).
     #[arg(long = "storm-at")]
     pub storm_at: Vec<f64>,
-    /// Shell command that restarts the server, run at `restart_at`.
-    #[arg(long)]
-    pub restart_cmd: Option<String>,
-    /// Seconds from the start at which `restart_cmd` runs.
-    #[arg(long, default_value_t = 5.0)]
-    pub restart_at: f64,
+    /// Shell command that restarts a server, run at the matching `--restart-at` (repeatable:
+    /// a rolling restart gives one per node).
+    #[arg(long = "restart-cmd")]
+    pub restart_cmd: Vec<String>,
+    /// Seconds from the start at which the matching `--restart-cmd` runs (default 5).
+    #[arg(long = "restart-at")]
+    pub restart_at: Vec<f64>,
     /// Longest wait for subscribers to catch up after publishing stops, seconds.
     #[arg(long, default_value_t = 20.0)]
     pub drain: f64,
@@ -257,18 +259,24 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
     // outside it, never miscounted.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pubs = spawn_publishers(&args, &run_id, acks.clone(), stop_pub.clone(), live.clone());
-    let restart = args.restart_cmd.clone().map(|cmd| {
-        let at = Duration::from_secs_f64(args.restart_at);
-        tokio::spawn(async move {
-            tokio::time::sleep(at).await;
-            let out = tokio::process::Command::new("sh")
-                .arg("-c")
-                .arg(&cmd)
-                .status()
-                .await;
-            eprintln!("restart command ({cmd}): {out:?}");
+    let restarts: Vec<_> = args
+        .restart_cmd
+        .iter()
+        .enumerate()
+        .map(|(i, cmd)| {
+            let at = Duration::from_secs_f64(args.restart_at.get(i).copied().unwrap_or(5.0));
+            let cmd = cmd.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(at).await;
+                let out = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&cmd)
+                    .status()
+                    .await;
+                eprintln!("restart command ({cmd}): {out:?}");
+            })
         })
-    });
+        .collect();
     let bar = (!args.quiet).then(|| {
         let b = indicatif::ProgressBar::new((args.duration + args.drain) as u64);
         b.set_style(
@@ -296,7 +304,7 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
     for p in pubs {
         let _ = p.await;
     }
-    if let Some(r) = restart {
+    for r in restarts {
         let _ = r.await;
     }
     // Tell the subscribers where the streams end; they drain up to it.
@@ -378,14 +386,19 @@ async fn final_tops(args: &VerifyArgs, run: &str) -> anyhow::Result<Tops> {
     Ok(tops)
 }
 
+/// Rotates API requests over the `--api` bases.
+static API_TURN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 async fn api(
     http: &reqwest::Client,
     args: &VerifyArgs,
     method: &str,
     body: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
+    let bases: Vec<&str> = args.api.split(',').collect();
+    let base = bases[API_TURN.fetch_add(1, Ordering::Relaxed) % bases.len()];
     let r: serde_json::Value = http
-        .post(format!("{}/api/{method}", args.api))
+        .post(format!("{base}/api/{method}"))
         .header("X-API-Key", &args.api_key)
         .json(&body)
         .timeout(Duration::from_secs(5))
@@ -471,7 +484,7 @@ fn spawn_publishers(
             let period = Duration::from_secs_f64(1.0 / args.client_rate);
             let mut seq = 0u64;
             'outer: while !stop.load(Ordering::Acquire) {
-                let Ok(mut ws) = connect(&args, "verify-publisher", None).await else {
+                let Ok(mut ws) = connect(&args, "verify-publisher", None, seq as usize).await else {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
@@ -512,9 +525,15 @@ fn spawn_publishers(
     handles
 }
 
-/// Connects and completes `connect`.
-async fn connect(args: &VerifyArgs, user: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
-    let mut ws = client::open(&args.url, source).await?;
+/// Connects (to the `turn`-th of the `--url` nodes) and completes `connect`.
+async fn connect(
+    args: &VerifyArgs,
+    user: &str,
+    source: Option<IpAddr>,
+    turn: usize,
+) -> anyhow::Result<Ws> {
+    let urls: Vec<&str> = args.url.split(',').collect();
+    let mut ws = client::open(urls[turn % urls.len()], source).await?;
     let connect = if args.secret.is_empty() {
         serde_json::json!({"id": 1, "connect": {"name": "holdfast-bench"}})
     } else {
@@ -724,6 +743,8 @@ async fn subscriber(
     let mut drain_deadline: Option<Instant> = None;
     let mut storm_idx = 0usize;
     let mut backoff = Duration::from_millis(20);
+    // Which node the next (re)connect goes to: spread by user, then rotate.
+    let mut turn = user.bytes().map(usize::from).sum::<usize>();
     loop {
         // After publishing: finish once caught up with the final top, or at the deadline.
         if Instant::now() >= publishing_end {
@@ -737,7 +758,8 @@ async fn subscriber(
                 break;
             }
         }
-        let mut ws = match connect(args, user, source).await {
+        turn += 1;
+        let mut ws = match connect(args, user, source, turn).await {
             Ok(ws) => ws,
             Err(_) => {
                 tokio::time::sleep(backoff).await;
@@ -1004,9 +1026,11 @@ fn print_summary(r: &Report) {
         s.drop_every,
         s.slow_fraction * 100.0,
         s.storm_at,
-        s.restart_cmd
-            .as_deref()
-            .map_or("none".to_string(), |_| format!("at {}s", s.restart_at))
+        if s.restart_cmd.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{} at {:?}s", s.restart_cmd.len(), s.restart_at)
+        }
     );
     eprintln!(
         "publications acknowledged: {} API + {} client ({} API failures)",

@@ -445,7 +445,10 @@ async fn redis_restart_without_persistence_tells_clients_recovered_false() {
         )
         .await;
     assert_eq!(r["subscribe"]["was_recovering"], true, "{r}");
-    assert_ne!(r["subscribe"]["recovered"], true, "told recovered: false: {r}");
+    assert_ne!(
+        r["subscribe"]["recovered"], true,
+        "told recovered: false: {r}"
+    );
     assert_ne!(r["subscribe"]["epoch"], epoch, "a new epoch");
 }
 
