@@ -79,36 +79,27 @@ impl Link {
         }
     }
 
-    /// Subscribes `names` (Redis channel names), grouped by hash slot in cluster mode.
-    async fn subscribe(&mut self, names: &[String]) -> redis::RedisResult<()> {
+    /// Subscribes (`on`) or unsubscribes `names` (Redis channel names), grouped by hash slot
+    /// in cluster mode.
+    async fn set(&mut self, names: &[String], on: bool) -> redis::RedisResult<()> {
         match self {
             Self::Single(c) => {
                 for chunk in names.chunks(512) {
-                    c.subscribe(chunk).await?;
-                }
-            }
-            Self::Cluster(c) => {
-                for group in by_tag(names) {
-                    for chunk in group.chunks(512) {
-                        c.ssubscribe(chunk).await?;
+                    if on {
+                        c.subscribe(chunk).await?;
+                    } else {
+                        c.unsubscribe(chunk).await?;
                     }
                 }
             }
-        }
-        Ok(())
-    }
-
-    async fn unsubscribe(&mut self, names: &[String]) -> redis::RedisResult<()> {
-        match self {
-            Self::Single(c) => {
-                for chunk in names.chunks(512) {
-                    c.unsubscribe(chunk).await?;
-                }
-            }
             Self::Cluster(c) => {
                 for group in by_tag(names) {
                     for chunk in group.chunks(512) {
-                        c.sunsubscribe(chunk).await?;
+                        if on {
+                            c.ssubscribe(chunk).await?;
+                        } else {
+                            c.sunsubscribe(chunk).await?;
+                        }
                     }
                 }
             }
@@ -212,7 +203,7 @@ async fn run(
         if control {
             names.push(shared.keys.control().to_owned());
         }
-        if let Err(e) = link.subscribe(&names).await {
+        if let Err(e) = link.set(&names, true).await {
             tracing::warn!(instance, error = %e, "redis resubscribe failed");
             if !wait_refusing(&mut rx, &mut channels, &seen, backoff).await {
                 return;
@@ -343,7 +334,7 @@ async fn apply(
                     }
                 }
                 let names: Vec<String> = run.iter().map(|(c, _)| shared.keys.pubsub(c)).collect();
-                match link.subscribe(&names).await {
+                match link.set(&names, true).await {
                     Ok(()) => {
                         for (c, r) in run {
                             channels.insert(c.into());
@@ -375,7 +366,7 @@ async fn apply(
                     }
                 }
                 let names: Vec<String> = run.iter().map(|c| shared.keys.pubsub(c)).collect();
-                if let Err(e) = link.unsubscribe(&names).await {
+                if let Err(e) = link.set(&names, false).await {
                     refuse(iter, channels, seen);
                     return Err(e);
                 }

@@ -7,7 +7,7 @@
 mod common;
 use common::*;
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,29 +54,10 @@ allow_subscribe_for_client = true
     p
 }
 
-// The child is returned to the caller, which kills and waits for it.
-#[allow(clippy::zombie_processes)]
 async fn start(cfg: &std::path::Path, port: u16) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(["serve", "--config"])
-        .arg(cfg)
-        .args(["--address", "127.0.0.1", "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/ready")).await
-            && r.status() == 200
-        {
-            return Proc { child, port };
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    Proc {
+        child: spawn_holdfast(cfg, port, WAIT).await,
+        port,
     }
 }
 

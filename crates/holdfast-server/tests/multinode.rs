@@ -11,7 +11,7 @@ use common::redis::{RedisCluster, RedisServer, free_port, raw};
 use common::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 const NODE_WAIT: Duration = Duration::from_secs(30);
@@ -124,24 +124,12 @@ allow_presence_for_subscriber = true
     p
 }
 
-// The child lives in the returned Node, which kills and reaps it.
-#[allow(clippy::zombie_processes)]
 async fn start_node(cfg: &Path) -> Node {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args(["serve", "--config"])
-        .arg(cfg)
-        .args(["--address", "127.0.0.1", "--port", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let n = Node {
-        child: Some(child),
+    Node {
+        child: Some(spawn_holdfast(cfg, port, NODE_WAIT).await),
         port,
-    };
-    n.wait_ready(200).await;
-    n
+    }
 }
 
 fn test_dir(name: &str) -> PathBuf {

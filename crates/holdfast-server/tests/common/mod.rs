@@ -519,3 +519,34 @@ impl ProtoClient {
         }
     }
 }
+
+/// Spawns the `holdfast` binary with `cfg` on `port` and waits (up to `wait`) until `/ready`
+/// answers 200. The caller owns the child: kill and reap it.
+#[allow(clippy::zombie_processes)]
+pub async fn spawn_holdfast(
+    cfg: &std::path::Path,
+    port: u16,
+    wait: Duration,
+) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .args(["--address", "127.0.0.1", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/ready")).await
+            && r.status() == 200
+        {
+            return child;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "holdfast did not become ready on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
