@@ -34,7 +34,7 @@ Each is deliberate (a Holdfast guarantee) or not built yet; none breaks the clie
 | Engines: the embedded durable engine (default) and memory; the Redis engine for many nodes is planned. | Not built yet. The disk engine goes beyond Centrifugo's memory engine: history survives restarts. |
 | Server API: no `rpc` method, the `session` field is ignored, `info` lists this node only; no gRPC API, no admin UI. | Not built. |
 | A binary publication (protobuf client, or API `b64data` that is not JSON) is shown by the server API's `history` as `b64data`. | JSON cannot carry raw bytes. |
-| Configuration keys Holdfast does not implement (e.g. `client.allowed_origins`, `channel_regex`, `allowed_delta_types`) are reported by name (`holdfast checkconfig`) instead of taking effect. | No silent no-op settings. |
+| Configuration keys Holdfast does not implement (e.g. `channel_regex`, `allowed_delta_types`) are reported by name (`holdfast checkconfig`) instead of taking effect. | No silent no-op settings. |
 """
 
 

@@ -100,9 +100,22 @@ pub struct PubMsg<'a> {
     /// Offset in the stream.
     #[serde(default)]
     pub offset: u64,
-    /// Raw payload (not inspected; borrowed so it costs nothing).
-    #[serde(default, borrow, rename = "data")]
-    pub _data: Option<&'a RawValue>,
+    /// Raw payload (borrowed; only the publish time is read from it).
+    #[serde(default, borrow)]
+    pub data: Option<&'a RawValue>,
+}
+
+impl PubMsg<'_> {
+    /// The publish time (`t`, microseconds since the Unix epoch) the verifier puts in payloads.
+    pub fn sent_at_us(&self) -> Option<u64> {
+        #[derive(Deserialize)]
+        struct T {
+            t: u64,
+        }
+        serde_json::from_str::<T>(self.data?.get())
+            .ok()
+            .map(|x| x.t)
+    }
 }
 
 /// An unsubscribe push.

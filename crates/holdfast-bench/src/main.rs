@@ -3,7 +3,7 @@
 //! Run with: `cargo run --release -p holdfast-bench -- verify --help`
 
 use clap::{Parser, Subcommand};
-use holdfast_bench::{publish, verify};
+use holdfast_bench::{abuse, publish, verify};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,6 +23,9 @@ enum Command {
     Verify(Box<verify::VerifyArgs>),
     /// Acknowledged publishes per second and publish latency through the server API.
     Publish(publish::PublishArgs),
+    /// Abusive clients (garbage frames, slowloris, never-reading subscribers, reconnect loops)
+    /// for soak runs next to `verify`.
+    Abuse(abuse::AbuseArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,6 +43,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Publish(args) => {
             rt.block_on(publish::run(args))?;
+        }
+        Command::Abuse(args) => {
+            rt.block_on(abuse::run(args))?;
         }
     }
     Ok(())

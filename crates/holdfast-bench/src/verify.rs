@@ -146,6 +146,9 @@ struct Segment {
 struct WorkerResult {
     /// channel → accounts.
     accounts: Vec<(String, Account)>,
+    /// Live deliveries' publish → receive latency: (microseconds, count).
+    #[serde(default)]
+    latency_us: Vec<(u64, u64)>,
 }
 
 /// The report.
@@ -179,6 +182,8 @@ pub struct Report {
     pub close_codes: BTreeMap<u16, u64>,
     /// delivered / expected, percent.
     pub delivered_pct: f64,
+    /// Publish → receive latency of live (not recovered) deliveries (ms).
+    pub delivery_ms: Percentiles,
     /// Catch-up latency, socket open → subscribe reply (ms).
     pub catch_up_ms: Percentiles,
     /// Wall time of the run, seconds.
@@ -204,6 +209,42 @@ struct Live {
     delivered: AtomicU64,
     reconnects: AtomicU64,
     published: AtomicU64,
+    /// Publish → receive latency of live deliveries, microseconds.
+    latency: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+impl Live {
+    fn record_latency(&self, us: u64) {
+        let mut h = self
+            .latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let h = h.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 2).expect("histogram bounds")
+        });
+        h.saturating_record(us.max(1));
+    }
+
+    fn latency_samples(&self) -> Vec<(u64, u64)> {
+        let h = self
+            .latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.as_ref()
+            .map(|h| {
+                h.iter_recorded()
+                    .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Microseconds since the Unix epoch (the publish time carried in payloads).
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn channel_name(args: &VerifyArgs, run: &str, k: usize) -> String {
@@ -449,7 +490,7 @@ fn spawn_publishers(
                 tick.tick().await;
                 seq += 1;
                 let ch = channel_name(&args, &run, (seq as usize) % args.channels);
-                let body = serde_json::json!({"channel": ch, "data": {"p": "api", "s": seq}});
+                let body = serde_json::json!({"channel": ch, "data": {"p": "api", "s": seq, "t": unix_us()}});
                 // Publishes run concurrently (bounded) so the rate holds while the server is busy.
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
@@ -497,7 +538,7 @@ fn spawn_publishers(
                             seq += 1;
                             id += 1;
                             let ch = channel_name(&args, &run, (seq as usize) % args.channels);
-                            let cmd = serde_json::json!({"id": id, "publish": {"channel": ch, "data": {"p": "client", "s": seq}}});
+                            let cmd = serde_json::json!({"id": id, "publish": {"channel": ch, "data": {"p": "client", "s": seq, "t": unix_us()}}});
                             if client::send(&mut ws, cmd.to_string()).await.is_err() {
                                 continue 'outer;
                             }
@@ -581,6 +622,7 @@ async fn run_workers(args: &VerifyArgs, n: usize) -> anyhow::Result<WorkerResult
         anyhow::ensure!(out.status.success(), "a worker failed: {:?}", out.status);
         let r: WorkerResult = serde_json::from_slice(&out.stdout).context("worker output")?;
         all.accounts.extend(r.accounts);
+        all.latency_us.extend(r.latency_us);
     }
     Ok(all)
 }
@@ -674,6 +716,7 @@ async fn run_subscribers(
     for t in tasks {
         result.accounts.push(t.await?);
     }
+    result.latency_us = live.latency_samples();
     Ok(result)
 }
 
@@ -876,6 +919,9 @@ async fn subscriber(
                                 // The subscribe reply must come before any publication.
                                 acc.out_of_order += 1;
                             } else {
+                                if let Some(t) = publication.sent_at_us() {
+                                    live.record_latency(unix_us().saturating_sub(t));
+                                }
                                 accept(&mut acc, &mut seg, &mut next, publication.offset, live);
                             }
                         }
@@ -965,6 +1011,7 @@ fn account(
         reconnects: 0,
         close_codes: BTreeMap::new(),
         delivered_pct: 100.0,
+        delivery_ms: Percentiles::default(),
         catch_up_ms: Percentiles::default(),
         wall_seconds: wall.as_secs_f64(),
     };
@@ -1001,6 +1048,19 @@ fn account(
     }
     if r.expected > 0 {
         r.delivered_pct = 100.0 * r.delivered as f64 / r.expected as f64;
+    }
+    let mut lat = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)
+        .expect("histogram bounds");
+    for &(us, n) in &result.latency_us {
+        let _ = lat.record_n(us.clamp(1, 600_000_000), n);
+    }
+    if !lat.is_empty() {
+        r.delivery_ms = Percentiles {
+            count: lat.len(),
+            p50: lat.value_at_quantile(0.5) as f64 / 1000.0,
+            p99: lat.value_at_quantile(0.99) as f64 / 1000.0,
+            max: lat.max() as f64 / 1000.0,
+        };
     }
     if !hist.is_empty() {
         r.catch_up_ms = Percentiles {
@@ -1053,6 +1113,10 @@ fn print_summary(r: &Report) {
         r.reconnects, r.close_codes
     );
     eprintln!(
+        "delivery (publish → live)  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} samples)",
+        r.delivery_ms.p50, r.delivery_ms.p99, r.delivery_ms.max, r.delivery_ms.count
+    );
+    eprintln!(
         "catch-up (open → recovered) p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} samples)",
         r.catch_up_ms.p50, r.catch_up_ms.p99, r.catch_up_ms.max, r.catch_up_ms.count
     );
@@ -1085,6 +1149,7 @@ mod tests {
     fn report(accounts: Vec<Account>, top: u64) -> Report {
         let result = WorkerResult {
             accounts: accounts.into_iter().map(|a| ("c".to_string(), a)).collect(),
+            latency_us: Vec::new(),
         };
         let tops: Tops = [("c".to_string(), ("E".to_string(), top))].into();
         account(&args(), &result, &tops, &Acks::default(), Duration::ZERO)

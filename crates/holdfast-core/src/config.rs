@@ -45,6 +45,22 @@ pub struct ClientConfig {
     pub channel_limit: usize,
     /// Maximum connections per user on this node (0 = unlimited; 3504).
     pub user_connection_limit: usize,
+    /// Maximum connections on this node (0 = unlimited); upgrades beyond it get HTTP 503.
+    pub connection_limit: usize,
+    /// Maximum concurrent connections from one IP address (0 = unlimited); HTTP 429 beyond.
+    pub connection_limit_per_ip: usize,
+    /// WebSocket upgrade attempts per second from one IP address (0 = unlimited); HTTP 429.
+    pub connection_rate_limit_per_ip: u32,
+    /// Browser origins allowed to open connections: exact origins or `*` patterns such as
+    /// `https://*.example.com`. Empty = same host only (the `Origin` host must equal `Host`).
+    /// Requests without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Commands a connection may send per second on average (0 = unlimited); excess gets 111.
+    pub command_rate_limit: u32,
+    /// Commands a connection may send at once above the average rate.
+    pub command_burst: u32,
+    /// Commands refused in a row (111) after which the connection is closed with 3013.
+    pub command_excess_disconnect: u32,
     /// Outbound queue limit per connection in bytes; overflow closes with 3008.
     pub queue_max_size: usize,
     /// Cap on publications returned by a client `history` call.
@@ -145,6 +161,13 @@ impl Default for ClientConfig {
             expired_sub_close_delay: Duration::from_secs(25),
             channel_limit: 128,
             user_connection_limit: 0,
+            connection_limit: 0,
+            connection_limit_per_ip: 0,
+            connection_rate_limit_per_ip: 0,
+            allowed_origins: Vec::new(),
+            command_rate_limit: 100,
+            command_burst: 200,
+            command_excess_disconnect: 50,
             queue_max_size: 1 << 20,
             history_max_publication_limit: 300,
             recovery_max_publication_limit: 300,
@@ -373,6 +396,26 @@ impl NodeConfig {
         }
         if c.channel_limit == 0 {
             err("client.channel_limit".into(), "must be at least 1");
+        }
+        if c.command_rate_limit > 0 && c.command_burst == 0 {
+            err(
+                "client.command_burst".into(),
+                "must be at least 1 when client.command_rate_limit is set",
+            );
+        }
+        if c.command_rate_limit > 0 && c.command_excess_disconnect == 0 {
+            err(
+                "client.command_excess_disconnect".into(),
+                "must be at least 1 when client.command_rate_limit is set",
+            );
+        }
+        for (i, o) in c.allowed_origins.iter().enumerate() {
+            if o.is_empty() || o.len() > 512 || o.chars().any(|ch| ch.is_whitespace()) {
+                err(
+                    format!("client.allowed_origins[{i}]"),
+                    "must be an origin such as https://app.example.com, a pattern such as https://*.example.com, or *",
+                );
+            }
         }
         let check = |prefix: &str, o: &ChannelOptions, errs: &mut Vec<ConfigError>| {
             let mut e = |k: &str, p: &str| {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod handler;
 pub mod hub;
+pub mod limit;
 pub mod node;
 pub mod session;
 pub mod shard;

@@ -132,6 +132,7 @@ pub struct Session {
     /// Forwardable HTTP headers of the upgrade request.
     headers: crate::transport::Headers,
     state: State,
+    bucket: crate::limit::TokenBucket,
 }
 
 fn reply_bytes(enc: Encoding, id: u32, body: &ReplyBody) -> Bytes {
@@ -160,11 +161,12 @@ impl Session {
         headers: crate::transport::Headers,
     ) -> Self {
         Self {
-            node,
             client,
             transport,
+            bucket: crate::limit::TokenBucket::new(node.config().client.command_burst),
             headers,
             state: State::New,
+            node,
         }
     }
 
@@ -198,6 +200,26 @@ impl Session {
                 return Ok(());
             }
             let method = cmd.request.method();
+            let limits = &self.node.config().client;
+            if limits.command_rate_limit > 0
+                && !self.bucket.take(
+                    limits.command_rate_limit,
+                    limits.command_burst,
+                    Instant::now(),
+                )
+            {
+                metrics::counter!("holdfast_limit_rejections_total", "limit" => "command_rate")
+                    .increment(1);
+                if self.bucket.refused_in_a_row() >= limits.command_excess_disconnect {
+                    tracing::warn!(client = %self.client.id(), user = self.client.user(), "command rate exceeded persistently: closing with 3013");
+                    return Err(Disconnect::TOO_MANY_REQUESTS);
+                }
+                tracing::debug!(client = %self.client.id(), user = self.client.user(), method, "command rate exceeded");
+                if cmd.id != 0 {
+                    self.reply_error(cmd.id, ErrorReply::TOO_MANY_REQUESTS);
+                }
+                continue;
+            }
             let started = Instant::now();
             let res = self.handle_command(cmd).await;
             let elapsed = started.elapsed().as_secs_f64();

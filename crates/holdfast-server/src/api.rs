@@ -123,6 +123,16 @@ async fn admit(state: &AppState, req: Request) -> Result<(Bytes, bool), Response
         metrics::counter!("holdfast_api_unauthorized_total").increment(1);
         return Err(json_error(StatusCode::UNAUTHORIZED, "unauthorized"));
     }
+    if let Some(rl) = &state.api_rate
+        && rl.check().is_err()
+    {
+        metrics::counter!("holdfast_limit_rejections_total", "limit" => "api_rate").increment(1);
+        tracing::warn!(path = %parts.uri.path(), "API request refused: http_api.rate_limit exceeded");
+        return Err(json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "API rate limit exceeded (http_api.rate_limit)",
+        ));
+    }
     let transport_mode = state.config.http_api.error_mode == "transport"
         || parts
             .headers

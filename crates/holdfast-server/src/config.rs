@@ -143,6 +143,34 @@ pub struct HttpServerConfig {
     pub internal_address: String,
     /// Port of the internal listener (API, health, metrics, ready); 0 = everything on `port`.
     pub internal_port: u16,
+    /// TLS on the public listener.
+    pub tls: TlsConfig,
+    /// TLS on the internal listener.
+    pub internal_tls: TlsConfig,
+    /// A client must send a request's headers within this time (slowloris defence); also
+    /// bounds how long an idle keep-alive connection waits for its next request.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; bigger gets 431.
+    pub max_header_size: usize,
+    /// HTTP/1.1 keep-alive (several requests per connection).
+    pub keep_alive: bool,
+    /// A TLS handshake must finish within this time.
+    #[serde(with = "duration")]
+    pub tls_handshake_timeout: Duration,
+}
+
+/// `http_server.tls.*` / `http_server.internal_tls.*`: certificate and key files (PEM),
+/// re-read on SIGHUP without dropping connections.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// Serve HTTPS/WSS.
+    pub enabled: bool,
+    /// Certificate chain, leaf first.
+    pub server_cert_pem_file: String,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub server_key_pem_file: String,
 }
 
 impl Default for HttpServerConfig {
@@ -152,6 +180,12 @@ impl Default for HttpServerConfig {
             port: 8000,
             internal_address: "127.0.0.1".into(),
             internal_port: 0,
+            tls: TlsConfig::default(),
+            internal_tls: TlsConfig::default(),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_size: 16 * 1024,
+            keep_alive: true,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -194,6 +228,10 @@ pub struct HttpApiConfig {
     pub error_mode: String,
     /// Largest request body in bytes.
     pub max_body_size: usize,
+    /// Authorized API requests per second (0 = unlimited); excess gets HTTP 429.
+    pub rate_limit: u32,
+    /// Requests allowed at once above the rate (0 = same as `rate_limit`).
+    pub rate_burst: u32,
 }
 
 impl Default for HttpApiConfig {
@@ -203,6 +241,8 @@ impl Default for HttpApiConfig {
             insecure: false,
             error_mode: String::new(),
             max_body_size: 1 << 20,
+            rate_limit: 0,
+            rate_burst: 0,
         }
     }
 }
@@ -405,6 +445,25 @@ impl Config {
         }
         if !matches!(self.http_api.error_mode.as_str(), "" | "transport") {
             e("http_api.error_mode", "must be \"\" or \"transport\"");
+        }
+        for (key, tls) in [
+            ("http_server.tls", &self.http_server.tls),
+            ("http_server.internal_tls", &self.http_server.internal_tls),
+        ] {
+            if tls.enabled
+                && (tls.server_cert_pem_file.is_empty() || tls.server_key_pem_file.is_empty())
+            {
+                e(
+                    key,
+                    "enabled TLS needs server_cert_pem_file and server_key_pem_file",
+                );
+            }
+        }
+        if self.http_server.max_header_size < 8192 {
+            e("http_server.max_header_size", "must be at least 8192 bytes");
+        }
+        if self.http_server.header_read_timeout.is_zero() {
+            e("http_server.header_read_timeout", "must be positive");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             e("log.format", "must be \"text\" or \"json\"");
@@ -800,12 +859,13 @@ mod tests {
         let p = write(
             "config.json",
             r#"{"client":{"token":{"hmac_secret_key":"secret"},"insecure":true,"allowed_origins":["*"]},
-               "http_api":{"key":"k"},"admin":{"enabled":true},
+               "http_api":{"key":"k"},"admin":{"enabled":true},"uni_websocket":{"enabled":true},
                "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true}}}"#,
         );
         let l = load(Some(&p), Vec::new(), &[]).expect("load");
         assert_eq!(l.config.client.token.hmac_secret_key, "secret");
         assert!(l.config.channel.without_namespace.force_recovery);
+        assert_eq!(l.config.client.allowed_origins, ["*"]);
         let mut unknown = l.unknown.clone();
         unknown.sort();
         assert_eq!(
@@ -813,7 +873,7 @@ mod tests {
             [
                 "admin",
                 "channel.without_namespace.delta_publish",
-                "client.allowed_origins"
+                "uni_websocket"
             ]
         );
     }

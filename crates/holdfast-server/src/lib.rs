@@ -7,6 +7,8 @@
 pub mod api;
 pub mod config;
 pub mod jwt;
+pub mod limits;
+pub mod listen;
 pub mod proxy;
 pub mod server;
 pub mod webhook;

@@ -8,7 +8,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use holdfast_core::Node;
 use holdfast_core::engine::{Engine, MemoryEngine};
 use holdfast_core::handler::{StandardHandler, TokenVerifier};
@@ -30,6 +29,27 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Lower-case names of the upgrade-request headers that proxies forward.
     pub forwarded_headers: Vec<String>,
+    /// Connections per node and per IP, upgrade attempts per IP.
+    pub limits: Arc<crate::limits::ConnectionLimits>,
+    /// `http_api.rate_limit`.
+    pub api_rate: Option<governor::DefaultDirectRateLimiter>,
+}
+
+impl AppState {
+    fn new(node: Node, config: Config, metrics: PrometheusHandle) -> Arc<Self> {
+        let forwarded_headers = crate::proxy::ProxyHandler::forwarded_headers(&config);
+        Arc::new(Self {
+            limits: crate::limits::ConnectionLimits::new(&config.client),
+            api_rate: crate::limits::api_rate_limiter(
+                config.http_api.rate_limit,
+                config.http_api.rate_burst,
+            ),
+            node,
+            config: Arc::new(config),
+            metrics,
+            forwarded_headers,
+        })
+    }
 }
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -128,17 +148,11 @@ pub async fn build_with_engine(config: Config, engine: Engine) -> anyhow::Result
         .enabled
         .then(|| crate::webhook::Webhooks::start(&config.webhooks, &uuid_like()));
     let handler = Arc::new(crate::proxy::ProxyHandler::new(&config, standard, webhooks));
-    let forwarded_headers = crate::proxy::ProxyHandler::forwarded_headers(&config);
     let node = Node::new(config.node_config(), engine, handler).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
     })?;
-    Ok(Arc::new(AppState {
-        node,
-        config: Arc::new(config),
-        metrics,
-        forwarded_headers,
-    }))
+    Ok(AppState::new(node, config, metrics))
 }
 
 fn uuid_like() -> String {
@@ -150,13 +164,7 @@ fn uuid_like() -> String {
 /// server's configuration for the transport. The application calls `node.start()` once ready
 /// and `node.shutdown(..)` on exit.
 pub fn embed(node: Node, config: Config) -> Arc<AppState> {
-    let forwarded_headers = crate::proxy::ProxyHandler::forwarded_headers(&config);
-    Arc::new(AppState {
-        node,
-        config: Arc::new(config),
-        metrics: metrics_handle(),
-        forwarded_headers,
-    })
+    AppState::new(node, config, metrics_handle())
 }
 
 /// The WebSocket endpoint alone (`/connection/websocket`), to merge into an application's router.
@@ -211,7 +219,23 @@ pub async fn run_with_readiness(
     ready: impl Future<Output = ()> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let http = &state.config.http_server;
+    let open = |t: &crate::config::TlsConfig, which: &str| {
+        t.enabled
+            .then(|| crate::listen::CertStore::open(t).with_context(|| format!("{which} TLS")))
+            .transpose()
+    };
+    let public_tls = open(&http.tls, "public listener")?;
+    let internal_tls = open(&http.internal_tls, "internal listener")?;
     let stop = CancellationToken::new();
+    crate::listen::reload_on_sighup(
+        public_tls
+            .iter()
+            .chain(internal_tls.iter())
+            .cloned()
+            .collect(),
+        stop.clone(),
+    );
     let stop2 = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -219,37 +243,43 @@ pub async fn run_with_readiness(
     });
     let upkeep_handle = state.metrics.clone();
     let upkeep_stop = stop.clone();
+    let upkeep_limits = state.limits.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             tokio::select! {
-                _ = t.tick() => upkeep_handle.run_upkeep(),
+                _ = t.tick() => {
+                    upkeep_handle.run_upkeep();
+                    upkeep_limits.upkeep();
+                }
                 _ = upkeep_stop.cancelled() => return,
             }
         }
     });
     let public_addr = public.local_addr()?;
     let public_app = router(state.clone(), internal.is_none());
-    let public_listener = public.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let s = stop.clone();
-    let public_srv = tokio::spawn(async move {
-        axum::serve(public_listener, public_app)
-            .with_graceful_shutdown(s.cancelled_owned())
-            .await
-    });
+    let drain = state.config.shutdown.timeout;
+    let public_how = crate::listen::Listener {
+        tls: public_tls,
+        http: http.clone(),
+    };
+    let public_srv = tokio::spawn(crate::listen::serve(
+        public,
+        public_app,
+        public_how,
+        stop.clone(),
+        drain,
+    ));
     let internal_srv = internal.map(|l| {
         let app = internal_router().with_state(state.clone());
-        let s = stop.clone();
         if let Ok(a) = l.local_addr() {
             tracing::info!(address = %a, "internal listener (health, ready, metrics)");
         }
-        tokio::spawn(async move {
-            axum::serve(l, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await
-        })
+        let how = crate::listen::Listener {
+            tls: internal_tls,
+            http: http.clone(),
+        };
+        tokio::spawn(crate::listen::serve(l, app, how, stop.clone(), drain))
     });
     tracing::info!(address = %public_addr, node = state.node.id(), version = state.node.version(), "holdfast listening");
     let ready_node = state.node.clone();
@@ -266,14 +296,9 @@ pub async fn run_with_readiness(
     stop.cancelled().await;
     tracing::info!("shutdown requested");
     state.node.shutdown(state.config.shutdown.timeout).await;
-    public_srv
-        .await
-        .context("public listener task")?
-        .context("public listener")?;
+    public_srv.await.context("public listener task")?;
     if let Some(h) = internal_srv {
-        h.await
-            .context("internal listener task")?
-            .context("internal listener")?;
+        h.await.context("internal listener task")?;
     }
     tracing::info!("shutdown complete");
     Ok(())

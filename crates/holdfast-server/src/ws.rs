@@ -4,7 +4,7 @@
 use crate::server::AppState;
 use async_trait::async_trait;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -62,6 +62,33 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
+    let client_cfg = &app.config.client;
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if !crate::limits::origin_allowed(&client_cfg.allowed_origins, origin, host) {
+        metrics::counter!("holdfast_upgrades_refused_total", "reason" => "origin").increment(1);
+        tracing::warn!(origin = origin.unwrap_or(""), host = host.unwrap_or(""), peer = ?peer, "WebSocket upgrade refused: origin not allowed (client.allowed_origins)");
+        return json_error(StatusCode::FORBIDDEN, "origin not allowed");
+    }
+    let permit = match app.limits.admit(peer.map(|p| p.ip())) {
+        Ok(p) => p,
+        Err(r) => {
+            metrics::counter!("holdfast_upgrades_refused_total", "reason" => r.label())
+                .increment(1);
+            tracing::warn!(peer = ?peer, limit = r.label(), "WebSocket upgrade refused: limit reached");
+            let status = match r {
+                crate::limits::Refusal::Node => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::TOO_MANY_REQUESTS,
+            };
+            return json_error(status, &format!("connection limit reached ({})", r.label()));
+        }
+    };
     let query = req.uri().query().unwrap_or("");
     let wants_protobuf = query
         .split('&')
@@ -108,6 +135,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
     let write_timeout = ws_cfg.write_timeout;
     let node = app.node.clone();
     app.node.tracker().spawn(async move {
+        let _permit = permit;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

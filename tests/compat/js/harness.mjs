@@ -15,6 +15,10 @@ export const SECRET = 'compat-secret';
 export const API_KEY = 'compat-api-key';
 
 export const CONFIG = `
+[client]
+# The browser page is served by the test's own web server on another local port.
+allowed_origins = ["http://127.0.0.1:*"]
+
 [client.token]
 hmac_secret_key = "${SECRET}"
 
