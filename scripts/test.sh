@@ -55,5 +55,8 @@ step "delivery verifier: short runs with faults and a restart"
 cargo build --workspace --bins
 scripts/verify.sh
 
+step "fuzzing: 20 s per target (fuzz/README.md has the long run)"
+FUZZ_SECONDS=20 scripts/fuzz.sh
+
 echo
 echo "all tests passed"
