@@ -42,11 +42,19 @@ fn main() {
         .expect("protocol tests");
     let json = json_literals(&tests);
     for (i, lit) in json.iter().enumerate() {
-        write(&root.join("corpus/json_frame"), &format!("test-{i:02}"), lit.as_bytes());
+        write(
+            &root.join("corpus/json_frame"),
+            &format!("test-{i:02}"),
+            lit.as_bytes(),
+        );
         // session_frame: an even first byte selects JSON.
         let mut s = vec![0u8];
         s.extend_from_slice(lit.as_bytes());
-        write(&root.join("corpus/session_frame"), &format!("json-{i:02}"), &s);
+        write(
+            &root.join("corpus/session_frame"),
+            &format!("json-{i:02}"),
+            &s,
+        );
     }
     let batch = json.iter().take(6).cloned().collect::<Vec<_>>().join("\n");
     write(&root.join("corpus/json_frame"), "batch", batch.as_bytes());
@@ -97,10 +105,18 @@ fn main() {
     for (i, c) in cmds.iter().enumerate() {
         let mut one = Vec::new();
         c.encode_length_delimited(&mut one).expect("encode");
-        write(&root.join("corpus/protobuf_frame"), &format!("cmd-{i:02}"), &one);
+        write(
+            &root.join("corpus/protobuf_frame"),
+            &format!("cmd-{i:02}"),
+            &one,
+        );
         let mut s = vec![1u8];
         s.extend_from_slice(&one);
-        write(&root.join("corpus/session_frame"), &format!("proto-{i:02}"), &s);
+        write(
+            &root.join("corpus/session_frame"),
+            &format!("proto-{i:02}"),
+            &s,
+        );
         all.extend_from_slice(&one);
     }
     write(&root.join("corpus/protobuf_frame"), "batch", &all);
