@@ -40,10 +40,14 @@ step "tools for the compatibility suites"
 cargo build --workspace --bins
 py="$(tests/compat/setup.sh)"
 (cd tests/compat/js && npm ci --no-audit --no-fund --loglevel=error)
+(cd examples && npm ci --no-audit --no-fund --loglevel=error)
 
 step "compatibility: centrifuge-js in Node and in Chromium"
 rm -rf artifacts/compat
 (cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs browser.test.mjs)
+
+step "example apps in Chromium (examples/*, screenshots in artifacts/examples)"
+(cd tests/compat/js && PYTHON="$py" node --test --test-concurrency=1 --test-reporter=spec examples.test.mjs)
 
 step "compatibility: centrifuge-python, cent, examples"
 "$py" -m pytest -q tests/compat

@@ -85,6 +85,7 @@ async fn ended(ws: &mut client::Ws) -> String {
 
 /// Runs every kind of abuse until the duration ends; prints a summary to stderr.
 pub async fn run(args: AbuseArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Arc::new(args);
     let until = Instant::now() + Duration::from_secs_f64(args.duration);
     let tally = Arc::new(Tally::default());
