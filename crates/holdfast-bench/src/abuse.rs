@@ -123,7 +123,8 @@ pub async fn run(args: AbuseArgs) -> anyhow::Result<()> {
         let (args, tally) = (args.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
-            let payload = serde_json::json!({"channel": args.channel, "data": {"pad": "x".repeat(4096)}});
+            let payload =
+                serde_json::json!({"channel": args.channel, "data": {"pad": "x".repeat(4096)}});
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.flood_rate));
             while Instant::now() < until {
                 tick.tick().await;
