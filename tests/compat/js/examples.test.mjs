@@ -3,7 +3,7 @@
 // with README_SCREENSHOTS=1 they also replace the ones in the examples' READMEs.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
@@ -26,8 +26,8 @@ after(async () => {
 });
 
 /** Starts an example's FastAPI backend (uvicorn) against a holdfast server. */
-async function startBackend(example, srv, env = {}) {
-  const port = await freePort();
+async function startBackend(example, srv, env = {}, port = undefined) {
+  port ??= await freePort();
   const proc = spawn(PYTHON, ['-m', 'uvicorn', 'app:app', '--host', '127.0.0.1', '--port', String(port)], {
     cwd: join(ROOT, 'examples', example),
     env: { ...process.env, HOLDFAST_API: srv.http, HOLDFAST_WS: srv.ws, ...env },
@@ -67,8 +67,18 @@ async function startBackend(example, srv, env = {}) {
   };
 }
 
-async function exampleServer(example) {
-  return startServer(readFileSync(join(ROOT, 'examples', example, 'config.toml'), 'utf8'));
+/** The server drops a user's connections (the browser then goes through its reconnect logic). */
+async function dropUser(srv, apiKey, user) {
+  const r = await fetch(`${srv.http}/api/disconnect`, {
+    method: 'POST',
+    headers: { 'X-API-Key': apiKey, 'content-type': 'application/json' },
+    body: JSON.stringify({ user, disconnect: { code: 3011, reason: 'network lost' } }),
+  });
+  assert.ok(r.ok, `disconnect: HTTP ${r.status}`);
+}
+
+async function exampleServer(example, extraArgs = []) {
+  return startServer(readFileSync(join(ROOT, 'examples', example, 'config.toml'), 'utf8'), extraArgs);
 }
 
 async function shot(page, name, readme) {
@@ -116,12 +126,7 @@ test('notify: messages sent before the page opens are shown on connect, live one
     // Offline: the network goes away and the server drops the socket; two messages are sent
     // meanwhile. Back online, they arrive exactly once, after the others.
     await ctxA.setOffline(true);
-    const api = await fetch(`${srv.http}/api/disconnect`, {
-      method: 'POST',
-      headers: { 'X-API-Key': 'notify-example-api-key-change-me', 'content-type': 'application/json' },
-      body: JSON.stringify({ user: alice, disconnect: { code: 3011, reason: 'network lost' } }),
-    });
-    assert.ok(api.ok);
+    await dropUser(srv, 'notify-example-api-key-change-me', alice);
     await a.waitForSelector('#state:not([data-state="connected"])', { timeout: 15000 });
     await app.post(`/api/notify/${alice}`, { text: 'sent while offline (1)' });
     await app.post(`/api/notify/${alice}`, { text: 'sent while offline (2)' });
@@ -151,6 +156,247 @@ test('notify: messages sent before the page opens are shown on connect, live one
     await ctxA.close();
     await ctxB.close();
   } finally {
+    await app.stop();
+    await srv.stop();
+  }
+});
+
+/** Chat messages on a page: [{offset, who, text}]. */
+const chatLog = (page) =>
+  page.$$eval('#log .msg', (els) =>
+    els.map((e) => ({ offset: +e.dataset.offset, who: e.querySelector('.who').textContent, text: e.querySelector('.text').textContent })),
+  );
+
+test('chat (React): short tokens renew without reconnecting, 20 rapid messages render once in order, offline loses nothing', async () => {
+  execFileSync(join(ROOT, 'examples', 'chat', 'build.sh'));
+  const srv = await exampleServer('chat');
+  // 3-second tokens: several renewals happen within the test.
+  const app = await startBackend('chat', srv, { TOKEN_TTL: '3' });
+  try {
+    const room = `r${process.pid}`;
+    const ctxA = await browser.newContext({ viewport: { width: 900, height: 640 } });
+    const ctxB = await browser.newContext({ viewport: { width: 900, height: 640 } });
+    const a = await ctxA.newPage();
+    const b = await ctxB.newPage();
+    await Promise.all([a.goto(`${app.url}/?user=alice&room=${room}`), b.goto(`${app.url}/?user=bob&room=${room}`)]);
+    for (const p of [a, b]) await p.waitForSelector('button:not([disabled])', { timeout: 15000 });
+
+    // Twenty messages fired without waiting: each renders once, in the order sent, on both pages.
+    await a.evaluate(() => {
+      for (let i = 1; i <= 20; i++) window.chatSend(`rapid ${i}`);
+    });
+    const twenty = Array.from({ length: 20 }, (_, i) => `rapid ${i + 1}`);
+    for (const p of [a, b]) {
+      await p.waitForFunction(() => document.querySelectorAll('#log .msg').length >= 20, null, { timeout: 15000 });
+      assert.deepEqual((await chatLog(p)).map((m) => m.text), twenty);
+    }
+
+    // Tokens live 3 s: wait for three renewals; the connection stayed the same one throughout.
+    await a.waitForFunction(() => window.chatStats.tokens >= 4, null, { timeout: 30000 });
+    const stats = await a.evaluate(() => ({ ...window.chatStats, clients: window.chatStats.clients.size }));
+    assert.equal(stats.clients, 1, 'one connection: renewals do not reconnect');
+    assert.equal(stats.disconnects, 0);
+    // The page re-renders four times a second: still exactly one subscribe.
+    assert.equal(stats.subscribeCalls, 1, 'no resubscribe on re-render');
+    assert.equal(await a.$eval('#state', (e) => e.dataset.state), 'connected');
+
+    // Alice goes offline (and the server drops her socket); Bob writes five messages.
+    await ctxA.setOffline(true);
+    await dropUser(srv, 'chat-example-api-key-change-me', 'alice');
+    await a.waitForSelector('#state:not([data-state="connected"])', { timeout: 15000 });
+    await b.evaluate(() => {
+      for (let i = 1; i <= 5; i++) window.chatSend(`while alice was away ${i}`);
+    });
+    await b.waitForFunction(() => document.querySelectorAll('#log .msg').length >= 25, null, { timeout: 15000 });
+    await shot(a, 'chat-offline');
+    await ctxA.setOffline(false);
+    await a.waitForSelector('#state[data-state="connected"]', { timeout: 30000 });
+    await a.waitForFunction(() => document.querySelectorAll('#log .msg').length >= 25, null, { timeout: 15000 });
+    await a.evaluate(() => window.chatSend('back online'));
+    await a.waitForFunction(() => document.querySelectorAll('#log .msg').length >= 26, null, { timeout: 15000 });
+    await b.waitForFunction(() => document.querySelectorAll('#log .msg').length >= 26, null, { timeout: 15000 });
+    const logA = await chatLog(a);
+    assert.deepEqual(logA, await chatLog(b), 'both pages show the same conversation');
+    assert.deepEqual(logA.map((m) => m.offset), Array.from({ length: 26 }, (_, i) => i + 1), 'nothing lost, nothing twice');
+    assert.equal(await a.evaluate(() => window.chatStats.duplicates), 0);
+    assert.equal(await a.evaluate(() => window.chatStats.subscribeCalls), 1);
+    await shot(a, 'chat', 'chat/screenshot.png');
+    await ctxA.close();
+    await ctxB.close();
+  } finally {
+    await app.stop();
+    await srv.stop();
+  }
+});
+
+/** Transcript entries on an interview page: [{offset, kind, text}]. */
+const transcript = (page) =>
+  page.$$eval('#transcript .entry', (els) =>
+    els.map((e) => ({ offset: +e.dataset.offset, kind: e.classList.contains('question') ? 'question' : 'answer', text: e.querySelector('.text').textContent })),
+  );
+
+test('interview: both views see every question and answer; refresh and network loss continue exactly; the seed websockets check passes', async () => {
+  const srv = await exampleServer('interview');
+  const app = await startBackend('interview', srv);
+  try {
+    const iv = `iv${process.pid}`;
+    const ctxI = await browser.newContext({ viewport: { width: 900, height: 600 } });
+    const ctxC = await browser.newContext({ viewport: { width: 900, height: 600 } });
+    const interviewer = await ctxI.newPage();
+    const candidate = await ctxC.newPage();
+    await Promise.all([
+      interviewer.goto(`${app.url}/?role=interviewer&user=ann&interview=${iv}`),
+      candidate.goto(`${app.url}/?role=candidate&user=carl&interview=${iv}`),
+    ]);
+    for (const p of [interviewer, candidate]) await p.waitForSelector('body[data-ready="1"]', { timeout: 15000 });
+    const say = async (page, text) => {
+      await page.fill('#text', text);
+      await page.click('#send');
+    };
+    const waitEntries = (page, n) =>
+      page.waitForFunction((n) => document.querySelectorAll('#transcript .entry').length >= n, n, { timeout: 30000 });
+
+    await say(interviewer, 'Tell me about a production incident you handled.');
+    await Promise.all([waitEntries(interviewer, 1), waitEntries(candidate, 1)]);
+    await say(candidate, 'A WebSocket server that lost messages when users reconnected.');
+    await Promise.all([waitEntries(interviewer, 2), waitEntries(candidate, 2)]);
+
+    // The candidate refreshes: the transcript is back, exactly.
+    await candidate.reload();
+    await candidate.waitForSelector('body[data-ready="1"]', { timeout: 15000 });
+    await waitEntries(candidate, 2);
+    assert.deepEqual(await transcript(candidate), await transcript(interviewer));
+
+    // The candidate's network dies; a question is asked meanwhile; the network comes back.
+    await ctxC.setOffline(true);
+    await dropUser(srv, 'interview-example-api-key-change-me', 'carl');
+    await candidate.waitForSelector('#state:not([data-state="connected"])', { timeout: 15000 });
+    await say(interviewer, 'How would you make that impossible?');
+    await waitEntries(interviewer, 3);
+    await ctxC.setOffline(false);
+    await waitEntries(candidate, 3);
+    await say(candidate, 'Number every message and let clients recover from their position.');
+    await Promise.all([waitEntries(interviewer, 4), waitEntries(candidate, 4)]);
+
+    // The interviewer refreshes too.
+    await interviewer.reload();
+    await interviewer.waitForSelector('body[data-ready="1"]', { timeout: 15000 });
+    await waitEntries(interviewer, 4);
+    const want = await transcript(interviewer);
+    assert.deepEqual(want.map((e) => e.offset), [1, 2, 3, 4], 'every entry once, in order');
+    assert.deepEqual(want.map((e) => e.kind), ['question', 'answer', 'question', 'answer']);
+    assert.deepEqual(await transcript(candidate), want);
+    assert.deepEqual(await candidate.evaluate(() => window.entries), [1, 2, 3, 4], 'nothing shown twice');
+    await shot(interviewer, 'interview-interviewer', 'interview/interviewer.png');
+    await shot(candidate, 'interview-candidate', 'interview/candidate.png');
+
+    // The seed's own check: a plain websockets client, asyncio in debug mode.
+    const check = execFileSync(PYTHON, [join(ROOT, 'examples', 'interview', 'check_websocket.py'), app.url, iv], {
+      encoding: 'utf8',
+    });
+    assert.match(check, /ping: answered/);
+    assert.match(check, /history: 4 entries/);
+    assert.match(check, /no asyncio errors/);
+    assert.doesNotMatch(app.log(), /Traceback|ERROR|Task exception/);
+    await ctxI.close();
+    await ctxC.close();
+  } finally {
+    await app.stop();
+    await srv.stop();
+  }
+});
+
+/** The agents conversation on a page: [{offset, kind, text}]. */
+const conversation = (page) =>
+  page.$$eval('#conv .e', (els) => els.map((e) => ({ offset: +e.dataset.offset, kind: e.className.slice(2), text: e.textContent })));
+
+test('agents: browsers opened during an answer show the same conversation; errors reach the user; reconnect cycles; /health under 50 concurrent requests', async () => {
+  const webPort = await freePort();
+  const srv = await exampleServer('agents', ['--set', `rpc.proxy.endpoint=http://127.0.0.1:${webPort}/holdfast/rpc`]);
+  const app = await startBackend('agents', srv, { AGENT_STEP: '0.25' }, webPort);
+  const user = `u${process.pid}`;
+  const contexts = [];
+  const open = async () => {
+    const ctx = await browser.newContext({ viewport: { width: 900, height: 700 } });
+    contexts.push(ctx);
+    const page = await ctx.newPage();
+    await page.goto(`${app.url}/?user=${user}`);
+    await page.waitForSelector('body[data-connected="1"]', { timeout: 15000 });
+    return page;
+  };
+  const ask = async (page, text) => {
+    await page.fill('#text', text);
+    await page.click('button');
+  };
+  // An answer is complete when its answer (or error) entry is shown: `count` of them.
+  const finished = (page, count) =>
+    page.waitForFunction((n) => document.querySelectorAll('#conv .e.answer, #conv .e.error').length >= n, count, { timeout: 30000 });
+  try {
+    // Single browser: the question, six progress steps, the answer.
+    const first = await open();
+    await ask(first, 'What is exact recovery?');
+    await finished(first, 1);
+    let conv = await conversation(first);
+    assert.deepEqual(conv.map((e) => e.kind), ['user', ...Array(6).fill('progress'), 'answer']);
+
+    // Two browsers in sequence: the second one opened afterwards shows the same conversation.
+    const second = await open();
+    await finished(second, 1);
+    assert.deepEqual(await conversation(second), conv);
+
+    // Browsers opened while an answer streams: one, then three more (five in all).
+    await ask(first, 'And what happens to a second browser tab?');
+    await first.waitForFunction(() => document.querySelectorAll('#conv .e.progress').length >= 8, null, { timeout: 15000 });
+    const during = [await open()];
+    during.push(...(await Promise.all([open(), open()])));
+    const pages = [first, second, ...during];
+    assert.equal(pages.length, 5);
+    await Promise.all(pages.map((p) => finished(p, 2)));
+    conv = await conversation(first);
+    assert.equal(conv.length, 16);
+    assert.deepEqual(conv.map((e) => e.offset), Array.from({ length: 16 }, (_, i) => i + 1), 'in order, nothing twice');
+    for (const p of pages) assert.deepEqual(await conversation(p), conv, 'every browser shows the same conversation');
+    await shot(during[0], 'agents', 'agents/screenshot.png');
+
+    // Error recovery: a failing agent is reported as a message; the next question works.
+    await ask(second, 'Please fail for me');
+    await Promise.all(pages.map((p) => finished(p, 3)));
+    const failed = (await conversation(first)).at(-1);
+    assert.equal(failed.kind, 'error');
+    assert.match(failed.text, /could not finish/);
+    await ask(during[2], 'Recovered?');
+    await Promise.all(pages.map((p) => finished(p, 4)));
+    assert.equal((await conversation(first)).at(-1).kind, 'answer');
+    await shot(first, 'agents-error-recovered');
+
+    // Ten rapid reconnect cycles of one browser, while another asks: it ends connected with the
+    // whole conversation, nothing twice.
+    const asking = ask(first, 'One more, during reconnects');
+    await during[1].evaluate(async () => {
+      for (let i = 0; i < 10; i++) {
+        window.agentsClient.disconnect();
+        window.agentsClient.connect();
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    });
+    await asking;
+    await during[1].waitForSelector('#state[data-state="connected"]', { timeout: 15000 });
+    await Promise.all(pages.map((p) => finished(p, 5)));
+    conv = await conversation(first);
+    for (const p of pages) assert.deepEqual(await conversation(p), conv);
+    assert.deepEqual(conv.map((e) => e.offset), Array.from({ length: conv.length }, (_, i) => i + 1));
+
+    // /health answers 50 concurrent requests with the live counters.
+    const health = await Promise.all(Array.from({ length: 50 }, () => fetch(`${srv.http}/health`).then(async (r) => [r.status, await r.json()])));
+    for (const [status, body] of health) {
+      assert.equal(status, 200);
+      assert.equal(body.status, 'ok');
+      assert.ok(body.connections >= 5, JSON.stringify(body));
+      assert.ok(body.publications >= conv.length, JSON.stringify(body));
+    }
+    assert.doesNotMatch(app.log(), /Traceback|Task exception/);
+  } finally {
+    for (const c of contexts) await c.close();
     await app.stop();
     await srv.stop();
   }
