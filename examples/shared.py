@@ -45,8 +45,10 @@ def connection_token(settings: Settings, user: str, ttl: int = 600, **claims) ->
     return jwt.encode(body, settings.secret, algorithm="HS256")
 
 
-def example_app(name: str, page: pathlib.Path, on_shutdown=None) -> FastAPI:
-    """The app: `/` serves `page`; the `cent` client lives in app.state.holdfast."""
+def example_app(name: str, page: pathlib.Path, on_shutdown=None, token_ttl: int = 600) -> FastAPI:
+    """The app: `/` serves `page`, `/api/session?user=` returns what a login would (the WebSocket
+    URL and a connection token valid `token_ttl` seconds); the `cent` client lives in
+    app.state.holdfast."""
     settings = Settings(name)
 
     @asynccontextmanager
@@ -73,5 +75,10 @@ def example_app(name: str, page: pathlib.Path, on_shutdown=None) -> FastAPI:
     @app.get("/shared.css")
     async def shared_css():
         return FileResponse(EXAMPLES / "shared.css", media_type="text/css")
+
+    @app.get("/api/session")
+    async def session(user: str):
+        token = connection_token(settings, user, token_ttl)
+        return {"ws": settings.ws, "token": token, "ttl": token_ttl}
 
     return app

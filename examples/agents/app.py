@@ -24,7 +24,7 @@ from fastapi import Request
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from shared import connection_token, example_app  # noqa: E402
+from shared import example_app  # noqa: E402
 
 STEP = float(os.environ.get("AGENT_STEP", "0.4"))
 AGENTS = [
@@ -82,10 +82,3 @@ async def rpc(request: Request):
     running.add(task)
     task.add_done_callback(running.discard)
     return {"result": {"data": {"accepted": turn}}}
-
-
-@app.get("/api/session")
-async def session(user: str):
-    """What a login would return: the WebSocket URL and a connection token."""
-    s = app.state.settings
-    return {"ws": s.ws, "token": connection_token(s, user)}

@@ -17,10 +17,10 @@ from fastapi.responses import FileResponse
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from shared import connection_token, example_app  # noqa: E402
+from shared import example_app  # noqa: E402
 
 TOKEN_TTL = int(os.environ.get("TOKEN_TTL", "30"))
-app = example_app("chat", HERE / "index.html")
+app = example_app("chat", HERE / "index.html", token_ttl=TOKEN_TTL)
 
 
 @app.get("/app.js")
@@ -29,10 +29,3 @@ async def bundle():
     if not built.exists():
         raise HTTPException(500, "build the page first: examples/chat/build.sh")
     return FileResponse(built, media_type="text/javascript")
-
-
-@app.get("/api/token")
-async def token(user: str):
-    """What a session endpoint returns: a connection token valid for TOKEN_TTL seconds."""
-    s = app.state.settings
-    return {"ws": s.ws, "token": connection_token(s, user, TOKEN_TTL), "ttl": TOKEN_TTL}

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from shared import check_name, connection_token, example_app  # noqa: E402
+from shared import check_name, example_app  # noqa: E402
 
 app = example_app("interview", HERE / "index.html")
 
@@ -27,12 +27,6 @@ class Entry(BaseModel):
     user: str = Field(min_length=1, max_length=64)
     text: str = Field(min_length=1, max_length=2000)
 
-
-@app.get("/api/session")
-async def session(user: str):
-    """What a login would return: the WebSocket URL and a connection token."""
-    s = app.state.settings
-    return {"ws": s.ws, "token": connection_token(s, user)}
 
 
 @app.post("/api/interviews/{interview}/entries")

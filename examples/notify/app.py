@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from shared import check_name, connection_token, example_app  # noqa: E402
+from shared import check_name, example_app  # noqa: E402
 
 app = example_app("notify", HERE / "index.html")
 
@@ -23,12 +23,6 @@ app = example_app("notify", HERE / "index.html")
 class Notification(BaseModel):
     text: str = Field(min_length=1, max_length=500)
 
-
-@app.get("/api/session")
-async def session(user: str):
-    """What a login would return: the WebSocket URL and a connection token for the user."""
-    s = app.state.settings
-    return {"ws": s.ws, "token": connection_token(s, user)}
 
 
 @app.post("/api/notify/{user}")

@@ -34,12 +34,6 @@ async fn refused(srv: &TestServer, tok: &str, what: &str) {
     );
 }
 
-fn code(r: &Value) -> u64 {
-    r["error"]["code"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("expected an error, got {r}"))
-}
-
 #[tokio::test]
 async fn forged_and_misused_connection_tokens_are_refused() {
     let srv = TestServer::start(config_from(CONFIG)).await;

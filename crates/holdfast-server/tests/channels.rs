@@ -43,12 +43,6 @@ allow_subscribe_for_client = true
 allow_publish_for_client = true
 "#;
 
-fn code(r: &Value) -> u64 {
-    r["error"]["code"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("expected an error, got {r}"))
-}
-
 #[tokio::test]
 async fn subscribe_permissions_per_namespace() {
     let srv = TestServer::start(config_from(NAMESPACES)).await;

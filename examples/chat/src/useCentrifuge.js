@@ -10,7 +10,7 @@ export function useCentrifuge(user) {
   useEffect(() => {
     let tokens = 0;
     const getToken = async () => {
-      const r = await fetch('/api/token?user=' + encodeURIComponent(user));
+      const r = await fetch('/api/session?user=' + encodeURIComponent(user));
       if (!r.ok) throw new Error('token endpoint: HTTP ' + r.status);
       const { token } = await r.json();
       tokens += 1;
@@ -20,7 +20,7 @@ export function useCentrifuge(user) {
     };
     let c;
     let cancelled = false;
-    fetch('/api/token?user=' + encodeURIComponent(user))
+    fetch('/api/session?user=' + encodeURIComponent(user))
       .then((r) => r.json())
       .then(({ ws }) => {
         if (cancelled) return;

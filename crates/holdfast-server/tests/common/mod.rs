@@ -380,6 +380,13 @@ pub async fn publish(srv: &TestServer, channel: &str, data: Value) -> u64 {
     out.position.map_or(0, |p| p.offset)
 }
 
+/// The error code of a reply (panics when the reply is not an error).
+pub fn code(r: &Value) -> u64 {
+    r["error"]["code"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("expected an error, got {r}"))
+}
+
 /// POST to the server API.
 pub async fn api(srv: &TestServer, method: &str, body: Value) -> Value {
     let resp = reqwest::Client::new()
