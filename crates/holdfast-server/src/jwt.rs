@@ -306,7 +306,8 @@ fn info(m: &Map<String, Value>, key: &str, b64key: &str) -> Result<Option<Bytes>
     }
 }
 
-fn overrides(v: Option<&Value>) -> ChannelOverride {
+/// Channel option overrides (`{"presence": {"value": true}, …}`) from a token or a proxy answer.
+pub(crate) fn overrides(v: Option<&Value>) -> ChannelOverride {
     let get = |k: &str| {
         v.and_then(|o| o.get(k))
             .and_then(|o| o.get("value"))

@@ -4,6 +4,7 @@
 //! proxy are bounded (error 111 beyond).
 
 use crate::config::{Config, RpcConfig};
+use crate::jwt::overrides;
 use crate::webhook::Webhooks;
 use async_trait::async_trait;
 use base64::Engine;
@@ -11,9 +12,9 @@ use bytes::Bytes;
 use holdfast_core::channel::{ChannelRules, USER_BOUNDARY, user_limited_allows};
 use holdfast_core::config::{ChannelOptions, ProxyConfig};
 use holdfast_core::handler::{
-    ChannelEvent, ChannelOverride, ClientContext, ConnectDecision, ConnectEvent, Handler,
-    HandlerError, LifecycleEvent, PublishDecision, RefreshDecision, ServerRefresh,
-    ServerSubOptions, StandardHandler, SubscribeDecision, SubscribeEvent,
+    ChannelEvent, ClientContext, ConnectDecision, ConnectEvent, Handler, HandlerError,
+    LifecycleEvent, PublishDecision, RefreshDecision, ServerRefresh, ServerSubOptions,
+    StandardHandler, SubscribeDecision, SubscribeEvent,
 };
 use holdfast_protocol::{Disconnect, Encoding, ErrorReply};
 use serde_json::{Map, Value, json};
@@ -221,21 +222,6 @@ fn get_expire_at(m: &Map<String, Value>) -> Option<i64> {
     m.get("expire_at")
         .and_then(Value::as_i64)
         .filter(|&t| t > 0)
-}
-
-fn overrides(v: Option<&Value>) -> ChannelOverride {
-    let get = |k: &str| {
-        v.and_then(|o| o.get(k))
-            .and_then(|o| o.get("value"))
-            .and_then(Value::as_bool)
-    };
-    ChannelOverride {
-        presence: get("presence"),
-        join_leave: get("join_leave"),
-        force_push_join_leave: get("force_push_join_leave"),
-        force_recovery: get("force_recovery"),
-        force_positioning: get("force_positioning"),
-    }
 }
 
 #[derive(Debug)]
