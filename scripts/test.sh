@@ -26,6 +26,10 @@ fi
 if ! command -v chromium >/dev/null; then
   apt_install chromium
 fi
+# The benchmark report's plots label axes with DejaVu Sans.
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+  apt_install fonts-dejavu-core
+fi
 
 step "format"
 cargo fmt --all --check
@@ -58,6 +62,10 @@ step "docs/COMPAT.md matches the run"
 step "delivery verifier: short runs with faults and a restart"
 cargo build --workspace --bins
 scripts/verify.sh
+
+step "benchmark smoke test: holdfast-bench quick mode against the raw baseline, Socket.IO and FastAPI"
+(cd bench/peers/socketio && npm ci --no-audit --no-fund --loglevel=error)
+QUICK=1 scripts/bench.sh
 
 step "fuzzing: 20 s per target (fuzz/README.md has the long run)"
 FUZZ_SECONDS=20 scripts/fuzz.sh

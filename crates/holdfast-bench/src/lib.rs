@@ -1,7 +1,14 @@
-//! Holdfast's load generator and delivery verifier, as a library; the `holdfast-bench` binary
-//! is a thin CLI over it.
+//! Holdfast's load generator, peer benchmarks and delivery verifier, as a library; the
+//! `holdfast-bench` binary is a thin CLI over it.
 
 pub mod abuse;
+pub mod adapter;
+pub mod baseline;
 pub mod client;
+pub mod load;
+pub mod peers;
 pub mod publish;
+pub mod report;
+pub mod scenario;
 pub mod verify;
+pub mod wire;

@@ -1,15 +1,16 @@
-//! `holdfast-bench`: the delivery verifier (and, later, the load generator).
+//! `holdfast-bench`: the load generator, the side-by-side benchmark with peers, the delivery
+//! verifier and the abuse generator.
 //!
-//! Run with: `cargo run --release -p holdfast-bench -- verify --help`
+//! Run with: `cargo run --release -p holdfast-bench -- --help`
 
 use clap::{Parser, Subcommand};
-use holdfast_bench::{abuse, publish, verify};
+use holdfast_bench::{abuse, baseline, load, publish, report, scenario, verify};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "holdfast-bench",
     version,
-    about = "Holdfast load generator and delivery verifier"
+    about = "Holdfast load generator, peer benchmarks and delivery verifier"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,6 +19,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Scenarios S1–S6 against Holdfast and its peers, side by side; one JSON result per run.
+    Bench(Box<scenario::BenchArgs>),
+    /// Writes docs/BENCHMARKS.md tables and PNG plots from `bench` results.
+    Report(report::ReportArgs),
     /// Subscribers, publishers and faults against a server; reports every lost, duplicated or
     /// out-of-order delivery.
     Verify(Box<verify::VerifyArgs>),
@@ -26,14 +31,35 @@ enum Command {
     /// Abusive clients (garbage frames, slowloris, never-reading subscribers, reconnect loops)
     /// for soak runs next to `verify`.
     Abuse(abuse::AbuseArgs),
+    /// The raw tokio-tungstenite broadcast baseline server.
+    Baseline {
+        /// Port on 127.0.0.1.
+        #[arg(long)]
+        port: u16,
+    },
+    /// Internal: one load worker process, steered by `bench` over stdin.
+    #[command(hide = true)]
+    LoadWorker(load::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // reqwest is built without a default TLS provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::LoadWorker(args) => return load::run(args),
+        Command::Baseline { port } => return baseline::run(port),
+        Command::Report(args) => return report::run(&args),
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     match cli.command {
+        Command::Bench(args) => {
+            let files = rt.block_on(scenario::run(*args))?;
+            eprintln!("{} result files written", files.len());
+        }
         Command::Verify(args) => {
             let ok = rt.block_on(verify::run(*args))?;
             if !ok {
@@ -47,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Abuse(args) => {
             rt.block_on(abuse::run(args))?;
         }
+        Command::LoadWorker(_) | Command::Baseline { .. } | Command::Report(_) => {}
     }
     Ok(())
 }

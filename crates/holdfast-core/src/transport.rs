@@ -95,14 +95,16 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
                 if client.is_closing() {
                     break;
                 }
-                if let Err(d) = session.handle_control().await {
+                // Boxed, like every rarely running step below: the connection's task then holds
+                // only its small idle state, not the largest command future.
+                if let Err(d) = Box::pin(session.handle_control()).await {
                     client.close(d);
                     break;
                 }
                 continue;
             }
             _ = sleep_until_opt(deadline) => {
-                session.on_timer().await;
+                Box::pin(session.on_timer()).await;
                 continue;
             }
             f = source.next_frame() => f,
@@ -121,7 +123,7 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
                 metrics::counter!("holdfast_transport_messages_received_total").increment(1);
                 metrics::counter!("holdfast_transport_bytes_received_total")
                     .increment(data.len() as u64);
-                if let Err(d) = session.handle_frame(&data).await {
+                if let Err(d) = Box::pin(session.handle_frame(&data)).await {
                     client.close(d);
                     break;
                 }
@@ -131,7 +133,7 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
             }
         }
     }
-    session.close().await;
+    Box::pin(session.close()).await;
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

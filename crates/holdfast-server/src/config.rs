@@ -210,7 +210,7 @@ impl Default for WebsocketConfig {
         Self {
             message_size_limit: 65536,
             write_timeout: Duration::from_secs(1),
-            read_buffer_size: 4096,
+            read_buffer_size: 1024,
             write_buffer_size: 16 * 1024,
         }
     }
