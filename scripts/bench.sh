@@ -27,6 +27,7 @@ fi
 scripts/bench-peers.sh
 cargo build --release --bins
 rm -rf target/bench/results
-taskset -c 1 target/release/holdfast-bench bench --runs "${RUNS:-3}" --out target/bench/results "$@"
+taskset -c 1 target/release/holdfast-bench bench --runs "${RUNS:-3}" --step-seconds "${STEP_SECONDS:-3}" \
+  --out target/bench/results "$@"
 target/release/holdfast-bench report --results target/bench/results --out docs/BENCHMARKS.md \
   --plots docs/bench --command "scripts/bench.sh"

@@ -183,9 +183,23 @@ impl Protocol {
                 let list = serde_json::to_string(channels)?;
                 c.send(Op::Text, format!("420[\"join\",{list}]").as_bytes())
                     .await?;
+                // socketioxide runs the connect handler as a task: an event that arrives before
+                // it registered `join` is dropped (about 1 in 2,000 under a connect storm), so
+                // an unanswered join is sent again (joining twice is harmless).
+                let mut tries = 1;
                 loop {
-                    let (_, p) = c.next().await?.context("closed while joining")?;
-                    if p.starts_with(b"430") {
+                    let next = tokio::time::timeout(std::time::Duration::from_secs(2), c.next());
+                    let Ok(frame) = next.await else {
+                        if tries == 5 {
+                            bail!("join not acknowledged");
+                        }
+                        c.send(Op::Text, format!("42{tries}[\"join\",{list}]").as_bytes())
+                            .await?;
+                        tries += 1;
+                        continue;
+                    };
+                    let (_, p) = frame?.context("closed while joining")?;
+                    if p.starts_with(b"43") {
                         break;
                     }
                     if p == b"2" {
@@ -355,10 +369,17 @@ pub enum Publisher {
         /// App secret.
         secret: String,
     },
-    /// A publisher WebSocket: text frames `<channel>\n<payload>` (raw and FastAPI baselines).
-    TextWs(Conn),
-    /// A Socket.IO connection emitting `publish(channel, data)`.
-    SocketIoWs(Conn),
+    /// A publisher WebSocket.
+    Ws(Conn, WsStyle),
+}
+
+/// What a publisher connection sends per publication.
+#[derive(Debug, Clone, Copy)]
+pub enum WsStyle {
+    /// Text frames `<channel>\n<payload>` (raw and FastAPI baselines).
+    Text,
+    /// Socket.IO events `publish(channel, data)`.
+    SocketIo,
 }
 
 impl Publisher {
@@ -439,19 +460,14 @@ impl Publisher {
                 }
                 Ok(accepted)
             }
-            Publisher::TextWs(c) => {
+            Publisher::Ws(c, style) => {
                 let mut out = Vec::new();
                 for ch in channels {
-                    let msg = format!("{ch}\n{}", payload(t, size));
-                    wire::frame_into(&mut out, Op::Text, msg.as_bytes());
-                }
-                c.send_raw(&out).await?;
-                Ok(channels.len() as u64)
-            }
-            Publisher::SocketIoWs(c) => {
-                let mut out = Vec::new();
-                for ch in channels {
-                    let msg = format!("42[\"publish\",\"{ch}\",{}]", payload(t, size));
+                    let data = payload(t, size);
+                    let msg = match style {
+                        WsStyle::Text => format!("{ch}\n{data}"),
+                        WsStyle::SocketIo => format!("42[\"publish\",\"{ch}\",{data}]"),
+                    };
                     wire::frame_into(&mut out, Op::Text, msg.as_bytes());
                 }
                 c.send_raw(&out).await?;

@@ -21,6 +21,9 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+/// Longest wait for one connection to be open and subscribed.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Which channels connection `i` joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Layout {
@@ -208,7 +211,7 @@ async fn connect_many(
 ) -> Connected {
     let cursor = args
         .source_ip
-        .map(|ip| Rc::new(wire::PortCursor::new(ip, 1024 + (now_us() % 30_000) as u16)));
+        .map(|ip| Rc::new(wire::PortCursor::new(ip, 1024)));
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let times = Rc::new(RefCell::new(histogram()));
     let failed = Rc::new(RefCell::new((0u64, Vec::<String>::new())));
@@ -227,7 +230,7 @@ async fn connect_many(
                 .map(|c| target.protocol.channel(c))
                 .collect();
             let started = std::time::Instant::now();
-            let res = async {
+            let attempt = async {
                 let tcp = match &cursor {
                     Some(c) => wire::tcp_cursor(addr, c).await?,
                     None => wire::tcp(addr, None).await?,
@@ -236,8 +239,14 @@ async fn connect_many(
                     .protocol
                     .connect(&target, tcp, &format!("bench-{i}"), &channels)
                     .await
-            }
-            .await;
+            };
+            let res = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!(
+                    "no subscription confirmed within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )),
+            };
             drop(permit);
             match res {
                 Ok(conn) => {

@@ -1,7 +1,7 @@
 //! The servers under test: how each is started (pinned to the server core), where it listens,
 //! how it takes publications, and sampling of its CPU time and memory from `/proc`.
 
-use crate::adapter::{Protocol, Publisher, Target};
+use crate::adapter::{Protocol, Publisher, Target, WsStyle};
 use anyhow::{Context, bail};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -122,6 +122,10 @@ fn holdfast_config(env: &Env, extra: &str) -> anyhow::Result<PathBuf> {
     let path = env.work.join(format!("holdfast-{}.toml", free_port()?));
     let text = format!(
         r#"# written by holdfast-bench
+[client]
+# S5 drops every subscriber at 1,000 publications/s: a few seconds of gap must stay recoverable.
+recovery_max_publication_limit = 10000
+
 [client.token]
 hmac_secret_key = "{SECRET}"
 
@@ -286,6 +290,7 @@ impl Running {
         let http = || {
             reqwest::Client::builder()
                 .pool_max_idle_per_host(4)
+                .timeout(Duration::from_secs(10))
                 .build()
                 .context("http client")
         };
@@ -304,8 +309,9 @@ impl Running {
             },
             Server::Raw | Server::Fastapi => {
                 let tcp = crate::wire::tcp(self.addr, None).await?;
-                Publisher::TextWs(
+                Publisher::Ws(
                     crate::wire::Conn::upgrade(tcp, &self.addr.to_string(), "/pub", None).await?,
+                    WsStyle::Text,
                 )
             }
             Server::Socketio | Server::Socketioxide => {
@@ -314,7 +320,7 @@ impl Running {
                 let conn = Protocol::SocketIo
                     .connect(&t, tcp, "publisher", &["publisher".to_owned()])
                     .await?;
-                Publisher::SocketIoWs(conn)
+                Publisher::Ws(conn, WsStyle::SocketIo)
             }
         })
     }

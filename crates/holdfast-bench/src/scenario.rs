@@ -21,9 +21,15 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// Sockets one worker process holds at most (20,000 files per process here).
 const PER_WORKER: usize = 15_000;
-/// Connections above which workers spread over source addresses 127.0.0.2, .3, … (one
-/// address has 28,232 ephemeral ports here).
-const SOURCE_IP_ABOVE: usize = 25_000;
+/// A loopback source address not handed out before by this process (in 127.16.0.0–127.31.255.255,
+/// by process id; the whole of 127.0.0.0/8 reaches the server).
+fn fresh_source_ip() -> std::net::Ipv4Addr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Start from the process id so that runs of different processes differ too.
+    let base = 0x7F10_0000u32 + (std::process::id() % 4096) * 256;
+    std::net::Ipv4Addr::from(base + 1 + (n % 250))
+}
 
 /// A scenario.
 #[derive(
@@ -254,11 +260,10 @@ impl Pool {
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .kill_on_drop(true);
-            // Below the ephemeral port range every worker connects from 127.0.0.1 (the kernel
-            // picks ports per 4-tuple); above it each worker binds its own source address.
-            if total > SOURCE_IP_ABOVE {
-                cmd.arg("--source-ip").arg(format!("127.0.0.{}", 2 + w));
-            }
+            // Every worker connects from a source address no earlier run used, picking ports
+            // itself: the kernel's own port search slows down badly with thousands of sockets
+            // bound or in TIME_WAIT, and a reused address could meet its own TIME_WAIT tuples.
+            cmd.arg("--source-ip").arg(fresh_source_ip().to_string());
             let mut child = cmd.spawn().context("starting a load worker")?;
             let stdin = child.stdin.take().context("worker stdin")?;
             let stdout = child.stdout.take().context("worker stdout")?;
@@ -674,7 +679,15 @@ async fn steps(
         tokio::time::sleep(Duration::from_secs_f64(grace)).await;
         let (r, h) = pool.report().await?;
         stop.store(true, Ordering::Relaxed);
-        let publish_error = task.await.ok().and_then(|r| r.err());
+        // A publisher stuck on a server that stopped reading must not stall the run.
+        let abort = task.abort_handle();
+        let publish_error = match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(r) => r.ok().and_then(|r| r.err()),
+            Err(_) => {
+                abort.abort();
+                Some(anyhow::anyhow!("the publisher did not finish within 10 s"))
+            }
+        };
         let secs = (t1 - t0) as f64 / 1e6;
         let accepted: u64 = log
             .lock()
