@@ -21,6 +21,13 @@ if [ -n "${QUICK:-}" ]; then
     [ -s "$out/plots/$p.png" ] || { echo "missing plot $p.png" >&2; exit 1; }
   done
   grep -q "S6: S2 across two nodes" "$out/BENCHMARKS.md"
+  # Every run must have worked (a peer failing is a failure of the smoke test).
+  failed="$(grep -L '"error": null' "$out"/results/*.json || true)"
+  if [ -n "$failed" ]; then
+    echo "benchmark runs failed:" >&2
+    for f in $failed; do echo "  $f: $(grep '"error"' "$f")" >&2; done
+    exit 1
+  fi
   echo "quick benchmark: report in $out/BENCHMARKS.md"
   exit 0
 fi

@@ -170,6 +170,10 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let counters = Rc::new(Counters::default());
     counters.window.set((0, u64::MAX));
     let latency = Rc::new(RefCell::new(histogram()));
+    // One cursor for the worker's life: every `connect` round takes ports after the last one.
+    let cursor = args
+        .source_ip
+        .map(|ip| Rc::new(wire::PortCursor::new(ip, 1024)));
     let mut next = args.first;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
@@ -178,7 +182,15 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
             let want: u64 = n.parse().context("connect count")?;
             let opened = counters.open.load(Ordering::Relaxed);
             let todo = want.saturating_sub(opened) as usize;
-            let res = connect_many(&args, &target, &counters, &latency, next..next + todo).await;
+            let res = connect_many(
+                &args,
+                cursor.as_ref(),
+                &target,
+                &counters,
+                &latency,
+                next..next + todo,
+            )
+            .await;
             next += todo;
             println!("{}", serde_json::to_string(&res)?);
         } else if let Some(w) = line.strip_prefix("window ") {
@@ -204,14 +216,12 @@ async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
 
 async fn connect_many(
     args: &WorkerArgs,
+    cursor: Option<&Rc<wire::PortCursor>>,
     target: &Rc<Target>,
     counters: &Rc<Counters>,
     latency: &Rc<RefCell<Histogram<u64>>>,
     range: std::ops::Range<usize>,
 ) -> Connected {
-    let cursor = args
-        .source_ip
-        .map(|ip| Rc::new(wire::PortCursor::new(ip, 1024)));
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let times = Rc::new(RefCell::new(histogram()));
     let failed = Rc::new(RefCell::new((0u64, Vec::<String>::new())));
@@ -222,7 +232,7 @@ async fn connect_many(
         };
         let (target, counters, latency) = (target.clone(), counters.clone(), latency.clone());
         let (times, failed) = (times.clone(), failed.clone());
-        let (addr, cursor, layout) = (args.addr, cursor.clone(), args.layout);
+        let (addr, cursor, layout) = (args.addr, cursor.cloned(), args.layout);
         joins.push(tokio::task::spawn_local(async move {
             let channels: Vec<String> = layout
                 .channels(i)
