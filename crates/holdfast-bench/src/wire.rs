@@ -12,6 +12,12 @@ const MAX_FRAME: usize = 8 << 20;
 /// Initial read buffer; it grows only for a frame larger than this.
 const READ_BUF: usize = 16 * 1024;
 
+/// `HOLDFAST_BENCH_DEBUG` set: print every data and close frame (read once, not per frame).
+fn debug() -> bool {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var_os("HOLDFAST_BENCH_DEBUG").is_some())
+}
+
 /// Frame opcodes the reader reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -183,13 +189,13 @@ impl Conn {
                         }
                         Op::Pong => continue,
                         Op::Close => {
-                            if std::env::var_os("HOLDFAST_BENCH_DEBUG").is_some() {
+                            if debug() {
                                 eprintln!("close {:?}", String::from_utf8_lossy(&self.buf[ps..pe]));
                             }
                             return Ok(None);
                         }
                         Op::Text | Op::Binary => {
-                            if std::env::var_os("HOLDFAST_BENCH_DEBUG").is_some() {
+                            if debug() {
                                 eprintln!("< {:?}", String::from_utf8_lossy(&self.buf[ps..pe]));
                             }
                             return Ok(Some((op, &self.buf[ps..pe])));
