@@ -4,7 +4,7 @@
 //! Run with: `cargo run --release -p holdfast-bench -- --help`
 
 use clap::{Parser, Subcommand};
-use holdfast_bench::{abuse, baseline, load, publish, report, scenario, verify};
+use holdfast_bench::{abuse, baseline, fanout, load, publish, report, scenario, verify};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,6 +31,9 @@ enum Command {
     /// Abusive clients (garbage frames, slowloris, never-reading subscribers, reconnect loops)
     /// for soak runs next to `verify`.
     Abuse(abuse::AbuseArgs),
+    /// The node's own cost of a fan-out (in-memory transports, no sockets): deliveries/s on
+    /// one worker thread. Run pinned: `taskset -c 0 holdfast-bench fanout`.
+    Fanout(fanout::FanoutArgs),
     /// The raw tokio-tungstenite broadcast baseline server.
     Baseline {
         /// Port on 127.0.0.1.
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::LoadWorker(args) => return load::run(args),
         Command::Baseline { port } => return baseline::run(port),
         Command::Report(args) => return report::run(&args),
+        Command::Fanout(args) => return fanout::run(&args).map(|_| ()),
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -73,7 +77,10 @@ fn main() -> anyhow::Result<()> {
         Command::Abuse(args) => {
             rt.block_on(abuse::run(args))?;
         }
-        Command::LoadWorker(_) | Command::Baseline { .. } | Command::Report(_) => {}
+        Command::LoadWorker(_)
+        | Command::Baseline { .. }
+        | Command::Report(_)
+        | Command::Fanout(_) => {}
     }
     Ok(())
 }

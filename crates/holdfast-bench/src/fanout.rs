@@ -1,0 +1,259 @@
+//! `holdfast-bench fanout`: what one fan-out costs the node itself, without sockets.
+//!
+//! A real node (memory engine, history and recovery on) serves N connections over in-memory
+//! transports: each connects and subscribes to one channel with real protocol frames, then its
+//! sink only counts the messages in the frames it is given. The publisher publishes through
+//! [`Node::publish`] and waits until every subscriber got every publication of the round, so a
+//! round is exactly the node's work for it: encoding, the hub's fan-out, the outbox, waking the
+//! connection task and framing. Kernel time (the socket writes the S2 scenario pays) is left
+//! out, which makes this the measure for changes to that path: it varies far less between runs
+//! than a loopback benchmark on a shared machine.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use clap::Args;
+use holdfast_core::config::{ChannelOptions, NodeConfig};
+use holdfast_core::engine::Engine;
+use holdfast_core::engine::memory::MemoryEngine;
+use holdfast_core::handler::StandardHandler;
+use holdfast_core::node::{Node, PublishRequest};
+use holdfast_core::transport::{ConnectionMeta, FrameSink, FrameSource, serve_connection};
+use holdfast_protocol::{Disconnect, Encoding};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+const CHANNEL: &str = "fanout";
+
+/// Options of `holdfast-bench fanout`.
+#[derive(Args, Debug, Clone)]
+pub struct FanoutArgs {
+    /// Subscribers of the channel.
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Publications per measured run.
+    #[arg(long, default_value_t = 500)]
+    pub publications: usize,
+    /// Publications per round: the publisher waits for every delivery of a round before the
+    /// next (1: each connection task is woken once per delivery, as under a steady rate).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Measured runs (the first, a warm-up, is not counted).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Print one JSON object per run instead of a line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Messages the sinks were given, and a wake-up when they reach the target.
+#[derive(Default)]
+struct Progress {
+    messages: AtomicU64,
+    target: AtomicU64,
+    reached: Notify,
+}
+
+impl Progress {
+    fn add(&self, n: u64) {
+        let now = self.messages.fetch_add(n, Ordering::AcqRel) + n;
+        if now >= self.target.load(Ordering::Acquire) {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Waits until `target` messages were counted.
+    async fn wait_for(&self, target: u64) {
+        self.target.store(target, Ordering::Release);
+        loop {
+            let notified = self.reached.notified();
+            if self.messages.load(Ordering::Acquire) >= target {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Yields the connection's commands, then nothing until the node shuts down.
+struct Commands(VecDeque<Bytes>);
+
+#[async_trait]
+impl FrameSource for Commands {
+    async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
+        match self.0.pop_front() {
+            Some(f) => Some(Ok(f)),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Counts the newline-separated JSON messages of each frame.
+struct Counting(Arc<Progress>);
+
+#[async_trait]
+impl FrameSink for Counting {
+    async fn send_frame(&mut self, frame: Bytes, _binary: bool) -> std::io::Result<()> {
+        let n = 1 + frame.iter().filter(|b| **b == b'\n').count();
+        self.0.add(n as u64);
+        Ok(())
+    }
+    async fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    async fn close(&mut self, _code: u16, _reason: &str) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn node_config() -> NodeConfig {
+    let mut cfg = NodeConfig::default();
+    cfg.client.insecure = true;
+    // No pings during a run: every counted message is a publication.
+    cfg.client.ping_interval = Duration::from_secs(24 * 3600);
+    cfg.client.queue_max_size = 64 << 20;
+    cfg.channel.without_namespace = ChannelOptions {
+        history_size: 10_000,
+        history_ttl: Duration::from_secs(600),
+        force_recovery: true,
+        ..Default::default()
+    };
+    cfg
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct FanoutRun {
+    /// Deliveries counted.
+    pub deliveries: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Deliveries per second.
+    pub per_s: f64,
+    /// Nanoseconds per delivery.
+    pub ns_per_delivery: f64,
+}
+
+/// Runs the benchmark on a one-worker runtime (the server's shape when pinned to one core).
+pub fn run(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
+    anyhow::ensure!(args.subscribers > 0 && args.publications > 0 && args.batch > 0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(measure(args))
+}
+
+async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
+    let handler_cfg = node_config();
+    let handler = Arc::new(StandardHandler::new(&handler_cfg.client, None));
+    let node = Node::new(node_config(), Engine::from_one(MemoryEngine::new()), handler)
+        .map_err(|e| anyhow::anyhow!("fanout node config: {e:?}"))?;
+    node.start();
+    let progress = Arc::new(Progress::default());
+    let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"}}}}"#);
+    for _ in 0..args.subscribers {
+        let commands = Commands(VecDeque::from([
+            Bytes::from_static(br#"{"id":1,"connect":{}}"#),
+            Bytes::from(subscribe.clone()),
+        ]));
+        let meta = ConnectionMeta {
+            transport: "fanout",
+            encoding: Encoding::Json,
+            headers: Vec::new().into(),
+        };
+        node.tracker().spawn(serve_connection(
+            node.clone(),
+            meta,
+            commands,
+            Counting(progress.clone()),
+        ));
+    }
+    let subs = args.subscribers as u64;
+    // The connect and subscribe replies.
+    progress.wait_for(2 * subs).await;
+    let mut payload = String::from(r#"{"d":""#);
+    payload.extend(std::iter::repeat_n('x', args.payload.saturating_sub(8)));
+    payload.push_str(r#""}"#);
+    let payload = Bytes::from(payload);
+    let mut out = Vec::new();
+    for run in 0..=args.runs {
+        let start_count = progress.messages.load(Ordering::Acquire);
+        let started = Instant::now();
+        let mut published = 0u64;
+        while published < args.publications as u64 {
+            let round = (args.batch as u64).min(args.publications as u64 - published);
+            for _ in 0..round {
+                let req = PublishRequest {
+                    data: payload.clone(),
+                    ..Default::default()
+                };
+                node.publish(CHANNEL, req)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("publish: {e:?}"))?;
+            }
+            published += round;
+            progress.wait_for(start_count + published * subs).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let deliveries = progress.messages.load(Ordering::Acquire) - start_count;
+        let r = FanoutRun {
+            deliveries,
+            seconds,
+            per_s: deliveries as f64 / seconds,
+            ns_per_delivery: seconds * 1e9 / deliveries as f64,
+        };
+        if run == 0 {
+            continue; // warm-up
+        }
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "run {run}: {deliveries} deliveries in {seconds:.3} s: {:.0} deliveries/s, {:.0} ns each",
+                r.per_s, r.ns_per_delivery
+            );
+        }
+        out.push(r);
+    }
+    node.shutdown(Duration::from_secs(5)).await;
+    let mut per_s: Vec<f64> = out.iter().map(|r| r.per_s).collect();
+    per_s.sort_by(f64::total_cmp);
+    if let Some(m) = per_s.get(per_s.len() / 2) {
+        eprintln!(
+            "fanout: {} subscribers, {} publication(s) per round: median {m:.0} deliveries/s ({:.0} ns each)",
+            args.subscribers,
+            args.batch,
+            1e9 / m
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_delivery_is_counted() {
+        let args = FanoutArgs {
+            subscribers: 50,
+            publications: 20,
+            batch: 3,
+            runs: 2,
+            payload: 100,
+            json: true,
+        };
+        let runs = run(&args).unwrap();
+        assert_eq!(runs.len(), 2);
+        for r in runs {
+            assert_eq!(r.deliveries, 50 * 20, "each subscriber got each publication once");
+        }
+    }
+}

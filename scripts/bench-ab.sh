@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Compares the server of an earlier revision (A) with the working tree's (B) on one scenario,
+# side by side in one invocation: runs alternate A, B, A, B, … so both see the same machine
+# state, and the summary gives each run's figures and the medians.
+#
+#   scripts/bench-ab.sh HEAD~1                       # S2, Holdfast JSON, 3 runs each
+#   RUNS=5 SCENARIO=s3 SERVER=holdfast-protobuf scripts/bench-ab.sh 959cc4d
+#   EXTRA="--subscribers 5000 --step-seconds 3" scripts/bench-ab.sh main
+#
+# A is built in a git worktree sharing this checkout's target directory (dependencies are not
+# rebuilt); its `holdfast` binary is kept in target/ab/a. Results: target/ab/results-{a,b}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev="${1:?usage: scripts/bench-ab.sh <git revision>}"
+scenario="${SCENARIO:-s2}"
+server="${SERVER:-holdfast}"
+runs="${RUNS:-3}"
+root="$PWD"
+target="$root/target"
+mkdir -p "$target/ab/a" "$target/ab/b"
+rm -rf "$target/ab/results-a" "$target/ab/results-b"
+
+echo "== building A ($rev)"
+tree="$(mktemp -d -t holdfast-ab-XXXX)"
+trap 'git -C "$root" worktree remove --force "$tree" >/dev/null 2>&1 || true; rm -rf "$tree"' EXIT
+git worktree add --detach "$tree" "$rev" >/dev/null
+(cd "$tree" && CARGO_TARGET_DIR="$target" cargo build --release -q -p holdfast-server --bin holdfast)
+cp "$target/release/holdfast" "$target/ab/a/holdfast"
+git -C "$tree" rev-parse --short HEAD > "$target/ab/a/REV"
+
+echo "== building B (working tree)"
+cargo build --release -q --bins
+cp "$target/release/holdfast" "$target/ab/b/holdfast"
+
+for i in $(seq 1 "$runs"); do
+  for side in a b; do
+    echo "== run $i, $side"
+    taskset -c 1 "$target/release/holdfast-bench" bench --scenarios "$scenario" \
+      --servers "$server" --runs 1 --bin-dir "$target/ab/$side" \
+      --out "$target/ab/results-$side/$i" ${EXTRA:-} | grep -E '^S[0-9]' || true
+  done
+done
+
+python3 - "$target/ab" "$scenario" "$server" "$(cat "$target/ab/a/REV")" <<'EOF'
+import glob, json, statistics, sys
+base, scenario, server, rev = sys.argv[1:]
+
+def figures(d):
+    """Headline figures of one run of the scenario."""
+    steps = [s for s in d.get("steps") or [] if not s["overloaded"]]
+    out = {}
+    if steps:
+        best = max(steps, key=lambda s: s["delivered_s"])
+        out["kept up (deliveries/s)"] = best["delivered_s"]
+        out["p99 there (ms)"] = best["p99_ms"]
+    stages = d.get("stages") or []
+    if len(stages) >= 2 and stages[-1]["connections"] > stages[0]["connections"]:
+        a, b = stages[0], stages[-1]
+        n = b["connections"] - a["connections"]
+        out["user space per connection (KiB)"] = (b["rss_kib"] - a["rss_kib"]) / n
+    storm = d.get("storm")
+    if storm:
+        out["connects/s"] = storm["per_s"]
+        out["connect p99 (ms)"] = storm["p99_ms"]
+    return out
+
+rows = {}
+for side in ("a", "b"):
+    for f in sorted(glob.glob(f"{base}/results-{side}/*/{scenario}-{server}-*.json")):
+        d = json.load(open(f))
+        if d.get("error"):
+            print(f"{side}: {f}: {d['error']}")
+            continue
+        for k, v in figures(d).items():
+            rows.setdefault(k, {"a": [], "b": []})[side].append(v)
+
+print(f"\n{scenario} {server}: A = {rev}, B = working tree")
+print("| Figure | A runs | B runs | A median | B median | B / A |")
+print("|---|---|---|---|---|---|")
+for k, v in rows.items():
+    if not v["a"] or not v["b"]:
+        continue
+    ma, mb = statistics.median(v["a"]), statistics.median(v["b"])
+    fmt = lambda xs: ", ".join(f"{x:,.2f}" for x in xs)
+    ratio = f"{mb / ma:.2f}×" if ma else "—"
+    print(f"| {k} | {fmt(v['a'])} | {fmt(v['b'])} | {ma:,.2f} | {mb:,.2f} | {ratio} |")
+EOF
