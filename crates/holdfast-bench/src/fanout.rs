@@ -152,8 +152,12 @@ pub fn run(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
 async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     let handler_cfg = node_config();
     let handler = Arc::new(StandardHandler::new(&handler_cfg.client, None));
-    let node = Node::new(node_config(), Engine::from_one(MemoryEngine::new()), handler)
-        .map_err(|e| anyhow::anyhow!("fanout node config: {e:?}"))?;
+    let node = Node::new(
+        node_config(),
+        Engine::from_one(MemoryEngine::new()),
+        handler,
+    )
+    .map_err(|e| anyhow::anyhow!("fanout node config: {e:?}"))?;
     node.start();
     let progress = Arc::new(Progress::default());
     let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"}}}}"#);
@@ -253,7 +257,11 @@ mod tests {
         let runs = run(&args).unwrap();
         assert_eq!(runs.len(), 2);
         for r in runs {
-            assert_eq!(r.deliveries, 50 * 20, "each subscriber got each publication once");
+            assert_eq!(
+                r.deliveries,
+                50 * 20,
+                "each subscriber got each publication once"
+            );
         }
     }
 }

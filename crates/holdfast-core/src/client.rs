@@ -11,7 +11,6 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use tokio::sync::Notify;
 
 /// Control messages for the session, left by other parts of the node. Bounded by
 /// [`MAX_CONTROL`]; beyond it the connection is closed to resynchronise.
@@ -42,9 +41,12 @@ pub(crate) type CursorPosition = (Arc<str>, u64, Arc<str>);
 /// State of the outbound queue.
 #[derive(Debug)]
 struct Outbox {
-    /// Encoded messages (no framing), oldest first.
-    queue: VecDeque<Bytes>,
-    /// Bytes in `queue`.
+    /// The oldest encoded message (no framing). Kept apart from `rest` so that a connection
+    /// taking one message per wake-up, the usual case under fan-out, never allocates a queue.
+    first: Option<Bytes>,
+    /// The messages after `first`, oldest first (empty while `first` is `None`).
+    rest: VecDeque<Bytes>,
+    /// Bytes in `first` and `rest`.
     bytes: usize,
     /// Set once: the connection is closing with this disconnect.
     closing: Option<Disconnect>,
@@ -55,10 +57,30 @@ struct Outbox {
 /// What the writer takes from the outbox in one go.
 #[derive(Debug, Default)]
 pub struct Drained {
-    /// Messages to write, oldest first.
-    pub messages: VecDeque<Bytes>,
-    /// Close with this after writing `messages`.
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+    /// Close with this after writing the messages.
     pub close: Option<Disconnect>,
+}
+
+impl Drained {
+    /// Number of messages taken.
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    /// Whether no message was taken.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// The messages, oldest first, leaving `close` in place.
+    pub fn take_messages(&mut self) -> impl Iterator<Item = Bytes> + use<> {
+        self.first
+            .take()
+            .into_iter()
+            .chain(std::mem::take(&mut self.rest))
+    }
 }
 
 /// One connection as seen by the rest of the node.
@@ -73,15 +95,16 @@ pub struct ClientHandle {
     /// Queue limit in bytes; overflow closes the connection with 3008.
     max_queue: usize,
     outbox: Mutex<Outbox>,
-    /// Wakes the writer: messages queued, close requested, or timers changed.
-    writer_wake: Notify,
-    /// Wakes the reader: control message or close.
-    reader_wake: Notify,
+    /// Wakes the writer (messages queued, close requested, timers changed) or the reader
+    /// (control message, close).
+    pub(crate) halves: crate::wake::Halves,
     control: Mutex<VecDeque<Control>>,
     /// The connect command succeeded.
     connected: AtomicBool,
     /// A ping was written and no pong has arrived yet.
     ping_outstanding: AtomicBool,
+    /// Something the writer's timers depend on changed (see [`ClientHandle::wake_writer`]).
+    timers_changed: AtomicBool,
     /// When the connection expires (None = never); the writer closes it with 3005 after the
     /// grace delay unless a refresh moves this.
     expires_at: Mutex<Option<tokio::time::Instant>>,
@@ -103,16 +126,17 @@ impl ClientHandle {
             encoding,
             max_queue,
             outbox: Mutex::new(Outbox {
-                queue: VecDeque::new(),
+                first: None,
+                rest: VecDeque::new(),
                 bytes: 0,
                 closing: None,
                 flush_on_close: true,
             }),
-            writer_wake: Notify::new(),
-            reader_wake: Notify::new(),
+            halves: crate::wake::Halves::default(),
             control: Mutex::new(VecDeque::new()),
             connected: AtomicBool::new(false),
             ping_outstanding: AtomicBool::new(false),
+            timers_changed: AtomicBool::new(false),
             expires_at: Mutex::new(None),
             user: std::sync::OnceLock::new(),
             sent: AtomicU64::new(0),
@@ -148,7 +172,8 @@ impl ClientHandle {
             return false;
         }
         if ob.bytes + msg.len() > self.max_queue {
-            ob.queue.clear();
+            ob.first = None;
+            ob.rest = VecDeque::new();
             ob.bytes = 0;
             ob.closing = Some(Disconnect::SLOW);
             ob.flush_on_close = false;
@@ -158,12 +183,16 @@ impl ClientHandle {
             self.wake_all();
             return false;
         }
-        let was_empty = ob.queue.is_empty();
+        let was_empty = ob.first.is_none();
         ob.bytes += msg.len();
-        ob.queue.push_back(msg);
+        if was_empty {
+            ob.first = Some(msg);
+        } else {
+            ob.rest.push_back(msg);
+        }
         drop(ob);
         if was_empty {
-            self.writer_wake.notify_one();
+            self.halves.notify_writer();
         }
         true
     }
@@ -199,35 +228,43 @@ impl ClientHandle {
     pub fn drain(&self) -> Drained {
         let mut ob = self.outbox.lock();
         let close = ob.closing.clone();
-        if close.is_some() && !ob.flush_on_close {
-            ob.queue.clear();
-            ob.bytes = 0;
-        }
         ob.bytes = 0;
+        if close.is_some() && !ob.flush_on_close {
+            ob.first = None;
+            ob.rest = VecDeque::new();
+        }
         Drained {
-            messages: std::mem::take(&mut ob.queue),
+            first: ob.first.take(),
+            rest: std::mem::take(&mut ob.rest),
             close,
         }
     }
 
-    /// Waits until the writer has something to do.
-    pub async fn writer_notified(&self) {
-        self.writer_wake.notified().await;
+    /// Waits until the writer has something to do (only inside the connection's task, which
+    /// polls its writer when notified).
+    pub(crate) async fn writer_notified(&self) {
+        self.halves.writer_notified().await;
     }
 
-    /// Wakes the writer (timers changed).
+    /// Wakes the writer to look at its timers again (connected, expiry moved).
     pub(crate) fn wake_writer(&self) {
-        self.writer_wake.notify_one();
+        self.timers_changed.store(true, Ordering::Release);
+        self.halves.notify_writer();
     }
 
-    /// Waits until the reader has something to do.
-    pub async fn reader_notified(&self) {
-        self.reader_wake.notified().await;
+    /// Whether the timers changed since the last call.
+    pub(crate) fn take_timers_changed(&self) -> bool {
+        self.timers_changed.swap(false, Ordering::AcqRel)
+    }
+
+    /// Waits until the reader has something to do (only inside the connection's task).
+    pub(crate) async fn reader_notified(&self) {
+        self.halves.reader_notified().await;
     }
 
     fn wake_all(&self) {
-        self.writer_wake.notify_one();
-        self.reader_wake.notify_one();
+        self.halves.notify_writer();
+        self.halves.notify_reader();
     }
 
     pub(crate) fn push_control(&self, c: Control) {
@@ -240,7 +277,7 @@ impl ClientHandle {
         }
         q.push_back(c);
         drop(q);
-        self.reader_wake.notify_one();
+        self.halves.notify_reader();
     }
 
     pub(crate) fn take_control(&self) -> Option<Control> {
@@ -320,7 +357,7 @@ mod tests {
         assert_eq!(c.queued_bytes(), 10);
         assert!(!c.send(Bytes::from_static(b"1")));
         let d = c.drain();
-        assert!(d.messages.is_empty(), "3008 drops the queue");
+        assert!(d.is_empty(), "3008 drops the queue");
         assert_eq!(d.close, Some(Disconnect::SLOW));
         assert!(
             !c.send(Bytes::from_static(b"1")),
@@ -335,7 +372,7 @@ mod tests {
         c.close(Disconnect::SHUTDOWN);
         c.close(Disconnect::FORCE_DISCONNECT);
         let d = c.drain();
-        assert_eq!(d.messages.len(), 1);
+        assert_eq!(d.len(), 1);
         assert_eq!(d.close, Some(Disconnect::SHUTDOWN), "the first close wins");
     }
 

@@ -46,6 +46,9 @@ struct SubState {
 pub(crate) struct Subscription {
     pub(crate) client: Arc<ClientHandle>,
     pub(crate) channel: Arc<str>,
+    /// The client's encoding, copied here: fan-out reads it for every delivery, and the
+    /// subscription's line is already in cache then while the client's is not.
+    encoding: Encoding,
     /// Made by the server (token `channels`, personal channel, API): a gap closes the
     /// connection with 3010 instead of unsubscribing with 2500.
     pub(crate) server_side: bool,
@@ -78,6 +81,7 @@ impl Subscription {
         max_buffer: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
+            encoding: client.encoding(),
             client,
             channel,
             server_side,
@@ -206,7 +210,7 @@ impl Subscription {
             }
             st.offset = p.offset;
         }
-        match encoded.bytes(self.client.encoding()) {
+        match encoded.bytes(self.encoding) {
             Some(bytes) => {
                 self.client.send(bytes);
             }
@@ -244,7 +248,7 @@ impl Subscription {
     fn deliver_event(&self, encoded: &mut EncodedPush<'_>) {
         let st = self.state.lock();
         if matches!(st.phase, Phase::Live)
-            && let Some(b) = encoded.bytes(self.client.encoding())
+            && let Some(b) = encoded.bytes(self.encoding)
         {
             self.client.send(b);
         }

@@ -16,6 +16,7 @@ pub mod node;
 pub mod session;
 pub mod shard;
 pub mod transport;
+mod wake;
 
 pub use config::NodeConfig;
 pub use node::Node;

@@ -42,6 +42,26 @@ pub struct NodeStats {
     pub publications: AtomicU64,
 }
 
+/// Handles of the counters every frame updates.
+#[derive(Debug)]
+pub(crate) struct TransportMetrics {
+    pub(crate) messages_sent: metrics::Counter,
+    pub(crate) bytes_sent: metrics::Counter,
+    pub(crate) messages_received: metrics::Counter,
+    pub(crate) bytes_received: metrics::Counter,
+}
+
+impl TransportMetrics {
+    fn register() -> Self {
+        Self {
+            messages_sent: metrics::counter!("holdfast_transport_messages_sent_total"),
+            bytes_sent: metrics::counter!("holdfast_transport_bytes_sent_total"),
+            messages_received: metrics::counter!("holdfast_transport_messages_received_total"),
+            bytes_received: metrics::counter!("holdfast_transport_bytes_received_total"),
+        }
+    }
+}
+
 /// A publish request from the server API or a session.
 #[derive(Debug, Clone, Default)]
 pub struct PublishRequest {
@@ -91,6 +111,9 @@ struct NodeInner {
     seq: AtomicU64,
     started: std::time::Instant,
     stats: NodeStats,
+    /// Transport counters, looked up in the metrics recorder once (on first use, after the
+    /// embedding program installed its recorder), not on every frame.
+    transport_metrics: std::sync::OnceLock<TransportMetrics>,
     /// Serialise hub-first/last transitions with broker subscribe/unsubscribe per channel.
     sub_locks: Sharded<tokio::sync::Mutex<()>>,
     /// Other nodes heard from (distributed engines), with when.
@@ -137,6 +160,7 @@ impl Node {
                 seq: AtomicU64::new(1),
                 started: std::time::Instant::now(),
                 stats: NodeStats::default(),
+                transport_metrics: std::sync::OnceLock::new(),
                 sub_locks: Sharded::new(SUB_LOCKS, || tokio::sync::Mutex::new(())),
                 peers: Default::default(),
                 surveys: Default::default(),
@@ -278,6 +302,13 @@ impl Node {
     /// Lifetime counters.
     pub fn stats(&self) -> &NodeStats {
         &self.inner.stats
+    }
+
+    /// The transport counters (registered with the metrics recorder on first use).
+    pub(crate) fn transport_metrics(&self) -> &TransportMetrics {
+        self.inner
+            .transport_metrics
+            .get_or_init(TransportMetrics::register)
     }
 
     pub(crate) fn handler(&self) -> &dyn Handler {

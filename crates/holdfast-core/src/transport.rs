@@ -63,10 +63,12 @@ where
     let client = node.new_client(meta.encoding);
     let session = Session::new(node.clone(), client.clone(), meta.transport, meta.headers);
     metrics::gauge!("holdfast_connections_active").increment(1.0);
-    tokio::join!(
+    crate::wake::run_halves(
+        &client,
         read_loop(session, source),
-        write_loop(node.clone(), client.clone(), sink)
-    );
+        write_loop(node.clone(), client.clone(), sink),
+    )
+    .await;
     metrics::gauge!("holdfast_connections_active").decrement(1.0);
     let reason = client
         .closing_reason()
@@ -120,9 +122,9 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
                 break;
             }
             Some(Ok(data)) => {
-                metrics::counter!("holdfast_transport_messages_received_total").increment(1);
-                metrics::counter!("holdfast_transport_bytes_received_total")
-                    .increment(data.len() as u64);
+                let m = session.node().transport_metrics();
+                m.messages_received.increment(1);
+                m.bytes_received.increment(data.len() as u64);
                 if let Err(d) = Box::pin(session.handle_frame(&data)).await {
                     client.close(d);
                     break;
@@ -150,6 +152,90 @@ struct Timers {
     pong_deadline: Option<Instant>,
 }
 
+/// Joins queued messages into frames: up to [`MAX_MESSAGES_PER_FRAME`] messages and
+/// [`MAX_FRAME_BYTES`] bytes per frame, separated by the encoding's separator. A message that
+/// ends up alone in its frame is passed on as it is, without a copy.
+struct FrameBuilder<'a> {
+    sep: &'a [u8],
+    /// The frame's only message so far.
+    single: Option<Bytes>,
+    /// The joined frame once it holds two or more messages.
+    joined: BytesMut,
+    count: usize,
+}
+
+impl<'a> FrameBuilder<'a> {
+    fn new(sep: &'a [u8]) -> Self {
+        Self {
+            sep,
+            single: None,
+            joined: BytesMut::new(),
+            count: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match &self.single {
+            Some(b) => b.len(),
+            None => self.joined.len(),
+        }
+    }
+
+    /// Adds a message; returns the finished frame when the message did not fit into it (the
+    /// message then starts the next frame).
+    fn push(&mut self, msg: Bytes) -> Option<Bytes> {
+        let full = self.count > 0
+            && (self.count >= MAX_MESSAGES_PER_FRAME
+                || self.len() + self.sep.len() + msg.len() > MAX_FRAME_BYTES);
+        let done = if full { self.finish() } else { None };
+        match self.count {
+            0 => self.single = Some(msg),
+            _ => {
+                if let Some(first) = self.single.take() {
+                    self.joined.extend_from_slice(&first);
+                }
+                self.joined.extend_from_slice(self.sep);
+                self.joined.extend_from_slice(&msg);
+            }
+        }
+        self.count += 1;
+        done
+    }
+
+    /// The frame being built, if any.
+    fn finish(&mut self) -> Option<Bytes> {
+        self.count = 0;
+        match self.single.take() {
+            Some(b) => Some(b),
+            None if self.joined.is_empty() => None,
+            None => Some(self.joined.split().freeze()),
+        }
+    }
+}
+
+/// Writes the drained messages as frames and flushes them; returns the bytes written.
+async fn write_batch<K: FrameSink>(
+    sink: &mut K,
+    messages: impl Iterator<Item = Bytes>,
+    sep: &[u8],
+    binary: bool,
+) -> std::io::Result<u64> {
+    let mut frames = FrameBuilder::new(sep);
+    let mut bytes = 0u64;
+    for msg in messages {
+        if let Some(frame) = frames.push(msg) {
+            bytes += frame.len() as u64;
+            sink.send_frame(frame, binary).await?;
+        }
+    }
+    if let Some(frame) = frames.finish() {
+        bytes += frame.len() as u64;
+        sink.send_frame(frame, binary).await?;
+    }
+    sink.flush().await?;
+    Ok(bytes)
+}
+
 async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sink: K) {
     let cfg = &node.config().client;
     let mut timers = Timers {
@@ -157,58 +243,28 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
         next_ping: None,
         pong_deadline: None,
     };
-    let mut frame = BytesMut::new();
     let enc = client.encoding();
     let (sep, binary) = (enc.separator(), enc.is_binary());
+    // One timer for the connection's life, moved only when the next deadline changes: a timer
+    // made and dropped on every wake-up would cost two timer-wheel updates per delivery.
+    let never = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let sleep = tokio::time::sleep_until(never);
+    tokio::pin!(sleep);
+    let mut timers_due = true;
     loop {
-        let drained = client.drain();
-        if !drained.messages.is_empty() {
-            let n = drained.messages.len() as u64;
-            let mut bytes = 0u64;
-            let mut in_frame = 0usize;
-            let mut failed = false;
-            for msg in drained.messages {
-                if in_frame > 0
-                    && (in_frame >= MAX_MESSAGES_PER_FRAME
-                        || frame.len() + msg.len() > MAX_FRAME_BYTES)
-                {
-                    bytes += frame.len() as u64;
-                    if sink
-                        .send_frame(frame.split().freeze(), binary)
-                        .await
-                        .is_err()
-                    {
-                        failed = true;
-                        break;
-                    }
-                    in_frame = 0;
-                }
-                if in_frame > 0 {
-                    frame.extend_from_slice(sep);
-                }
-                frame.extend_from_slice(&msg);
-                in_frame += 1;
-            }
-            if !failed && in_frame > 0 {
-                bytes += frame.len() as u64;
-                failed = sink
-                    .send_frame(frame.split().freeze(), binary)
-                    .await
-                    .is_err();
-            }
-            frame.clear();
-            if failed || sink.flush().await.is_err() {
+        let mut drained = client.drain();
+        if !drained.is_empty() {
+            let n = drained.len() as u64;
+            let Ok(bytes) = write_batch(&mut sink, drained.take_messages(), sep, binary).await
+            else {
                 client.close(Disconnect::WRITE_ERROR);
                 return;
-            }
+            };
             node.stats().messages_sent.fetch_add(n, Ordering::Relaxed);
             client.sent.fetch_add(n, Ordering::Relaxed);
-            metrics::counter!("holdfast_transport_messages_sent_total").increment(n);
-            metrics::counter!("holdfast_transport_bytes_sent_total").increment(bytes);
-            // Keep a big frame buffer only while it is in use.
-            if frame.capacity() > MAX_FRAME_BYTES * 2 {
-                frame = BytesMut::new();
-            }
+            let m = node.transport_metrics();
+            m.messages_sent.increment(n);
+            m.bytes_sent.increment(bytes);
         }
         if let Some(d) = drained.close {
             if d.code != Disconnect::CONNECTION_CLOSED.code
@@ -218,62 +274,127 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
             }
             return;
         }
-        let now = Instant::now();
-        if !client.is_connected() {
-            if now >= timers.stale_at {
-                tracing::info!(client = %client.id(), "no connect within the stale delay");
-                client.close(Disconnect::STALE);
-                continue;
-            }
-        } else {
-            if timers.next_ping.is_none() {
-                let interval = cfg.ping_interval;
-                let first =
-                    rand::rng().random_range(interval / 2..interval.max(Duration::from_millis(2)));
-                timers.next_ping = Some(now + first);
-            }
-            if let Some(deadline) = timers.pong_deadline {
-                if !client.ping_outstanding() {
-                    timers.pong_deadline = None;
-                } else if now >= deadline {
-                    tracing::info!(client = %client.id(), user = client.user(), "no pong");
-                    client.close(Disconnect::NO_PONG);
+        // The timers are looked at when one fired or something they depend on changed, not
+        // on every delivery.
+        if timers_due {
+            let now = Instant::now();
+            if !client.is_connected() {
+                if now >= timers.stale_at {
+                    tracing::info!(client = %client.id(), "no connect within the stale delay");
+                    client.close(Disconnect::STALE);
+                    continue;
+                }
+            } else {
+                if timers.next_ping.is_none() {
+                    let interval = cfg.ping_interval;
+                    let first = rand::rng()
+                        .random_range(interval / 2..interval.max(Duration::from_millis(2)));
+                    timers.next_ping = Some(now + first);
+                }
+                if let Some(deadline) = timers.pong_deadline {
+                    if !client.ping_outstanding() {
+                        timers.pong_deadline = None;
+                    } else if now >= deadline {
+                        tracing::info!(client = %client.id(), user = client.user(), "no pong");
+                        client.close(Disconnect::NO_PONG);
+                        continue;
+                    }
+                }
+                if timers.next_ping.is_some_and(|p| now >= p) {
+                    client.snapshot_cursors();
+                    client.ping_sent();
+                    client.send(Bytes::from_static(client.encoding().ping()));
+                    if !cfg.pong_timeout.is_zero() {
+                        timers.pong_deadline = Some(now + cfg.pong_timeout);
+                    }
+                    timers.next_ping = Some(now + cfg.ping_interval);
+                    continue;
+                }
+                if let Some(exp) = client.expires_at()
+                    && now >= exp + cfg.expired_close_delay
+                {
+                    tracing::info!(client = %client.id(), user = client.user(), "connection expired");
+                    client.close(Disconnect::EXPIRED);
                     continue;
                 }
             }
-            if timers.next_ping.is_some_and(|p| now >= p) {
-                client.snapshot_cursors();
-                client.ping_sent();
-                client.send(Bytes::from_static(client.encoding().ping()));
-                if !cfg.pong_timeout.is_zero() {
-                    timers.pong_deadline = Some(now + cfg.pong_timeout);
-                }
-                timers.next_ping = Some(now + cfg.ping_interval);
-                continue;
-            }
-            if let Some(exp) = client.expires_at()
-                && now >= exp + cfg.expired_close_delay
-            {
-                tracing::info!(client = %client.id(), user = client.user(), "connection expired");
-                client.close(Disconnect::EXPIRED);
-                continue;
+            let deadline = if client.is_connected() {
+                [
+                    timers.next_ping,
+                    timers.pong_deadline,
+                    client.expires_at().map(|e| e + cfg.expired_close_delay),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+            } else {
+                Some(timers.stale_at)
+            };
+            let deadline = deadline.unwrap_or(never);
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
             }
         }
-        let deadline = if client.is_connected() {
-            [
-                timers.next_ping,
-                timers.pong_deadline,
-                client.expires_at().map(|e| e + cfg.expired_close_delay),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-        } else {
-            Some(timers.stale_at)
+        timers_due = tokio::select! {
+            biased;
+            _ = client.writer_notified() => client.take_timers_changed(),
+            () = &mut sleep => true,
         };
-        tokio::select! {
-            _ = client.writer_notified() => {}
-            _ = sleep_until_opt(deadline) => {}
-        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(msgs: &[&'static [u8]]) -> Vec<Bytes> {
+        let mut b = FrameBuilder::new(b"\n");
+        let mut out: Vec<Bytes> = msgs
+            .iter()
+            .filter_map(|m| b.push(Bytes::from_static(m)))
+            .collect();
+        out.extend(b.finish());
+        out
+    }
+
+    #[test]
+    fn single_message_is_passed_without_copy() {
+        let msg = Bytes::from_static(b"{\"push\":{}}");
+        let mut b = FrameBuilder::new(b"\n");
+        assert!(b.push(msg.clone()).is_none());
+        let frame = b.finish().unwrap();
+        assert_eq!(frame.as_ptr(), msg.as_ptr(), "same buffer, not a copy");
+        assert!(b.finish().is_none(), "nothing left after finish");
+    }
+
+    #[test]
+    fn messages_are_joined_with_the_separator() {
+        assert_eq!(
+            frames(&[b"a", b"b", b"c"]),
+            vec![Bytes::from_static(b"a\nb\nc")]
+        );
+        assert!(frames(&[]).is_empty());
+    }
+
+    #[test]
+    fn frames_are_split_at_the_message_limit() {
+        let msgs = vec![&b"x"[..]; MAX_MESSAGES_PER_FRAME + 1];
+        let out = frames(&msgs);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].len(), MAX_MESSAGES_PER_FRAME * 2 - 1);
+        assert_eq!(out[1], Bytes::from_static(b"x"));
+    }
+
+    #[test]
+    fn frames_are_split_at_the_byte_limit() {
+        static BIG: [u8; MAX_FRAME_BYTES / 2] = [b'y'; MAX_FRAME_BYTES / 2];
+        let out = frames(&[&BIG, &BIG, b"z"]);
+        assert_eq!(out.len(), 2, "two halves plus a separator exceed the limit");
+        assert_eq!(out[0].len(), BIG.len());
+        assert_eq!(out[1].len(), BIG.len() + 2);
+        let big: &'static [u8] = Box::leak(vec![0u8; MAX_FRAME_BYTES * 2].into_boxed_slice());
+        let out = frames(&[b"a", big]);
+        assert_eq!(out.len(), 2, "a message larger than the limit goes alone");
+        assert_eq!(out[1].len(), MAX_FRAME_BYTES * 2);
     }
 }

@@ -14,6 +14,7 @@ use holdfast_core::transport::{ConnectionMeta, FrameSink, FrameSource, serve_con
 use holdfast_protocol::{Disconnect, Encoding};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -213,6 +214,23 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Runs a write, failing it when it has not finished within `limit`. Most writes finish on
+/// their first poll: the timer is only made for one that has to wait for the socket.
+async fn within<F>(limit: Duration, write: F) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let result = match first {
+        Poll::Ready(r) => r,
+        Poll::Pending => tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| io_err("write timeout"))?,
+    };
+    result.map_err(io_err)
+}
+
 #[async_trait]
 impl FrameSink for WsSink {
     async fn send_frame(&mut self, frame: Bytes, binary: bool) -> std::io::Result<()> {
@@ -221,17 +239,11 @@ impl FrameSink for WsSink {
         } else {
             Message::Text(Utf8Bytes::try_from(frame).map_err(io_err)?)
         };
-        match tokio::time::timeout(self.write_timeout, self.inner.feed(msg)).await {
-            Ok(r) => r.map_err(io_err),
-            Err(_) => Err(io_err("write timeout")),
-        }
+        within(self.write_timeout, self.inner.feed(msg)).await
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        match tokio::time::timeout(self.write_timeout, self.inner.flush()).await {
-            Ok(r) => r.map_err(io_err),
-            Err(_) => Err(io_err("write timeout")),
-        }
+        within(self.write_timeout, self.inner.flush()).await
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
