@@ -4,11 +4,13 @@
 # state, and the summary gives each run's figures and the medians.
 #
 #   scripts/bench-ab.sh HEAD~1                       # S2, Holdfast JSON, 3 runs each
-#   RUNS=5 SCENARIO=s3 SERVER=holdfast-protobuf scripts/bench-ab.sh 959cc4d
+#   RUNS=5 SCENARIO=s1,s3 SERVER=holdfast-protobuf scripts/bench-ab.sh 959cc4d
 #   EXTRA="--subscribers 5000 --step-seconds 3" scripts/bench-ab.sh main
+#   SCENARIO=fanout RUNS=5 scripts/bench-ab.sh HEAD~1  # in-process fan-out, no sockets
 #
 # A is built in a git worktree sharing this checkout's target directory (dependencies are not
-# rebuilt); its `holdfast` binary is kept in target/ab/a. Results: target/ab/results-{a,b}.
+# rebuilt); its binaries are kept in target/ab/a. Results: target/ab/results-{a,b}. The fanout
+# scenario (`holdfast-bench fanout`, pinned to core 0) needs a revision that has it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev="${1:?usage: scripts/bench-ab.sh <git revision>}"
@@ -24,18 +26,25 @@ echo "== building A ($rev)"
 tree="$(mktemp -d -t holdfast-ab-XXXX)"
 trap 'git -C "$root" worktree remove --force "$tree" >/dev/null 2>&1 || true; rm -rf "$tree"' EXIT
 git worktree add --detach "$tree" "$rev" >/dev/null
-(cd "$tree" && CARGO_TARGET_DIR="$target" cargo build --release -q -p holdfast-server --bin holdfast)
-cp "$target/release/holdfast" "$target/ab/a/holdfast"
+(cd "$tree" && CARGO_TARGET_DIR="$target" cargo build --release -q --bins)
+cp "$target/release/holdfast" "$target/release/holdfast-bench" "$target/ab/a/"
 git -C "$tree" rev-parse --short HEAD > "$target/ab/a/REV"
 
 echo "== building B (working tree)"
 cargo build --release -q --bins
-cp "$target/release/holdfast" "$target/ab/b/holdfast"
+cp "$target/release/holdfast" "$target/release/holdfast-bench" "$target/ab/b/"
 
 for i in $(seq 1 "$runs"); do
   for side in a b; do
     echo "== run $i, $side"
-    taskset -c 1 "$target/release/holdfast-bench" bench --scenarios "$scenario" \
+    if [ "$scenario" = fanout ]; then
+      mkdir -p "$target/ab/results-$side"
+      taskset -c 0 "$target/ab/$side/holdfast-bench" fanout --runs 3 --json ${EXTRA:-} \
+        > "$target/ab/results-$side/fanout-$i.jsonl"
+      tail -1 "$target/ab/results-$side/fanout-$i.jsonl"
+      continue
+    fi
+    taskset -c 1 "$target/ab/b/holdfast-bench" bench --scenarios "$scenario" \
       --servers "$server" --runs 1 --bin-dir "$target/ab/$side" \
       --out "$target/ab/results-$side/$i" ${EXTRA:-} | grep -E '^S[0-9]' || true
   done
@@ -65,14 +74,23 @@ def figures(d):
     return out
 
 rows = {}
-for side in ("a", "b"):
-    for f in sorted(glob.glob(f"{base}/results-{side}/*/{scenario}-{server}-*.json")):
-        d = json.load(open(f))
-        if d.get("error"):
-            print(f"{side}: {f}: {d['error']}")
-            continue
-        for k, v in figures(d).items():
-            rows.setdefault(k, {"a": [], "b": []})[side].append(v)
+if scenario == "fanout":
+    server = "in-process"
+    for side in ("a", "b"):
+        for f in sorted(glob.glob(f"{base}/results-{side}/fanout-*.jsonl")):
+            for line in open(f):
+                r = json.loads(line)
+                for k, v in (("deliveries/s", r["per_s"]), ("ns per delivery", r["ns_per_delivery"])):
+                    rows.setdefault(k, {"a": [], "b": []})[side].append(v)
+for side in ("a", "b") if scenario != "fanout" else ():
+    for sc in scenario.split(","):
+        for f in sorted(glob.glob(f"{base}/results-{side}/*/{sc}-{server}-*.json")):
+            d = json.load(open(f))
+            if d.get("error"):
+                print(f"{side}: {f}: {d['error']}")
+                continue
+            for k, v in figures(d).items():
+                rows.setdefault(f"{sc.upper()} {k}", {"a": [], "b": []})[side].append(v)
 
 print(f"\n{scenario} {server}: A = {rev}, B = working tree")
 print("| Figure | A runs | B runs | A median | B median | B / A |")

@@ -161,6 +161,7 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     node.start();
     let progress = Arc::new(Progress::default());
     let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"}}}}"#);
+    let mut future_bytes = 0;
     for _ in 0..args.subscribers {
         let commands = Commands(VecDeque::from([
             Bytes::from_static(br#"{"id":1,"connect":{}}"#),
@@ -171,13 +172,12 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
             encoding: Encoding::Json,
             headers: Vec::new().into(),
         };
-        node.tracker().spawn(serve_connection(
-            node.clone(),
-            meta,
-            commands,
-            Counting(progress.clone()),
-        ));
+        let connection = serve_connection(node.clone(), meta, commands, Counting(progress.clone()));
+        future_bytes = std::mem::size_of_val(&connection);
+        node.tracker().spawn(connection);
     }
+    // What every idle connection's task holds inline (its allocation adds tokio's task header).
+    eprintln!("fanout: one connection's future is {future_bytes} bytes");
     let subs = args.subscribers as u64;
     // The connect and subscribe replies.
     progress.wait_for(2 * subs).await;

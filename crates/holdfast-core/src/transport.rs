@@ -63,12 +63,11 @@ where
     let client = node.new_client(meta.encoding);
     let session = Session::new(node.clone(), client.clone(), meta.transport, meta.headers);
     metrics::gauge!("holdfast_connections_active").increment(1.0);
-    crate::wake::run_halves(
-        &client,
-        read_loop(session, source),
-        write_loop(node.clone(), client.clone(), sink),
-    )
-    .await;
+    // Pinned here and lent to `run_halves`: an async fn that took them by value would hold
+    // each twice in the connection's future (the argument and its pinned copy).
+    let reader = std::pin::pin!(read_loop(session, source));
+    let writer = std::pin::pin!(write_loop(node.clone(), client.clone(), sink));
+    crate::wake::run_halves(&client, reader, writer).await;
     metrics::gauge!("holdfast_connections_active").decrement(1.0);
     let reason = client
         .closing_reason()

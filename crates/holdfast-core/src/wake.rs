@@ -11,7 +11,7 @@
 use crate::client::ClientHandle;
 use futures_util::task::AtomicWaker;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
@@ -98,8 +98,11 @@ impl Wake for ReaderWaker {
 
 /// Runs a connection's reader and writer in the calling task until both finish, polling each
 /// only after its own wake-up.
-pub(crate) async fn run_halves<R, W>(client: &Arc<ClientHandle>, reader: R, writer: W)
-where
+pub(crate) async fn run_halves<R, W>(
+    client: &Arc<ClientHandle>,
+    mut reader: Pin<&mut R>,
+    mut writer: Pin<&mut W>,
+) where
     R: Future<Output = ()>,
     W: Future<Output = ()>,
 {
@@ -108,7 +111,6 @@ where
     let writer_waker = Waker::from(client.clone());
     // Both are polled first.
     halves.woken.store(READER | WRITER, Ordering::Release);
-    let (mut reader, mut writer) = (pin!(reader), pin!(writer));
     let mut done = 0u8;
     std::future::poll_fn(|cx| {
         // Registered before the bits are taken, so a wake-up during the polls is not lost.
@@ -144,6 +146,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use holdfast_protocol::Encoding;
+    use std::pin::pin;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
@@ -176,8 +179,8 @@ mod tests {
             async move {
                 run_halves(
                     &c,
-                    counted(&pr, c.halves.reader_notified()),
-                    counted(&pw, c.halves.writer_notified()),
+                    pin!(counted(&pr, c.halves.reader_notified())),
+                    pin!(counted(&pw, c.halves.writer_notified())),
                 )
                 .await;
             }
@@ -216,7 +219,7 @@ mod tests {
                     c.halves.writer_notified().await; // the pending one
                     c.halves.writer_notified().await; // needs a new one
                 };
-                run_halves(&c, async {}, counted(&pw, writer)).await;
+                run_halves(&c, pin!(async {}), pin!(counted(&pw, writer))).await;
             }
         });
         until(|| pw.load(Ordering::Relaxed) == 1).await;
@@ -239,8 +242,8 @@ mod tests {
             Duration::from_secs(5),
             run_halves(
                 &c,
-                tokio::time::sleep(Duration::from_millis(5)),
-                tokio::time::sleep(Duration::from_millis(10)),
+                pin!(tokio::time::sleep(Duration::from_millis(5))),
+                pin!(tokio::time::sleep(Duration::from_millis(10))),
             ),
         )
         .await
