@@ -116,20 +116,10 @@ pub(crate) async fn run_halves<R, W>(
         // Registered before the bits are taken, so a wake-up during the polls is not lost.
         halves.task.register(cx.waker());
         let woken = halves.woken.swap(0, Ordering::AcqRel) & !done;
-        if woken & WRITER != 0
-            && writer
-                .as_mut()
-                .poll(&mut Context::from_waker(&writer_waker))
-                .is_ready()
-        {
+        if woken & WRITER != 0 && poll_half(&mut writer, &writer_waker) {
             done |= WRITER;
         }
-        if woken & READER != 0
-            && reader
-                .as_mut()
-                .poll(&mut Context::from_waker(&reader_waker))
-                .is_ready()
-        {
+        if woken & READER != 0 && poll_half(&mut reader, &reader_waker) {
             done |= READER;
         }
         if done == READER | WRITER {
@@ -139,6 +129,13 @@ pub(crate) async fn run_halves<R, W>(
         }
     })
     .await;
+}
+
+/// Polls one half with its own waker; true when it finished.
+fn poll_half<F: Future<Output = ()>>(half: &mut Pin<&mut F>, waker: &Waker) -> bool {
+    half.as_mut()
+        .poll(&mut Context::from_waker(waker))
+        .is_ready()
 }
 
 #[cfg(test)]
