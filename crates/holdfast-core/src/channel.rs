@@ -1,6 +1,6 @@
 //! Channel names: namespaces, private and user-limited channels.
 
-use crate::config::{ChannelConfig, ChannelOptions};
+use crate::config::{ChannelConfig, ChannelOptions, NodeConfig};
 use holdfast_protocol::ErrorReply;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +69,26 @@ impl ChannelRules {
         Ok(ResolvedChannel { options, private })
     }
 
+    /// The rules a node applies: those of [`ChannelRules::new`], and in the namespace that holds
+    /// personal channels (`client.subscribe_to_user_personal_channel`), every channel with a
+    /// `#` is user-limited whatever the namespace says, so `#43` is user 43's alone.
+    pub fn for_node(cfg: &NodeConfig) -> Self {
+        let mut rules = Self::new(&cfg.channel);
+        let personal = &cfg.client.subscribe_to_user_personal_channel;
+        if personal.enabled {
+            let ns = &personal.personal_channel_namespace;
+            let slot = if ns.is_empty() {
+                Some(&mut rules.without_namespace)
+            } else {
+                rules.namespaces.get_mut(ns.as_str())
+            };
+            if let Some(options) = slot {
+                Arc::make_mut(options).allow_user_limited_channels = true;
+            }
+        }
+        rules
+    }
+
     /// Lifetime of a stream's meta for channels of these options.
     pub fn meta_ttl(&self, options: &ChannelOptions) -> std::time::Duration {
         options
@@ -84,6 +104,16 @@ impl ChannelRules {
         } else {
             format!("{namespace}{NAMESPACE_BOUNDARY}{USER_BOUNDARY}{user}")
         }
+    }
+}
+
+impl ResolvedChannel {
+    /// Whether `user` must be refused any client access to `channel` (subscribe, publish,
+    /// history, presence): the channel is user-limited in its namespace (always so for personal
+    /// channels) and does not name `user`. Anonymous users are refused every such channel.
+    pub fn refuses_user(&self, channel: &str, user: &str) -> bool {
+        self.options.allow_user_limited_channels
+            && user_limited_allows(channel, user) == Some(false)
     }
 }
 
@@ -125,6 +155,50 @@ mod tests {
             ErrorReply::BAD_REQUEST
         );
         assert_eq!(r.resolve("a\nb").unwrap_err(), ErrorReply::BAD_REQUEST);
+    }
+
+    #[test]
+    fn personal_namespace_is_always_user_limited() {
+        let mut cfg = NodeConfig::default();
+        cfg.channel.without_namespace.allow_subscribe_for_client = true;
+        cfg.channel.namespaces.push(ChannelOptions {
+            name: "chat".into(),
+            allow_subscribe_for_client: true,
+            ..Default::default()
+        });
+        let open = ChannelRules::for_node(&cfg);
+        let r = open.resolve("#43").expect("resolves");
+        assert!(!r.refuses_user("#43", "42"), "personal channels are off");
+        cfg.client.subscribe_to_user_personal_channel.enabled = true;
+        let rules = ChannelRules::for_node(&cfg);
+        let r = rules.resolve("#43").expect("resolves");
+        assert!(r.refuses_user("#43", "42"));
+        assert!(r.refuses_user("#43", ""), "anonymous");
+        assert!(!r.refuses_user("#43", "43"));
+        assert!(!r.refuses_user("news", "42"), "no # boundary");
+        let p = rules.resolve("$#43").expect("private");
+        assert!(p.refuses_user("$#43", "42"));
+        let chat = rules.resolve("chat:#43").expect("chat");
+        assert!(
+            !chat.refuses_user("chat:#43", "42"),
+            "other namespaces keep their option"
+        );
+        cfg.client
+            .subscribe_to_user_personal_channel
+            .personal_channel_namespace = "chat".into();
+        let rules = ChannelRules::for_node(&cfg);
+        assert!(
+            rules
+                .resolve("chat:#43")
+                .expect("chat")
+                .refuses_user("chat:#43", "42")
+        );
+        assert!(
+            !rules
+                .resolve("#43")
+                .expect("no ns")
+                .refuses_user("#43", "42")
+        );
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Node {
         } = engine;
         config.validate()?;
         let hub = Arc::new(Hub::new());
-        let rules = ChannelRules::new(&config.channel);
+        let rules = ChannelRules::for_node(&config);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<NodeInner>| {
             broker.set_handler(Arc::new(NodeEvents {
                 hub: hub.clone(),

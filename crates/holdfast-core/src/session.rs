@@ -4,7 +4,7 @@
 //! other parts of the node must tell it (server unsubscribe, a gap found by fan-out) arrives as
 //! control messages on its [`ClientHandle`], handled before the next command.
 
-use crate::channel::ChannelRules;
+use crate::channel::{ChannelRules, ResolvedChannel};
 use crate::client::{ClientHandle, Control};
 use crate::config::ChannelOptions;
 use crate::engine::HistoryQuery;
@@ -427,6 +427,20 @@ impl Session {
             }
             HandlerError::Disconnect(d) => Err(d),
         }
+    }
+
+    /// Refuses (103) a client command on a user-limited channel that does not name this
+    /// connection's user: another user's personal channel is never reachable, whatever the
+    /// namespace's `allow_*` options, a token or a proxy say. Returns true when refused.
+    fn refused_foreign(&self, id: u32, resolved: &ResolvedChannel, channel: &str) -> bool {
+        let user = self.client.user();
+        if !resolved.refuses_user(channel, user) {
+            return false;
+        }
+        tracing::info!(client = %self.client.id(), user, channel, "refused: a channel limited to other users");
+        metrics::counter!("holdfast_foreign_channel_refusals_total").increment(1);
+        self.reply_error(id, ErrorReply::PERMISSION_DENIED);
+        true
     }
 
     async fn handle_command(&mut self, cmd: Command) -> Result<(), Disconnect> {
@@ -946,6 +960,9 @@ impl Session {
                 return Ok(());
             }
         };
+        if self.refused_foreign(id, &resolved, &req.channel) {
+            return Ok(());
+        }
         let ctx = conn.ctx.clone();
         let ev = SubscribeEvent {
             channel: &req.channel,
@@ -1116,6 +1133,9 @@ impl Session {
                 return Ok(());
             }
         };
+        if self.refused_foreign(id, &resolved, channel) {
+            return Ok(());
+        }
         let conn = self.conn()?;
         let sub = conn.subs.get(channel);
         let ev = ChannelEvent {
@@ -1159,6 +1179,9 @@ impl Session {
                 return Ok(());
             }
         };
+        if self.refused_foreign(id, &resolved, channel) {
+            return Ok(());
+        }
         if !resolved.options.presence {
             self.reply_error(id, ErrorReply::NOT_AVAILABLE);
             return Ok(());
@@ -1203,6 +1226,9 @@ impl Session {
                 return Ok(());
             }
         };
+        if self.refused_foreign(id, &resolved, &req.channel) {
+            return Ok(());
+        }
         if !resolved.options.history_enabled() {
             self.reply_error(id, ErrorReply::NOT_AVAILABLE);
             return Ok(());

@@ -616,6 +616,83 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Combinations that are valid but expose data: each names the keys at fault.
+    /// `holdfast checkconfig` prints them and `holdfast serve` logs them.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        let mut w = |key: String, problem: String| out.push(ConfigError { key, problem });
+        if self.client.insecure {
+            w(
+                "client.insecure".into(),
+                "every connection may subscribe, publish and read history in every channel \
+                 without a token (only personal channels stay their owner's): development only"
+                    .into(),
+            );
+        }
+        if self.http_api.insecure {
+            w(
+                "http_api.insecure".into(),
+                "the server API answers without an API key: anyone who reaches it can publish \
+                 and disconnect users"
+                    .into(),
+            );
+        }
+        let personal = &self.client.subscribe_to_user_personal_channel;
+        let personal_ns = personal
+            .enabled
+            .then_some(personal.personal_channel_namespace.as_str());
+        let namespaces = std::iter::once((
+            "channel.without_namespace".to_string(),
+            "",
+            &self.channel.without_namespace,
+        ))
+        .chain(
+            self.channel
+                .namespaces
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("channel.namespaces[{i}]"), n.name.as_str(), n)),
+        );
+        for (prefix, name, o) in namespaces {
+            // The personal channel's namespace is user-limited whatever it says.
+            if o.allow_user_limited_channels || personal_ns == Some(name) {
+                continue;
+            }
+            let open: Vec<&str> = [
+                ("allow_subscribe_for_client", o.allow_subscribe_for_client),
+                ("allow_history_for_client", o.allow_history_for_client),
+                ("allow_presence_for_client", o.allow_presence_for_client),
+                ("allow_publish_for_client", o.allow_publish_for_client),
+            ]
+            .into_iter()
+            .filter_map(|(k, on)| on.then_some(k))
+            .collect();
+            if open.is_empty() {
+                continue;
+            }
+            let example = if name.is_empty() {
+                "#42 or dialog#42,43".to_string()
+            } else {
+                format!("{name}:#42 or {name}:dialog#42,43")
+            };
+            w(
+                format!("{prefix}.{}", open[0]),
+                format!(
+                    "{} let any user reach user-bound channels of this namespace ({example}); \
+                     set {prefix}.allow_user_limited_channels = true so that only the users a \
+                     channel names can use it",
+                    open.iter()
+                        .map(|k| format!("{prefix}.{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        out
+    }
+}
+
 fn errs_push(e: &mut impl FnMut(&str, &str), key: &str, problem: &str) {
     e(key, problem);
 }
@@ -780,6 +857,11 @@ force_push_join_leave = true
 history_size = 100
 history_ttl = "300s"
 force_recovery = true
+# Personal channels (#<user>) live here: a publication sent to a user who is offline is
+# delivered when they connect, from the last position any of their devices confirmed.
+delivery_cursor = true
+# Channels with a # are limited to the users they name (#42, dialog#42,43).
+allow_user_limited_channels = true
 allow_subscribe_for_client = true
 allow_publish_for_subscriber = true
 allow_history_for_subscriber = true
@@ -793,6 +875,7 @@ force_push_join_leave = true
 history_size = 1000
 history_ttl = "24h"
 force_recovery = true
+allow_user_limited_channels = true
 allow_subscribe_for_client = true
 allow_publish_for_subscriber = true
 allow_history_for_subscriber = true
@@ -893,5 +976,39 @@ mod tests {
         assert!(l.unknown.is_empty(), "{:?}", l.unknown);
         assert_eq!(l.config.client.token.hmac_secret_key, "abc");
         assert!(l.config.validate().is_ok());
+        assert!(l.config.warnings().is_empty(), "{:?}", l.config.warnings());
+    }
+
+    #[test]
+    fn warnings_name_the_keys_that_expose_user_bound_channels() {
+        let p = write(
+            "w.toml",
+            "[client.subscribe_to_user_personal_channel]\nenabled = true\n\
+             [channel.without_namespace]\nallow_subscribe_for_client = true\n\
+             [[channel.namespaces]]\nname = \"chat\"\nallow_subscribe_for_client = true\n\
+             allow_history_for_client = true\n\
+             [[channel.namespaces]]\nname = \"dm\"\nallow_subscribe_for_client = true\n\
+             allow_user_limited_channels = true\n",
+        );
+        let c = load(Some(&p), Vec::new(), &[]).expect("load").config;
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].key, "channel.namespaces[0].allow_subscribe_for_client");
+        assert!(
+            w[0].problem
+                .contains("channel.namespaces[0].allow_history_for_client")
+        );
+        assert!(w[0].problem.contains("allow_user_limited_channels"));
+        let mut c = c;
+        c.client.subscribe_to_user_personal_channel.enabled = false;
+        let keys: Vec<String> = c.warnings().into_iter().map(|e| e.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "channel.without_namespace.allow_subscribe_for_client",
+                "channel.namespaces[0].allow_subscribe_for_client"
+            ],
+            "without personal channels the root namespace is not user-limited"
+        );
     }
 }

@@ -184,10 +184,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!(key = %k, "unsupported configuration key ignored");
     }
     let cfg = loaded.config;
-    if cfg.client.insecure {
-        tracing::warn!(
-            "client.insecure is on: anyone may connect and do anything (development only)"
-        );
+    for w in cfg.warnings() {
+        tracing::warn!(key = %w.key, "{}", w.problem);
     }
     // Open the engine first (the disk engine replays its log): nothing listens until it is ready.
     let state = holdfast_server::server::build(cfg.clone()).await?;
@@ -246,6 +244,9 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             if let Err(errs) = loaded.config.validate() {
                 problems.extend(errs.iter().map(ToString::to_string));
+            }
+            for w in loaded.config.warnings() {
+                eprintln!("warning: {w}");
             }
             if problems.is_empty() {
                 println!("configuration is valid");

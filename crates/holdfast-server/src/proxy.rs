@@ -325,7 +325,7 @@ impl ProxyHandler {
             named,
             rpc,
             webhooks,
-            rules: ChannelRules::new(&cfg.channel),
+            rules: ChannelRules::for_node(&cfg.node_config()),
         }
     }
 

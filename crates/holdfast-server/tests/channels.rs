@@ -385,3 +385,103 @@ async fn rpc_and_send_without_handlers() {
     assert_eq!(c.closed().await, Closed::Code(3508, "not available".into()));
     srv.stop().await;
 }
+
+/// The configuration `holdfast genconfig` writes, on the memory engine.
+fn genconfig() -> holdfast_server::config::Config {
+    config_from(
+        &holdfast_server::config::generate(SECRET, API_KEY)
+            .replace("type = \"disk\"", "type = \"memory\""),
+    )
+}
+
+/// The example configuration in README.md (the first TOML block after "A short example").
+fn readme_config() -> holdfast_server::config::Config {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let at = readme.find("A short example").expect("README example");
+    let block = readme[at..]
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let mut c = config_from(block);
+    c.client.token.hmac_secret_key = SECRET.into();
+    c.engine.kind = "memory".into();
+    c
+}
+
+/// The next publication pushed to `c` (join and leave pushes are skipped).
+async fn next_pub(c: &mut TestClient) -> Value {
+    loop {
+        let p = c.push().await;
+        if let Some(publication) = p.get("pub") {
+            return publication.clone();
+        }
+    }
+}
+
+/// Subscribe, history, presence and publish on another user's personal channel are refused with
+/// 103; the owner may use it; an anonymous connection is refused.
+async fn personal_channel_is_its_owners_alone(cfg: holdfast_server::config::Config) {
+    assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
+    let srv = TestServer::start(cfg).await;
+    let (mut owner, r) = srv.connected("43").await;
+    assert!(r["connect"]["subs"]["#43"].is_object(), "{r}");
+    assert_eq!(publish(&srv, "#43", json!({"secret": 1})).await, 1);
+    assert_eq!(next_pub(&mut owner).await["data"], json!({"secret": 1}));
+
+    let (mut other, _) = srv.connected("42").await;
+    let anonymous = token("", None, json!({}));
+    let (mut anon, r) = srv.connected_with(&anonymous).await;
+    assert!(r["connect"].is_object(), "{r}");
+    for c in [&mut other, &mut anon] {
+        for (method, params) in [
+            ("subscribe", json!({"channel": "#43"})),
+            ("history", json!({"channel": "#43", "limit": -1})),
+            ("presence", json!({"channel": "#43"})),
+            ("presence_stats", json!({"channel": "#43"})),
+            ("publish", json!({"channel": "#43", "data": {"x": 1}})),
+            ("subscribe", json!({"channel": "$#43"})),
+        ] {
+            let r = c.call(method, params).await;
+            assert_eq!(code(&r), 103, "{method}: {r}");
+        }
+    }
+    // A subscription token for the channel does not open it either.
+    let tok = sub_token("42", "#43", json!({}));
+    let r = other
+        .call("subscribe", json!({"channel": "#43", "token": tok}))
+        .await;
+    assert_eq!(code(&r), 103, "{r}");
+
+    // The owner: history, presence and publish are allowed; subscribing again after leaving too.
+    let r = owner
+        .call("history", json!({"channel": "#43", "limit": -1}))
+        .await;
+    assert_eq!(
+        r["history"]["publications"][0]["data"],
+        json!({"secret": 1}),
+        "{r}"
+    );
+    let r = owner.call("presence", json!({"channel": "#43"})).await;
+    assert!(r["presence"].is_object(), "{r}");
+    let r = owner
+        .call("publish", json!({"channel": "#43", "data": {"own": 1}}))
+        .await;
+    assert_eq!(r["publish"], json!({}), "{r}");
+    assert_eq!(next_pub(&mut owner).await["data"], json!({"own": 1}));
+    owner.call("unsubscribe", json!({"channel": "#43"})).await;
+    let r = owner.call("subscribe", json!({"channel": "#43"})).await;
+    assert!(r["subscribe"].is_object(), "{r}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn personal_channel_under_genconfig() {
+    personal_channel_is_its_owners_alone(genconfig()).await;
+}
+
+#[tokio::test]
+async fn personal_channel_under_readme_example() {
+    personal_channel_is_its_owners_alone(readme_config()).await;
+}
