@@ -27,12 +27,13 @@ Each is deliberate (a Holdfast guarantee) or not built yet; none breaks the clie
 
 | Difference | Why |
 |---|---|
-| A recoverable server-side subscription (personal channel, token `channels`) recovers from the stream start when the client presents no position, so messages sent before the user connected are delivered on connect. Centrifugo gives such a client the current top only. | Send-to-user without application retries ([SEND-TO-USER.md](SEND-TO-USER.md)). Channels without `force_recovery` behave as in Centrifugo. |
+| In a namespace with `delivery_cursor = true` (a Holdfast extension; `holdfast genconfig` sets it where personal channels live), a server-side subscription whose client presents no position recovers from the user's delivery cursor, or else from the stream start, so messages sent before the user connected are delivered on connect. Without the option such a client starts at the current top, as on Centrifugo. | Send-to-user without application retries ([SEND-TO-USER.md](SEND-TO-USER.md)); a Centrifugo configuration behaves as on Centrifugo. |
+| Another user's personal channel (`#43` for user 42) is refused (103) for subscribe, history, presence and publish whatever the namespace's `allow_*` options say: the namespace holding personal channels is always user-limited. | A user's data is theirs under every configuration ([SECURITY.md](../SECURITY.md)). |
 | Only the WebSocket transport: no HTTP-streaming, SSE, `/emulation`, unidirectional transports, WebTransport. | Not built. |
 | Map subscriptions, shared polls, tag filters, fossil deltas and channel-id compaction (subscribe `flag` 1) are parsed and ignored: subscriptions are plain streams, results never set `delta` or `id`. | Not built; clients fall back to plain streams. |
 | Proxies are HTTP only (no gRPC proxies, no `subscribe_stream` proxies, no `binary_encoding` or `emulated_headers` options); without an RPC proxy or handler `rpc` answers 108 and `send` closes with 3508. RPC routing by method prefix (`rpc.routes`) and lifecycle webhooks are Holdfast additions. | Not built / additions. |
-| Engines: the embedded durable engine (default) and memory; the Redis engine for many nodes is planned. | Not built yet. The disk engine goes beyond Centrifugo's memory engine: history survives restarts. |
-| Server API: no `rpc` method, the `session` field is ignored, `info` lists this node only; no gRPC API, no admin UI. | Not built. |
+| Engines: the embedded durable engine (default), memory, and Redis for many nodes (one instance, independent sharded instances, or a Redis Cluster with sharded pub/sub); no Redis Sentinel, no TLS to Redis, no Tarantool or NATS broker. | Sentinel and TLS are not built yet. The disk engine goes beyond Centrifugo's memory engine: history survives restarts. |
+| Server API: no `rpc` method, the `session` field is ignored; no gRPC API, no admin UI. `info` lists every live node (with the Redis engine, the nodes heard from in the last 7 s). | Not built. |
 | A binary publication (protobuf client, or API `b64data` that is not JSON) is shown by the server API's `history` as `b64data`. | JSON cannot carry raw bytes. |
 | Configuration keys Holdfast does not implement (e.g. `channel_regex`, `allowed_delta_types`) are reported by name (`holdfast checkconfig`) instead of taking effect. | No silent no-op settings. |
 """

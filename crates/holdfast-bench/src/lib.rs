@@ -5,6 +5,7 @@ pub mod abuse;
 pub mod adapter;
 pub mod baseline;
 pub mod client;
+pub mod cursor_window;
 pub mod fanout;
 pub mod load;
 pub mod peers;

@@ -4,7 +4,9 @@
 //! Run with: `cargo run --release -p holdfast-bench -- --help`
 
 use clap::{Parser, Subcommand};
-use holdfast_bench::{abuse, baseline, fanout, load, publish, report, scenario, verify};
+use holdfast_bench::{
+    abuse, baseline, cursor_window, fanout, load, publish, report, scenario, verify,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +28,9 @@ enum Command {
     /// Subscribers, publishers and faults against a server; reports every lost, duplicated or
     /// out-of-order delivery.
     Verify(Box<verify::VerifyArgs>),
+    /// How long after a delivery a user's device may disconnect before the user's next device
+    /// gets that delivery again (delivery cursor confirmation window).
+    CursorWindow(cursor_window::CursorWindowArgs),
     /// Acknowledged publishes per second and publish latency through the server API.
     Publish(publish::PublishArgs),
     /// Abusive clients (garbage frames, slowloris, never-reading subscribers, reconnect loops)
@@ -73,6 +78,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Publish(args) => {
             rt.block_on(publish::run(args))?;
+        }
+        Command::CursorWindow(args) => {
+            rt.block_on(cursor_window::run(args))?;
         }
         Command::Abuse(args) => {
             rt.block_on(abuse::run(args))?;

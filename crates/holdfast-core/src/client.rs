@@ -116,6 +116,9 @@ pub struct ClientHandle {
     cursor_subs: Mutex<Vec<std::sync::Weak<crate::hub::Subscription>>>,
     /// Their positions when the outstanding ping was queued: the pong confirms these.
     ping_snapshot: Mutex<Vec<CursorPosition>>,
+    /// A delivery on a cursor subscription was queued after the last ping's snapshot: the
+    /// writer asks for a pong soon (`client.delivery_cursor_confirm_delay`).
+    cursor_pending: AtomicBool,
 }
 
 impl ClientHandle {
@@ -142,6 +145,7 @@ impl ClientHandle {
             sent: AtomicU64::new(0),
             cursor_subs: Mutex::new(Vec::new()),
             ping_snapshot: Mutex::new(Vec::new()),
+            cursor_pending: AtomicBool::new(false),
         })
     }
 
@@ -301,9 +305,24 @@ impl ClientHandle {
         subs.push(Arc::downgrade(sub));
     }
 
+    /// A delivery on a cursor subscription was queued: the first one after a ping's snapshot
+    /// wakes the writer to schedule an early ping.
+    pub(crate) fn note_cursor_delivery(&self) {
+        if !self.cursor_pending.swap(true, Ordering::AcqRel) {
+            self.wake_writer();
+        }
+    }
+
+    /// Whether a cursor delivery waits for a ping to confirm it.
+    pub fn cursor_pending(&self) -> bool {
+        self.cursor_pending.load(Ordering::Acquire)
+    }
+
     /// Records the positions of cursor subscriptions; call right before queueing a ping, so the
     /// snapshot never claims a publication queued after it.
     pub fn snapshot_cursors(&self) {
+        // Cleared first: a delivery racing with the snapshot sets it again (one extra ping).
+        self.cursor_pending.store(false, Ordering::Release);
         let snap: Vec<_> = self
             .cursor_subs
             .lock()

@@ -69,6 +69,12 @@ pub struct ClientConfig {
     pub recovery_max_publication_limit: usize,
     /// Include the server time in the connect result.
     pub connect_include_server_time: bool,
+    /// Holdfast extension: after a delivery on a channel with a delivery cursor, ask for a pong
+    /// within this delay (an extra ping), so the cursor is confirmed promptly instead of at the
+    /// next regular ping. Connections with nothing delivered send no extra ping. 0 = regular
+    /// pings only.
+    #[serde(with = "duration")]
+    pub delivery_cursor_confirm_delay: Duration,
     /// Server-side subscription to the user's personal channel.
     pub subscribe_to_user_personal_channel: PersonalChannelConfig,
     /// JWT verification settings (used by the standalone server's token verifier).
@@ -172,6 +178,7 @@ impl Default for ClientConfig {
             history_max_publication_limit: 300,
             recovery_max_publication_limit: 300,
             connect_include_server_time: false,
+            delivery_cursor_confirm_delay: Duration::from_millis(500),
             subscribe_to_user_personal_channel: PersonalChannelConfig::default(),
             token: TokenConfig::default(),
             subscription_token: SubscriptionTokenConfig::default(),
@@ -386,6 +393,14 @@ impl NodeConfig {
             err(
                 "client.ping_interval".into(),
                 "must be greater than client.pong_timeout",
+            );
+        }
+        if !c.delivery_cursor_confirm_delay.is_zero()
+            && c.delivery_cursor_confirm_delay >= c.ping_interval
+        {
+            err(
+                "client.delivery_cursor_confirm_delay".into(),
+                "must be shorter than client.ping_interval (or 0 to use regular pings only)",
             );
         }
         if c.queue_max_size < 1024 {

@@ -56,6 +56,9 @@ pub(crate) struct Subscription {
     pub(crate) push_join_leave: bool,
     /// Buffer limit while subscribing (the client's queue limit).
     max_buffer: usize,
+    /// The user's delivery cursor follows this subscription: each delivery asks for a prompt
+    /// confirmation ([`ClientHandle::note_cursor_delivery`]).
+    cursor: std::sync::atomic::AtomicBool,
     state: Mutex<SubState>,
 }
 
@@ -87,6 +90,7 @@ impl Subscription {
             server_side,
             push_join_leave,
             max_buffer,
+            cursor: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(SubState {
                 phase: Phase::Subscribing {
                     buffer: Vec::new(),
@@ -141,6 +145,11 @@ impl Subscription {
             }
         }
         GoLive::Ok
+    }
+
+    /// Marks the subscription as followed by a delivery cursor.
+    pub(crate) fn set_cursor(&self) {
+        self.cursor.store(true, Ordering::Release);
     }
 
     /// Position of the last publication queued to the client, while the subscription is live and
@@ -212,7 +221,9 @@ impl Subscription {
         }
         match encoded.bytes(self.encoding) {
             Some(bytes) => {
-                self.client.send(bytes);
+                if self.client.send(bytes) && self.cursor.load(Ordering::Relaxed) {
+                    self.client.note_cursor_delivery();
+                }
             }
             None => {
                 st.phase = Phase::Dead;

@@ -110,6 +110,8 @@ struct Plan {
     expire_at: Option<i64>,
     /// Keep a delivery cursor for the user.
     cursor: bool,
+    /// Offset the user's cursor held when the subscription was planned (0 = none).
+    cursor_from: u64,
 }
 
 /// A subscription attached to the hub, its reply not yet queued.
@@ -459,6 +461,10 @@ impl Session {
             (State::Connected(_), Request::Pong) => {
                 if self.client.pong_received() {
                     self.confirm_cursors().await;
+                    if self.client.cursor_pending() {
+                        // Deliveries after the answered ping's snapshot: schedule the next one.
+                        self.client.wake_writer();
+                    }
                     Ok(())
                 } else {
                     tracing::info!(client = %self.client.id(), "unnecessary pong");
@@ -604,9 +610,10 @@ impl Session {
             let presented = req.subs.get(&ch).filter(|p| p.recover);
             let cursor = options.delivery_cursor && history && !user.is_empty();
             // Recoverable server-side subscriptions recover from the position the client
-            // presents; for a client that presents none, from the user's delivery cursor (what
-            // reached the user on any device) or else from the stream start: what was published
-            // to a user before (or between) their connections is delivered on connect.
+            // presents. A client that presents none starts at the current top, as on Centrifugo,
+            // unless the namespace keeps delivery cursors: then it recovers from the user's
+            // cursor (what reached the user on any device) or else from the stream start, so
+            // what was published to a user before (or between) their connections is delivered.
             let saved = match (presented, cursor) {
                 (None, true) => self.node.cursors().load_cursor(&user, &ch).await.unwrap_or_else(|e| {
                     tracing::warn!(channel = %ch, error = %e, "cursor load failed; recovering from the stream start");
@@ -614,10 +621,11 @@ impl Session {
                 }),
                 _ => None,
             };
+            let cursor_from = saved.as_ref().map_or(0, |c| c.offset);
             let recover = match (presented, saved) {
                 (Some(p), _) => Some((p.offset, p.epoch.clone())),
                 (None, Some(c)) => Some((c.offset, c.epoch.to_string())),
-                (None, None) => Some((0, String::new())),
+                (None, None) => cursor.then(|| (0, String::new())),
             }
             .filter(|_| history && options.force_recovery);
             let plan = Plan {
@@ -633,6 +641,7 @@ impl Session {
                 expire_at: None,
                 server_side: true,
                 cursor,
+                cursor_from,
                 options,
             };
             match self.attach(plan).await {
@@ -887,7 +896,15 @@ impl Session {
             }
         }
         if plan.cursor {
+            sub.set_cursor();
             self.client.track_cursor(&sub);
+            // What the reply (or the buffer after it) delivered is confirmed promptly too.
+            if sub
+                .live_position()
+                .is_some_and(|(o, _)| o != plan.cursor_from)
+            {
+                self.client.note_cursor_delivery();
+            }
         }
         let cursor_ttl = plan
             .cursor
@@ -1020,6 +1037,7 @@ impl Session {
             chan_info: decision.info,
             expire_at: decision.expire_at,
             cursor: false,
+            cursor_from: 0,
             options,
         };
         let a = match self.attach(plan).await {
@@ -1070,6 +1088,7 @@ impl Session {
             chan_info: req.info,
             expire_at: None,
             cursor: false,
+            cursor_from: 0,
             options,
         };
         let a = match self.attach(plan).await {

@@ -299,6 +299,19 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
                         continue;
                     }
                 }
+                // A cursor delivery waits for confirmation: ask for a pong soon, not at the
+                // next regular ping (a pong proves every frame before its ping was read).
+                let confirm = cfg.delivery_cursor_confirm_delay;
+                if !confirm.is_zero()
+                    && !cfg.pong_timeout.is_zero()
+                    && client.cursor_pending()
+                    && !client.ping_outstanding()
+                {
+                    let soon = now + confirm;
+                    if timers.next_ping.is_none_or(|p| p > soon) {
+                        timers.next_ping = Some(soon);
+                    }
+                }
                 if timers.next_ping.is_some_and(|p| now >= p) {
                     client.snapshot_cursors();
                     client.ping_sent();

@@ -14,6 +14,7 @@ presence = true
 history_size = 10
 history_ttl = "60s"
 force_recovery = true
+delivery_cursor = true
 allow_subscribe_for_client = true
 [[channel.namespaces]]
 name = "nohist"
@@ -378,6 +379,44 @@ async fn subscribe_unsubscribe_disconnect_refresh_live_connections() {
     )
     .await;
     assert_eq!(r["error"]["code"], 107, "disconnect codes are 3000..4999");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn positionless_connect_starts_at_the_top_without_delivery_cursor() {
+    // A Centrifugo configuration (no delivery_cursor): a server-side subscription of a client
+    // that presents no position starts at the current top, as on Centrifugo.
+    let srv = TestServer::start(config_from(&CFG.replace("delivery_cursor = true\n", ""))).await;
+    for n in 1..=3 {
+        api(
+            &srv,
+            "publish",
+            json!({"channel": "#42", "data": {"msg": n}}),
+        )
+        .await;
+    }
+    let (mut c, r) = srv.connected("42").await;
+    let sub = &r["connect"]["subs"]["#42"];
+    assert_eq!(sub["offset"], 3, "{r}");
+    assert!(
+        sub.get("recovered").is_none() && sub.get("was_recovering").is_none(),
+        "{r}"
+    );
+    assert!(
+        sub.get("publications").is_none(),
+        "no old publication on connect: {r}"
+    );
+    api(
+        &srv,
+        "publish",
+        json!({"channel": "#42", "data": {"msg": 4}}),
+    )
+    .await;
+    let p = c.push().await;
+    assert_eq!(
+        p["pub"]["data"]["msg"], 4,
+        "the first publication is the next one: {p}"
+    );
     srv.stop().await;
 }
 

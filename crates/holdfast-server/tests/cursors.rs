@@ -186,3 +186,36 @@ async fn cursor_beyond_retention_is_told_never_silent() {
     assert_eq!(sub["offset"], 6);
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_delivery_is_confirmed_promptly_not_at_the_next_regular_ping() {
+    // Regular pings every 20 s (the first one after 10-20 s); the confirmation ping after a
+    // delivery comes within client.delivery_cursor_confirm_delay (500 ms by default).
+    let srv = TestServer::start(cfg("20s", 100)).await;
+    let (mut a, r) = srv.connected("u").await;
+    assert!(offsets(&r["connect"]["subs"]["#u"]).is_empty(), "{r}");
+    a.auto_pong = false;
+    send_to(&srv, "u", 1).await;
+    assert_eq!(a.push().await["pub"]["offset"], 1);
+    let delivered = std::time::Instant::now();
+    assert_eq!(a.next().await, json!({}), "a ping asks for confirmation");
+    let waited = delivered.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "the confirmation ping came {waited:?} after the delivery, not at the regular ping"
+    );
+    a.send_raw("{}").await;
+    // A later command's reply means the pong (and its cursor save) was handled.
+    a.call("presence_stats", json!({"channel": "plain:x"}))
+        .await;
+    let cursor = srv.state.node.delivery_cursor("u", "#u").await.unwrap();
+    assert_eq!(cursor.map(|c| c.offset), Some(1));
+    drop(a);
+    // The user's next device (no position) starts after what the first one confirmed.
+    let (_b, r) = srv.connected("u").await;
+    assert!(
+        offsets(&r["connect"]["subs"]["#u"]).is_empty(),
+        "nothing twice: {r}"
+    );
+    srv.stop().await;
+}
