@@ -691,6 +691,12 @@ impl Session {
             .iter()
             .all(|a| sendable(self.client.encoding(), &a.result.publications))
         {
+            // Not yet in the session's subscriptions: `close` would not find them.
+            for a in attached {
+                self.node
+                    .remove_subscription(&a.sub.channel, self.client.seq)
+                    .await;
+            }
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }
         self.reply(id, ReplyBody::Connect(Box::new(result)));

@@ -382,3 +382,132 @@ async fn oversized_message_closes_with_1009() {
     );
     srv.stop().await;
 }
+
+/// Every refused or failed connect and subscribe leaves nothing behind: no hub subscription, no
+/// channel, no registered connection.
+#[tokio::test]
+async fn every_refusal_path_leaves_nothing_attached() {
+    let engine = FaultyEngine::new("none", vec![]);
+    let cfg = config_from(&format!(
+        "{CFG}\n[client]\nchannel_limit = 3\nuser_connection_limit = 1\n\
+         [client.subscribe_to_user_personal_channel]\nenabled = true\n\
+         [[channel.namespaces]]\nname = \"cur\"\nhistory_size = 10\nhistory_ttl = \"300s\"\n\
+         force_recovery = true\ndelivery_cursor = true\nallow_subscribe_for_client = true\n"
+    ));
+    let srv = TestServer::start_with_engine(cfg, engine.clone()).await;
+    let hub = srv.state.node.hub();
+    let counts = || {
+        (
+            hub.counts
+                .clients
+                .load(std::sync::atomic::Ordering::Relaxed),
+            hub.counts
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            hub.counts
+                .channels
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    async fn settled(what: &str, counts: &impl Fn() -> (u64, u64, u64), want: (u64, u64, u64)) {
+        eventually(&format!("{what}: counts {want:?}"), || counts() == want).await;
+    }
+    let tok = |extra: Value| token("u", None, extra);
+
+    // Connect: an unknown namespace among the token's channels (102).
+    let (mut c, r) = srv
+        .connected_with(&tok(json!({"channels": ["rec:a", "nope:x"]})))
+        .await;
+    assert_eq!(code(&r), 102, "{r}");
+    drop(c);
+    settled("unknown namespace", &counts, (0, 0, 0)).await;
+
+    // Connect: more server-side channels than client.channel_limit (3505).
+    let mut c = srv.client().await;
+    let t = tok(json!({"channels": ["rec:a", "rec:b", "rec:c"]}));
+    c.send("connect", json!({"token": t})).await;
+    assert_eq!(c.closed().await, Closed::Code(3505, "channel limit".into()));
+    settled("channel limit", &counts, (0, 0, 0)).await;
+
+    // Connect: the engine fails on the last server-side channel, after the first ones attached.
+    *engine.fail_prefix.lock().unwrap() = Some("small:".into());
+    let (c, r) = srv
+        .connected_with(&tok(json!({"channels": ["rec:a", "small:z"]})))
+        .await;
+    assert_eq!(code(&r), 100, "{r}");
+    drop(c);
+    settled("engine failure on connect", &counts, (0, 0, 0)).await;
+
+    // Subscribe: the engine fails (100); the connection keeps only its personal channel.
+    let (mut c, _) = srv.connected("u").await;
+    settled("connected", &counts, (1, 1, 1)).await;
+    let r = c.call("subscribe", json!({"channel": "small:y"})).await;
+    assert_eq!(code(&r), 100, "{r}");
+    settled("engine failure on subscribe", &counts, (1, 1, 1)).await;
+    *engine.fail_prefix.lock().unwrap() = None;
+
+    // Subscribe: an unrecoverable position with the reject flag (112).
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "rec:r", "recover": true, "offset": 9, "epoch": "xxxxxxxx", "flag": 2}),
+        )
+        .await;
+    assert_eq!(code(&r), 112, "{r}");
+    // Subscribe: another user's personal channel (103); over the channel limit (106).
+    assert_eq!(
+        code(&c.call("subscribe", json!({"channel": "#v"})).await),
+        103
+    );
+    c.call("subscribe", json!({"channel": "rec:1"})).await;
+    c.call("subscribe", json!({"channel": "rec:2"})).await;
+    assert_eq!(
+        code(&c.call("subscribe", json!({"channel": "rec:3"})).await),
+        106
+    );
+    settled("refused subscribes", &counts, (1, 3, 3)).await;
+
+    // Connect: the user already has user_connection_limit connections (3504).
+    let mut d = srv.client().await;
+    d.send("connect", json!({"token": tok(json!({}))})).await;
+    assert_eq!(
+        d.closed().await,
+        Closed::Code(3504, "connection limit".into())
+    );
+    settled("user connection limit", &counts, (1, 3, 3)).await;
+    drop(c);
+    settled("closed", &counts, (0, 0, 0)).await;
+
+    // A binary publication cannot reach a JSON connection (3506): on subscribe...
+    let binary = |n: u8| holdfast_core::node::PublishRequest {
+        data: vec![0xff, n].into(),
+        binary: true,
+        ..Default::default()
+    };
+    srv.state.node.publish("rec:bin", binary(1)).await.unwrap();
+    let (mut c, _) = srv.connected("u").await;
+    c.send(
+        "subscribe",
+        json!({"channel": "rec:bin", "recover": true, "offset": 0, "epoch": ""}),
+    )
+    .await;
+    assert_eq!(
+        c.closed().await,
+        Closed::Code(3506, "inappropriate protocol".into())
+    );
+    settled("binary on subscribe", &counts, (0, 0, 0)).await;
+    // ...and on connect, where the personal channel and a delivery-cursor channel recover it.
+    srv.state.node.publish("cur:u", binary(2)).await.unwrap();
+    let mut c = srv.client().await;
+    c.send(
+        "connect",
+        json!({"token": tok(json!({"channels": ["rec:a", "cur:u"]})), "name": "t"}),
+    )
+    .await;
+    assert_eq!(
+        c.closed().await,
+        Closed::Code(3506, "inappropriate protocol".into())
+    );
+    settled("binary on connect", &counts, (0, 0, 0)).await;
+    srv.stop().await;
+}

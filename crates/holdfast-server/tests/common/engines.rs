@@ -25,6 +25,8 @@ pub struct FaultyEngine {
     pub drop_offsets: Vec<u64>,
     /// Called with the channel before and after a history read; the future it returns runs there.
     pub history_hook: Mutex<Option<HistoryHook>>,
+    /// Broker subscribe and history reads of channels starting with this fail (engine down).
+    pub fail_prefix: Mutex<Option<String>>,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
 }
 
@@ -64,12 +66,22 @@ impl FaultyEngine {
         *self.history_hook.lock().unwrap() = Some(Box::new(hook));
     }
 
+    fn failing(&self, channel: &str) -> Result<(), EngineError> {
+        match &*self.fail_prefix.lock().unwrap() {
+            Some(p) if channel.starts_with(p.as_str()) => {
+                Err(EngineError::Unavailable("injected failure".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn new(drop_prefix: &str, drop_offsets: Vec<u64>) -> Arc<Self> {
         Arc::new(Self {
             inner: MemoryEngine::new(),
             drop_prefix: drop_prefix.into(),
             drop_offsets,
             history_hook: Mutex::new(None),
+            fail_prefix: Mutex::new(None),
             handler: OnceLock::new(),
         })
     }
@@ -100,12 +112,14 @@ impl Broker for FaultyEngine {
         self.inner.publish_leave(ch, i).await
     }
     async fn subscribe(&self, ch: &str) -> Result<(), EngineError> {
+        self.failing(ch)?;
         self.inner.subscribe(ch).await
     }
     async fn unsubscribe(&self, ch: &str) -> Result<(), EngineError> {
         self.inner.unsubscribe(ch).await
     }
     async fn history(&self, ch: &str, q: &HistoryQuery) -> Result<HistoryPage, EngineError> {
+        self.failing(ch)?;
         let before = self
             .history_hook
             .lock()
