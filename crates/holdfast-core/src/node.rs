@@ -202,6 +202,11 @@ impl Node {
         self.inner.broker.healthy()
     }
 
+    /// Why the engine is degraded (it serves, but some operations fail), if it is.
+    pub fn engine_problem(&self) -> Option<String> {
+        self.inner.broker.problem()
+    }
+
     /// Resolves once the engine is connected.
     pub async fn engine_ready(&self) {
         self.inner.broker.ready().await;
@@ -995,7 +1000,12 @@ pub fn engine_error(e: EngineError) -> ErrorReply {
     match e {
         EngineError::UnrecoverablePosition => ErrorReply::UNRECOVERABLE_POSITION,
         EngineError::Limit(_) => ErrorReply::LIMIT_EXCEEDED,
-        EngineError::Unavailable(_) => ErrorReply::INTERNAL,
+        // Code 100 as Centrifugo; the message says what failed (a full disk, Redis down).
+        EngineError::Unavailable(why) => ErrorReply::new(
+            100,
+            format!("internal server error: engine unavailable: {why}"),
+        )
+        .temporary(),
     }
 }
 

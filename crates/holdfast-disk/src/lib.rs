@@ -105,7 +105,9 @@ type Shard<T> = Mutex<HashMap<Arc<str>, T>>;
 #[derive(Debug, Default)]
 struct ChanInner {
     stream: Option<StreamWindow>,
-    /// Highest offset handed out (committed or queued).
+    /// Highest offset the writer handed out (committed, or in the batch being written). Only
+    /// the writer thread moves it, so a failed write gives its offsets back before any later
+    /// publication takes one: no offset is skipped.
     reserved: u64,
     /// idempotency key → (result, expiry).
     idempotent: HashMap<String, (Option<StreamTop>, Instant)>,
@@ -113,7 +115,8 @@ struct ChanInner {
 
 #[derive(Debug, Default)]
 struct Chan {
-    /// Orders reservation and queueing per channel (held to the end for idempotent publishes).
+    /// Held by an idempotent publish from its key check until it is stored, so a repeat with
+    /// the same key waits for the first one's result.
     order: tokio::sync::Mutex<()>,
     inner: Mutex<ChanInner>,
 }
@@ -126,8 +129,12 @@ struct State {
     channels: Sharded<Shard<Arc<Chan>>>,
     cursors: Mutex<HashMap<CursorKey, (StreamTop, Instant)>>,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
-    /// A write failed: nothing more is acknowledged (restart to recover from the log).
+    /// The log could not be cut back to its last commit after a failed write: nothing more is
+    /// acknowledged (restart to recover from the log).
     poisoned: AtomicBool,
+    /// Why the last write failed, while writes fail (a full disk): `/health` shows it. Cleared
+    /// by the next successful commit (the writer retries on its own every second).
+    degraded: Mutex<Option<String>>,
     log_bytes: AtomicU64,
 }
 
@@ -151,6 +158,7 @@ impl State {
 enum Req {
     Publish {
         channel: Arc<str>,
+        /// Set by the writer with the offset, from the committed state.
         epoch: Arc<str>,
         publication: Arc<Publication>,
         history: Option<HistoryOptions>,
@@ -173,6 +181,9 @@ enum Req {
         ttl: Duration,
         ack: oneshot::Sender<Result<(), EngineError>>,
     },
+    /// Retry a write while degraded (an empty commit): clears the degraded state once the disk
+    /// takes writes again, even when nobody publishes.
+    Probe,
 }
 
 /// The disk engine (broker, presence and cursors).
@@ -215,6 +226,7 @@ impl DiskEngine {
             cursors: Mutex::new(HashMap::new()),
             handler: OnceLock::new(),
             poisoned: AtomicBool::new(false),
+            degraded: Mutex::new(None),
             log_bytes: AtomicU64::new(0),
         });
         let now = Instant::now();
@@ -251,7 +263,10 @@ impl DiskEngine {
             presence: MemoryEngine::new(),
             path: cfg.path,
         });
-        tokio::spawn(sweep_loop(Arc::downgrade(&engine.state)));
+        tokio::spawn(sweep_loop(
+            Arc::downgrade(&engine.state),
+            engine.tx.downgrade(),
+        ));
         Ok((
             engine,
             OpenReport {
@@ -275,11 +290,16 @@ impl DiskEngine {
     fn check(&self) -> Result<(), EngineError> {
         if self.state.poisoned.load(Ordering::Acquire) {
             Err(EngineError::Unavailable(
-                "the disk engine failed to write; see the log".into(),
+                "the disk engine could not repair its log after a failed write; restart it".into(),
             ))
         } else {
             Ok(())
         }
+    }
+
+    /// Why writes fail now (a full disk), if they do.
+    pub fn degraded(&self) -> Option<String> {
+        self.state.degraded.lock().clone()
     }
 
     async fn submit<T>(
@@ -446,12 +466,17 @@ fn save_cursor(state: &State, user: Arc<str>, channel: Arc<str>, pos: StreamTop,
     }
 }
 
-async fn sweep_loop(state: std::sync::Weak<State>) {
+async fn sweep_loop(state: std::sync::Weak<State>, writer: mpsc::WeakSender<Req>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
+        if state.degraded.lock().is_some()
+            && let Some(tx) = writer.upgrade()
+        {
+            let _ = tx.try_send(Req::Probe);
+        }
         let now = Instant::now();
         for shard in state.channels.iter() {
             shard.lock().retain(|_, chan| {
@@ -509,12 +534,18 @@ impl Writer {
                 }
             }
             if self.state.poisoned.load(Ordering::Acquire) {
-                fail_all(&mut batch, "the disk engine failed to write earlier");
+                fail_all(
+                    &mut batch,
+                    "the disk engine could not repair its log after a failed write; restart it",
+                );
                 continue;
             }
             buf.clear();
             let now = Instant::now();
             let now_ms = unix_ms();
+            for r in &mut batch {
+                self.assign(r, now);
+            }
             for r in &batch {
                 encode(r, &mut buf, now, now_ms);
             }
@@ -531,10 +562,11 @@ impl Writer {
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("holdfast_disk_batch_size").record(batch.len() as f64);
             if let Err(e) = res {
-                tracing::error!(error = %e, path = %self.paths.log.display(), "disk write failed: no more publications are acknowledged; restart to recover from the log");
-                self.state.poisoned.store(true, Ordering::Release);
-                fail_all(&mut batch, "disk write failed");
+                self.write_failed(&e, &mut batch);
                 continue;
+            }
+            if self.state.degraded.lock().take().is_some() {
+                tracing::warn!(path = %self.paths.log.display(), "disk writes succeed again: publishing resumed");
             }
             let len = self
                 .state
@@ -546,6 +578,71 @@ impl Writer {
             }
             self.maybe_compact(len);
         }
+    }
+
+    /// Hands out the offset of a publication with history: the next after the committed top
+    /// and the ones earlier in this batch.
+    fn assign(&self, r: &mut Req, now: Instant) {
+        let Req::Publish {
+            channel,
+            epoch,
+            publication,
+            history: Some(h),
+            ..
+        } = r
+        else {
+            return;
+        };
+        let chan = self.state.chan(channel);
+        let mut inner = chan.inner.lock();
+        let (e, top) = {
+            let w = inner
+                .stream
+                .get_or_insert_with(|| StreamWindow::new(new_epoch(), now, h.meta_ttl));
+            (w.epoch.clone(), w.top)
+        };
+        let offset = inner.reserved.max(top) + 1;
+        inner.reserved = offset;
+        Arc::make_mut(publication).offset = offset;
+        *epoch = e;
+    }
+
+    /// A write or sync failed (a full disk, an I/O error): the log is cut back to its last
+    /// commit, the batch's offsets are handed back, its callers get the error, and the engine is
+    /// degraded until a write succeeds again. Nothing of the batch was acknowledged.
+    fn write_failed(&mut self, e: &std::io::Error, batch: &mut Vec<Req>) {
+        let committed = self.state.log_bytes.load(Ordering::Relaxed);
+        let why = format!("cannot write {}: {e}", self.paths.log.display());
+        metrics::counter!("holdfast_engine_write_errors_total", "engine" => "disk").increment(1);
+        let repaired = self
+            .file
+            .set_len(committed)
+            .and_then(|()| self.file.seek(SeekFrom::Start(committed)).map(|_| ()));
+        if let Err(cut) = repaired {
+            tracing::error!(error = %e, cut_error = %cut, path = %self.paths.log.display(), "disk write failed and the log cannot be cut back to its last commit: no more publications are acknowledged; restart to recover from the log");
+            self.state.poisoned.store(true, Ordering::Release);
+            *self.state.degraded.lock() = Some(format!("{why}; the log could not be repaired"));
+        } else {
+            let first = self.state.degraded.lock().replace(why.clone()).is_none();
+            if first {
+                tracing::error!(error = %e, path = %self.paths.log.display(), "disk write failed: publications are refused until the disk takes writes again (retried every second)");
+            } else {
+                tracing::debug!(error = %e, "disk write failed again");
+            }
+        }
+        for r in batch.iter() {
+            if let Req::Publish {
+                channel,
+                history: Some(_),
+                ..
+            } = r
+                && let Some(chan) = self.state.existing(channel)
+            {
+                let mut inner = chan.inner.lock();
+                inner.reserved = inner.stream.as_ref().map_or(0, |w| w.top);
+            }
+        }
+        fail_all(batch, &why);
     }
 
     fn apply(&self, r: Req, now: Instant) {
@@ -586,7 +683,7 @@ impl Writer {
                 }
                 let _ = ack.send(Ok(top));
             }
-            Req::Stream { .. } => {}
+            Req::Stream { .. } | Req::Probe => {}
             Req::Remove { channel, ack } => {
                 if let Some(chan) = self.state.existing(&channel)
                     && let Some(w) = &mut chan.inner.lock().stream
@@ -702,7 +799,7 @@ fn fail_all(batch: &mut Vec<Req>, why: &str) {
             Req::Remove { ack, .. } | Req::Cursor { ack, .. } => {
                 let _ = ack.send(Err(e));
             }
-            Req::Stream { .. } => {}
+            Req::Stream { .. } | Req::Probe => {}
         }
     }
 }
@@ -761,6 +858,7 @@ fn encode(r: &Req, buf: &mut Vec<u8>, now: Instant, now_ms: i64) {
             expire_ms: wall(*ttl),
         }
         .encode(buf),
+        Req::Probe => {}
     }
 }
 
@@ -832,7 +930,7 @@ impl Broker for DiskEngine {
     async fn publish(
         &self,
         channel: &str,
-        mut publication: Publication,
+        publication: Publication,
         opts: &PublishOptions,
     ) -> Result<PublishOutcome, EngineError> {
         self.check()?;
@@ -844,67 +942,43 @@ impl Broker for DiskEngine {
             }
             return Ok(PublishOutcome::default());
         }
+        let publication = Arc::new(publication);
+        let idempotency = opts
+            .idempotency_key
+            .clone()
+            .map(|k| (k, opts.idempotency_ttl));
+        let (ack, rx) = oneshot::channel();
+        let req = Req::Publish {
+            channel: channel.into(),
+            epoch: Arc::from(""),
+            publication,
+            history: opts.history,
+            idempotency,
+            ack,
+        };
+        let Some(key) = &opts.idempotency_key else {
+            // The writer hands out offsets in queue order: no lock needed here.
+            let position = self.submit(req, rx).await?;
+            return Ok(PublishOutcome {
+                position,
+                suppressed: false,
+            });
+        };
+        // An idempotent publish holds the channel's order lock until stored, so a repeat waits
+        // for the first one's result.
         let chan = self.state.chan(channel);
         let order = chan.order.lock().await;
-        let now = Instant::now();
-        let epoch = {
-            let mut inner = chan.inner.lock();
-            if let Some(key) = &opts.idempotency_key
-                && let Some((pos, exp)) = inner.idempotent.get(key)
-                && *exp > now
+        {
+            let inner = chan.inner.lock();
+            if let Some((pos, exp)) = inner.idempotent.get(key)
+                && *exp > Instant::now()
             {
                 return Ok(PublishOutcome {
                     position: pos.clone(),
                     suppressed: true,
                 });
             }
-            match &opts.history {
-                Some(h) => {
-                    if inner.stream.is_none() {
-                        inner.stream = Some(StreamWindow::new(new_epoch(), now, h.meta_ttl));
-                        inner.reserved = 0;
-                    }
-                    let reserved = inner
-                        .reserved
-                        .max(inner.stream.as_ref().map_or(0, |w| w.top));
-                    inner.reserved = reserved + 1;
-                    publication.offset = inner.reserved;
-                    inner
-                        .stream
-                        .as_ref()
-                        .map_or_else(|| Arc::from(""), |w| w.epoch.clone())
-                }
-                None => Arc::from(""),
-            }
-        };
-        let (ack, rx) = oneshot::channel();
-        let req = Req::Publish {
-            channel: channel.into(),
-            epoch,
-            publication: Arc::new(publication),
-            history: opts.history,
-            idempotency: opts
-                .idempotency_key
-                .clone()
-                .map(|k| (k, opts.idempotency_ttl)),
-            ack,
-        };
-        if opts.idempotency_key.is_none() {
-            // Offsets are handed out in queue order; waiting for the commit needs no lock.
-            self.tx
-                .send(req)
-                .await
-                .map_err(|_| EngineError::Unavailable("the disk writer stopped".into()))?;
-            drop(order);
-            let position = rx
-                .await
-                .map_err(|_| EngineError::Unavailable("the disk writer stopped".into()))??;
-            return Ok(PublishOutcome {
-                position,
-                suppressed: false,
-            });
         }
-        // Idempotent publishes keep the order lock until stored, so a repeat waits for the result.
         let position = self.submit(req, rx).await?;
         drop(order);
         Ok(PublishOutcome {
@@ -958,6 +1032,10 @@ impl Broker for DiskEngine {
             });
         }
         page
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.degraded()
     }
 
     async fn publish_control(&self, data: bytes::Bytes) -> Result<(), EngineError> {

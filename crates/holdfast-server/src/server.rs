@@ -308,9 +308,15 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     let node = &app.node;
     let hub = node.hub();
     let s = node.stats();
-    let body = serde_json::json!({
+    let problem = node.engine_problem();
+    let engine = match (node.engine_healthy(), &problem) {
+        (false, _) => "unavailable",
+        (true, Some(_)) => "degraded",
+        (true, None) => "ok",
+    };
+    let mut body = serde_json::json!({
         "status": if node.is_draining() { "draining" } else { "ok" },
-        "engine": if node.engine_healthy() { "ok" } else { "unavailable" },
+        "engine": engine,
         "node": node.id(),
         "name": node.name(),
         "version": node.version(),
@@ -326,6 +332,9 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
         "errors": s.errors.load(Ordering::Relaxed),
         "slow_disconnects": s.slow_disconnects.load(Ordering::Relaxed),
     });
+    if let Some(p) = problem {
+        body["engine_problem"] = serde_json::Value::String(p);
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),

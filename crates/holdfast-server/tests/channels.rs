@@ -478,10 +478,10 @@ async fn personal_channel_is_its_owners_alone(cfg: holdfast_server::config::Conf
 
 #[tokio::test]
 async fn personal_channel_under_genconfig() {
-    personal_channel_is_its_owners_alone(genconfig()).await;
+    Box::pin(personal_channel_is_its_owners_alone(genconfig())).await;
 }
 
 #[tokio::test]
 async fn personal_channel_under_readme_example() {
-    personal_channel_is_its_owners_alone(readme_config()).await;
+    Box::pin(personal_channel_is_its_owners_alone(readme_config())).await;
 }

@@ -415,7 +415,7 @@ async fn every_refusal_path_leaves_nothing_attached() {
     let tok = |extra: Value| token("u", None, extra);
 
     // Connect: an unknown namespace among the token's channels (102).
-    let (mut c, r) = srv
+    let (c, r) = srv
         .connected_with(&tok(json!({"channels": ["rec:a", "nope:x"]})))
         .await;
     assert_eq!(code(&r), 102, "{r}");

@@ -171,6 +171,12 @@ pub trait Broker: Send + Sync + Debug {
         true
     }
 
+    /// Why the engine is degraded, if it is: it serves, but some operations fail now (a full
+    /// disk refuses publications). `/health` shows it.
+    fn problem(&self) -> Option<String> {
+        None
+    }
+
     /// Resolves once the engine is connected (the node is marked ready after it).
     async fn ready(&self) {}
 }
