@@ -7,6 +7,8 @@
 #   RUNS=5 SCENARIO=s1,s3 SERVER=holdfast-protobuf scripts/bench-ab.sh 959cc4d
 #   EXTRA="--subscribers 5000 --step-seconds 3" scripts/bench-ab.sh main
 #   SCENARIO=fanout RUNS=5 scripts/bench-ab.sh HEAD~1  # in-process fan-out, no sockets
+#   SCENARIO=publish ENGINE=disk-fsync scripts/bench-ab.sh HEAD~1   # acknowledged API publishes
+#       (ENGINE: memory, disk-fsync or disk-os; CONCURRENCY, DURATION as in bench-engines.sh)
 #
 # A is built in a git worktree sharing this checkout's target directory (dependencies are not
 # rebuilt); its binaries are kept in target/ab/a. Results: target/ab/results-{a,b}. The fanout
@@ -37,6 +39,26 @@ cp "$target/release/holdfast" "$target/release/holdfast-bench" "$target/ab/b/"
 for i in $(seq 1 "$runs"); do
   for side in a b; do
     echo "== run $i, $side"
+    if [ "$scenario" = publish ]; then
+      mkdir -p "$target/ab/results-$side"
+      data="$(mktemp -d -t holdfast-ab-data-XXXX)"
+      port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+      case "${ENGINE:-disk-fsync}" in
+        memory) env=(HOLDFAST_ENGINE_TYPE=memory) ;;
+        disk-fsync) env=(HOLDFAST_ENGINE_TYPE=disk HOLDFAST_ENGINE_DISK_DURABILITY=fsync HOLDFAST_ENGINE_DISK_PATH="$data") ;;
+        disk-os) env=(HOLDFAST_ENGINE_TYPE=disk HOLDFAST_ENGINE_DISK_DURABILITY=os HOLDFAST_ENGINE_DISK_PATH="$data") ;;
+      esac
+      (env "${env[@]}" taskset -c 0 "$target/ab/$side/holdfast" serve \
+        --config crates/holdfast-bench/verify-server.toml --address 127.0.0.1 --port "$port" \
+        > "$data.log" 2>&1 & echo $! > "$data.pid")
+      for _ in $(seq 1 400); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.025; done
+      taskset -c 1 "$target/ab/b/holdfast-bench" publish --api "http://127.0.0.1:$port" \
+        --api-key verify-api-key --concurrency "${CONCURRENCY:-32}" --duration "${DURATION:-5}" \
+        --report "$target/ab/results-$side/publish-$i.json" ${EXTRA:-}
+      kill "$(cat "$data.pid")"; while kill -0 "$(cat "$data.pid")" 2>/dev/null; do sleep 0.02; done
+      rm -rf "$data" "$data.log" "$data.pid"
+      continue
+    fi
     if [ "$scenario" = fanout ]; then
       mkdir -p "$target/ab/results-$side"
       taskset -c 0 "$target/ab/$side/holdfast-bench" fanout --runs 3 --json ${EXTRA:-} \
@@ -82,7 +104,14 @@ if scenario == "fanout":
                 r = json.loads(line)
                 for k, v in (("deliveries/s", r["per_s"]), ("ns per delivery", r["ns_per_delivery"])):
                     rows.setdefault(k, {"a": [], "b": []})[side].append(v)
-for side in ("a", "b") if scenario != "fanout" else ():
+if scenario == "publish":
+    server = "API publish"
+    for side in ("a", "b"):
+        for f in sorted(glob.glob(f"{base}/results-{side}/publish-*.json")):
+            r = json.load(open(f))
+            for k in ("per_second", "p50_ms", "p99_ms"):
+                rows.setdefault(k, {"a": [], "b": []})[side].append(r[k])
+for side in ("a", "b") if scenario not in ("fanout", "publish") else ():
     for sc in scenario.split(","):
         for f in sorted(glob.glob(f"{base}/results-{side}/*/{sc}-{server}-*.json")):
             d = json.load(open(f))

@@ -11,11 +11,11 @@ cd "$(dirname "$0")/.."
 bin="${BIN_DIR:-target/release}"
 state="$(mktemp -d -t holdfast-cursor-window-XXXX)"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-HOLDFAST_ENGINE_DISK_PATH="$state/data" "$bin/holdfast" serve \
+# (In a subshell, so the shell does not report the job when the cleanup kills it.)
+(HOLDFAST_ENGINE_DISK_PATH="$state/data" "$bin/holdfast" serve \
   --config crates/holdfast-bench/cursor-window-server.toml --address 127.0.0.1 --port "$port" \
-  ${EXTRA:-} > "$state/server.log" 2>&1 &
-pid=$!
-trap 'kill -KILL $pid 2>/dev/null || true; rm -rf "$state"' EXIT
+  ${EXTRA:-} > "$state/server.log" 2>&1 & echo $! > "$state/pid")
+trap 'kill -KILL "$(cat "$state/pid")" 2>/dev/null || true; rm -rf "$state"' EXIT
 for _ in $(seq 1 800); do
   curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
   sleep 0.025

@@ -13,6 +13,7 @@
 //! so it could not offer a mode that skips fsync yet survives `kill -9`; and its per-commit
 //! fsync cannot be shared across publishers the way one log append can.
 
+mod hwm;
 mod log;
 mod record;
 
@@ -205,6 +206,11 @@ pub struct OpenReport {
     pub torn_bytes: u64,
     /// Streams restored.
     pub streams: usize,
+    /// The log went backwards (restored backup, truncation, lost write): why. Every stream then
+    /// got a new epoch, so clients recovering are told `recovered: false`.
+    pub rollback: Option<String>,
+    /// Streams given a new epoch because of the rollback.
+    pub new_epochs: usize,
 }
 
 impl DiskEngine {
@@ -218,7 +224,8 @@ impl DiskEngine {
         }
         // A compaction interrupted before its rename leaves a partial file: discard it.
         let _ = std::fs::remove_file(&paths.compact);
-        if !paths.log.exists() {
+        let created = !paths.log.exists();
+        if created {
             log::create(&paths.log)?;
         }
         let state = Arc::new(State {
@@ -229,17 +236,73 @@ impl DiskEngine {
             degraded: Mutex::new(None),
             log_bytes: AtomicU64::new(0),
         });
+        // The evidence is read before anything touches the log (cutting a torn tail changes the
+        // file's change time).
+        let record = hwm::read(&paths.hwm)
+            .map_err(log::io_err(&paths.hwm))?
+            .map(|(_, m)| m);
+        let identity = std::fs::metadata(&paths.log)
+            .map(|m| hwm::Identity::of(&m))
+            .map_err(log::io_err(&paths.log))?;
         let now = Instant::now();
         let now_ms = unix_ms();
         let replayed = log::replay(&paths.log, |r| apply_replayed(&state, r, now, now_ms))?;
-        if replayed.torn > 0 {
-            tracing::warn!(
-                bytes = replayed.torn,
-                "discarded the torn end of the log (a write interrupted by a crash; it was never acknowledged)"
+        let requested = paths.new_epochs.exists();
+        let rollback = if requested {
+            Some(hwm::Rollback::Requested)
+        } else if created {
+            None
+        } else {
+            hwm::judge(record.as_ref(), found(&replayed, identity))
+        };
+        let mut seq = replayed.last_seq;
+        let mut new_epochs = 0;
+        let file = if let Some(why) = &rollback {
+            // Offsets clients saw may come again under the same epoch: every stream starts a new
+            // one (history kept, renumbered under it), and the log is rewritten with them.
+            new_epochs = rotate_epochs(&state);
+            seq = seq.max(record.map_or(0, |m| m.seq)) + 1;
+            tracing::error!(
+                path = %paths.log.display(),
+                streams = new_epochs,
+                torn_bytes = replayed.torn,
+                "the log went backwards: {why}. Every stream gets a new epoch: clients are told recovered: false, never given an offset twice"
             );
-        }
-        let file = log::open_append(&paths.log, replayed.committed)?;
-        state.log_bytes.store(replayed.committed, Ordering::Relaxed);
+            let records = snapshot(&state);
+            write_log_file(&paths.compact, &records, seq, cfg.durability)
+                .map_err(log::io_err(&paths.compact))?;
+            std::fs::rename(&paths.compact, &paths.log).map_err(log::io_err(&paths.log))?;
+            log::sync_dir(&cfg.path).map_err(log::io_err(&cfg.path))?;
+            if requested {
+                std::fs::remove_file(&paths.new_epochs)
+                    .and_then(|()| log::sync_dir(&cfg.path))
+                    .map_err(log::io_err(&paths.new_epochs))?;
+            }
+            let len = std::fs::metadata(&paths.log)
+                .map_err(log::io_err(&paths.log))?
+                .len();
+            state.log_bytes.store(len, Ordering::Relaxed);
+            log::open_append(&paths.log, len)?
+        } else {
+            if replayed.torn > 0 {
+                tracing::warn!(
+                    bytes = replayed.torn,
+                    "discarded the torn end of the log (a write interrupted by a crash; it was never acknowledged)"
+                );
+            }
+            state.log_bytes.store(replayed.committed, Ordering::Relaxed);
+            log::open_append(&paths.log, replayed.committed)?
+        };
+        let mut high_water = hwm::HighWater::open(&paths.hwm, cfg.durability == Durability::Fsync)
+            .map_err(log::io_err(&paths.hwm))?;
+        let meta = file.metadata().map_err(log::io_err(&paths.log))?;
+        let mark = hwm::Mark {
+            seq,
+            log: hwm::Identity::of(&meta),
+            pending_ino: 0,
+            len: meta.len(),
+        };
+        high_water.write(&mark).map_err(log::io_err(&paths.hwm))?;
         let streams: usize = state.channels.iter().map(|s| s.lock().len()).sum();
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -249,8 +312,10 @@ impl DiskEngine {
             dir: cfg.path.clone(),
             durability: cfg.durability,
             min_compact: cfg.min_compact_bytes,
-            last_snapshot: replayed.committed,
+            last_snapshot: state.log_bytes.load(Ordering::Relaxed),
             compaction: None,
+            seq,
+            high_water,
             _lock: lock,
         };
         std::thread::Builder::new()
@@ -273,6 +338,8 @@ impl DiskEngine {
                 records: replayed.records,
                 torn_bytes: replayed.torn,
                 streams,
+                rollback: rollback.map(|r| r.to_string()),
+                new_epochs,
             },
         ))
     }
@@ -316,23 +383,120 @@ impl DiskEngine {
     }
 }
 
-/// Checks a data directory without opening it for writing (for `holdfast disk check`).
+/// Checks a data directory without opening it for writing (for `holdfast disk check`): reads
+/// the whole log, and judges it against the high-water record (a rollback is reported in
+/// [`OpenReport::rollback`]; the next start gives every stream a new epoch).
 pub fn check(path: &Path) -> Result<OpenReport, OpenError> {
     let paths = Paths::new(path);
     if !paths.log.exists() {
         return Ok(OpenReport::default());
     }
+    let record = hwm::read(&paths.hwm)
+        .map_err(log::io_err(&paths.hwm))?
+        .map(|(_, m)| m);
+    let identity = std::fs::metadata(&paths.log)
+        .map(|m| hwm::Identity::of(&m))
+        .map_err(log::io_err(&paths.log))?;
     let mut channels = std::collections::HashSet::new();
     let r = log::replay(&paths.log, |rec| {
         if let Record::Stream { channel, .. } | Record::State { channel, .. } = rec {
             channels.insert(channel);
         }
     })?;
+    let rollback = if paths.new_epochs.exists() {
+        Some(hwm::Rollback::Requested)
+    } else {
+        hwm::judge(record.as_ref(), found(&r, identity))
+    };
     Ok(OpenReport {
         records: r.records,
         torn_bytes: r.torn,
+        new_epochs: if rollback.is_some() {
+            channels.len()
+        } else {
+            0
+        },
         streams: channels.len(),
+        rollback: rollback.map(|r| r.to_string()),
     })
+}
+
+fn found(r: &log::Replayed, identity: hwm::Identity) -> hwm::Found {
+    hwm::Found {
+        seq: r.last_seq,
+        identity,
+        committed: r.committed,
+        torn: r.torn,
+    }
+}
+
+/// Asks the next start of a directory that is not in use to give every stream a new epoch
+/// (`holdfast disk new-epochs`), keeping history.
+pub fn request_new_epochs(path: &Path) -> Result<(), OpenError> {
+    let paths = Paths::new(path);
+    if !paths.log.exists() {
+        return Err(log::io_err(&paths.log)(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no log in this directory",
+        )));
+    }
+    let lock = File::create(&paths.lock).map_err(log::io_err(&paths.lock))?;
+    if lock.try_lock().is_err() {
+        return Err(OpenError::Locked(path.to_owned()));
+    }
+    File::create(&paths.new_epochs)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| log::sync_dir(path))
+        .map_err(log::io_err(&paths.new_epochs))
+}
+
+/// Gives every stream a new epoch (after a rollback); returns how many. Idempotency results
+/// follow their stream to the new epoch.
+fn rotate_epochs(state: &State) -> usize {
+    let mut n = 0;
+    for shard in state.channels.iter() {
+        for chan in shard.lock().values() {
+            let mut inner = chan.inner.lock();
+            let Some(w) = &mut inner.stream else { continue };
+            let old = std::mem::replace(&mut w.epoch, new_epoch());
+            let new = w.epoch.clone();
+            n += 1;
+            for (pos, _) in inner.idempotent.values_mut() {
+                if let Some(p) = pos
+                    && p.epoch == old
+                {
+                    p.epoch = new.clone();
+                }
+            }
+        }
+    }
+    n
+}
+
+/// Writes a complete log file (header, `records`, one commit with `seq`) and syncs it; returns
+/// its length.
+fn write_log_file(
+    path: &Path,
+    records: &[Record],
+    seq: u64,
+    durability: Durability,
+) -> std::io::Result<u64> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    buf.extend_from_slice(log::HEADER);
+    let mut f = File::create(path)?;
+    for r in records {
+        r.encode(&mut buf);
+        if buf.len() > 8 << 20 {
+            f.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    log::encode_commit(&mut buf, seq);
+    f.write_all(&buf)?;
+    if durability == Durability::Fsync {
+        f.sync_all()?;
+    }
+    f.metadata().map(|m| m.len())
 }
 
 fn apply_replayed(state: &State, r: Record, now: Instant, now_ms: i64) {
@@ -511,6 +675,10 @@ struct Writer {
     min_compact: u64,
     last_snapshot: u64,
     compaction: Option<Compaction>,
+    /// Sequence number of the last commit in the log.
+    seq: u64,
+    /// The high-water record, written after every commit, before it is acknowledged.
+    high_water: hwm::HighWater,
     /// The directory lock, released when the writer (the last user of the files) ends.
     _lock: File,
 }
@@ -549,7 +717,7 @@ impl Writer {
             for r in &batch {
                 encode(r, &mut buf, now, now_ms);
             }
-            log::encode_commit(&mut buf);
+            log::encode_commit(&mut buf, self.seq + 1);
             let started = std::time::Instant::now();
             let res = self
                 .file
@@ -565,6 +733,8 @@ impl Writer {
                 self.write_failed(&e, &mut batch);
                 continue;
             }
+            self.seq += 1;
+            self.record_high_water(0);
             if self.state.degraded.lock().take().is_some() {
                 tracing::warn!(path = %self.paths.log.display(), "disk writes succeed again: publishing resumed");
             }
@@ -577,6 +747,25 @@ impl Writer {
                 self.apply(r, now);
             }
             self.maybe_compact(len);
+        }
+    }
+
+    /// Records the last commit and the log file holding it (before the commit is acknowledged).
+    /// A failure is logged, not fatal: a record that lags only makes the next start more
+    /// suspicious (new epochs), never less.
+    fn record_high_water(&mut self, pending_ino: u64) {
+        let res = self.file.metadata().and_then(|m| {
+            self.high_water.write(&hwm::Mark {
+                seq: self.seq,
+                log: hwm::Identity::of(&m),
+                pending_ino,
+                len: m.len(),
+            })
+        });
+        if let Err(e) = res {
+            metrics::counter!("holdfast_engine_write_errors_total", "engine" => "disk")
+                .increment(1);
+            tracing::warn!(error = %e, path = %self.paths.hwm.display(), "high-water record not written");
         }
     }
 
@@ -738,26 +927,12 @@ impl Writer {
         let records = snapshot(&self.state);
         let path = self.paths.compact.clone();
         let durability = self.durability;
+        // The snapshot is the state after commit `seq`: it closes with that number, and the
+        // commits copied after it keep theirs.
+        let seq = self.seq;
         let thread = std::thread::Builder::new()
             .name("holdfast-disk-compact".into())
-            .spawn(move || {
-                let mut buf = Vec::with_capacity(1 << 20);
-                buf.extend_from_slice(log::HEADER);
-                let mut f = File::create(&path)?;
-                for r in &records {
-                    r.encode(&mut buf);
-                    if buf.len() > 8 << 20 {
-                        f.write_all(&buf)?;
-                        buf.clear();
-                    }
-                }
-                log::encode_commit(&mut buf);
-                f.write_all(&buf)?;
-                if durability == Durability::Fsync {
-                    f.sync_all()?;
-                }
-                f.metadata().map(|m| m.len())
-            });
+            .spawn(move || write_log_file(&path, &records, seq, durability));
         match thread {
             Ok(thread) => self.compaction = Some(Compaction { from: len, thread }),
             Err(e) => tracing::warn!(error = %e, "cannot start compaction"),
@@ -775,7 +950,11 @@ impl Writer {
             .open(&self.paths.compact)?;
         new.write_all(&tail)?;
         new.sync_all()?;
+        let new_ino = std::os::unix::fs::MetadataExt::ino(&new.metadata()?);
         drop(new);
+        // A crash right after the rename leaves the log with the new file's inode: the record
+        // names it first, so that is not taken for a replaced log.
+        self.record_high_water(new_ino);
         std::fs::rename(&self.paths.compact, &self.paths.log)?;
         log::sync_dir(&self.dir)?;
         let mut f = std::fs::OpenOptions::new()
@@ -784,6 +963,7 @@ impl Writer {
             .open(&self.paths.log)?;
         let total = f.seek(SeekFrom::End(0))?;
         self.file = f;
+        self.record_high_water(0);
         self.state.log_bytes.store(total, Ordering::Relaxed);
         Ok(total)
     }

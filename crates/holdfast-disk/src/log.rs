@@ -16,6 +16,10 @@ pub(crate) struct Paths {
     pub(crate) log: PathBuf,
     pub(crate) compact: PathBuf,
     pub(crate) lock: PathBuf,
+    /// The high-water record: the last acknowledged commit and the log file it is in.
+    pub(crate) hwm: PathBuf,
+    /// Present after `holdfast disk new-epochs`: the next start gives every stream a new epoch.
+    pub(crate) new_epochs: PathBuf,
 }
 
 impl Paths {
@@ -24,6 +28,8 @@ impl Paths {
             log: dir.join("holdfast.log"),
             compact: dir.join("holdfast.log.compact"),
             lock: dir.join("LOCK"),
+            hwm: dir.join("holdfast.hwm"),
+            new_epochs: dir.join("NEW-EPOCHS"),
         }
     }
 }
@@ -68,28 +74,42 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + 
     }
 }
 
-/// Appends a commit marker closing the batch before it.
-pub(crate) fn encode_commit(out: &mut Vec<u8>) {
-    let mut body = Vec::with_capacity(9);
-    body.push(COMMIT_TYPE);
+/// Appends a commit marker closing the batch before it, carrying the batch's sequence number
+/// (1, 2, 3… over the life of the directory, compactions included).
+pub(crate) fn encode_commit(out: &mut Vec<u8>, seq: u64) {
+    let mut body = Vec::with_capacity(17);
+    body.push(COMMIT_SEQ_TYPE);
     body.extend_from_slice(COMMIT_MAGIC);
+    body.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out.extend_from_slice(&body);
 }
 
+/// A commit marker without a sequence number (logs written before sequence numbers).
 const COMMIT_TYPE: u8 = 0xC0;
+/// A commit marker with its sequence number.
+const COMMIT_SEQ_TYPE: u8 = 0xC1;
 
-fn is_commit(buf: &[u8]) -> Option<usize> {
+/// A commit marker at the start of `buf`: its length and its sequence number (None for the
+/// older markers without one).
+fn is_commit(buf: &[u8]) -> Option<(usize, Option<u64>)> {
     if buf.len() < 17 {
         return None;
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if len != 9 || buf[8] != COMMIT_TYPE || &buf[9..17] != COMMIT_MAGIC {
-        return None;
-    }
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    (crc32fast::hash(&buf[8..17]) == crc).then_some(17)
+    match (len, buf[8]) {
+        (9, COMMIT_TYPE) if &buf[9..17] == COMMIT_MAGIC => {
+            (crc32fast::hash(&buf[8..17]) == crc).then_some((17, None))
+        }
+        (17, COMMIT_SEQ_TYPE) if buf.len() >= 25 && &buf[9..17] == COMMIT_MAGIC => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&buf[17..25]);
+            (crc32fast::hash(&buf[8..25]) == crc).then_some((25, Some(u64::from_le_bytes(seq))))
+        }
+        _ => None,
+    }
 }
 
 /// What a replay found.
@@ -101,6 +121,8 @@ pub(crate) struct Replayed {
     pub(crate) torn: u64,
     /// Records applied.
     pub(crate) records: u64,
+    /// Sequence number of the last committed batch (0: none carries one).
+    pub(crate) last_seq: u64,
 }
 
 /// Reads the log, calling `apply` for every record of every committed batch, in order. A torn
@@ -121,11 +143,14 @@ pub(crate) fn replay(path: &Path, mut apply: impl FnMut(Record)) -> Result<Repla
         ..Default::default()
     };
     while pos < buf.len() {
-        if let Some(n) = is_commit(&buf[pos..]) {
+        if let Some((n, seq)) = is_commit(&buf[pos..]) {
             out.records += pending.len() as u64;
             pending.drain(..).for_each(&mut apply);
             pos += n;
             out.committed = pos as u64;
+            if let Some(seq) = seq {
+                out.last_seq = seq;
+            }
             continue;
         }
         match Record::decode(&buf[pos..]) {

@@ -154,6 +154,10 @@ async fn torn_tail_is_cut_and_corruption_refuses_to_start() {
     std::fs::write(&paths.log, &torn).expect("write");
     let r = check(&dir).expect("a torn tail is not corruption");
     assert_eq!(r.torn_bytes as usize, extra.len() / 2);
+    assert_eq!(
+        r.rollback, None,
+        "a write cut short after the last commit is no rollback"
+    );
     // Damage inside committed data: the engine refuses to start, naming the place.
     let mut bad = good.clone();
     bad[HEADER_LEN + 12] ^= 0xff;
@@ -234,3 +238,162 @@ async fn compaction_keeps_the_live_state_and_bounds_the_log() {
 
 use log::HEADER;
 const _: () = assert!(HEADER.len() == HEADER_LEN);
+
+/// Opens `dir`, waiting while a dropped engine's writer still holds the lock.
+async fn reopen(dir: &Path) -> (Arc<DiskEngine>, OpenReport) {
+    loop {
+        match DiskEngine::open(DiskConfig::new(dir, Durability::Fsync)) {
+            Ok(x) => return x,
+            Err(OpenError::Locked(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(other) => panic!("open: {other}"),
+        }
+    }
+}
+
+async fn publish_n(e: &DiskEngine, range: std::ops::RangeInclusive<u64>) -> StreamTop {
+    let mut top = StreamTop::default();
+    for n in range {
+        top = e
+            .publish("c", data(n), &hist())
+            .await
+            .expect("publish")
+            .position
+            .expect("position");
+    }
+    top
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+#[tokio::test]
+async fn a_restored_backup_gives_every_stream_a_new_epoch() {
+    let dir = tempdir("restore");
+    let backup = tempdir("restore-backup");
+    let (e, r) = reopen(&dir).await;
+    assert_eq!(r.rollback, None);
+    let first = publish_n(&e, 1..=25).await;
+    drop(e);
+    let (e, r) = reopen(&dir).await;
+    assert_eq!(r.rollback, None, "a clean restart keeps everything");
+    drop(e);
+    copy_dir(&dir, &backup);
+    let (e, r) = reopen(&dir).await;
+    assert_eq!(r.rollback, None);
+    let later = publish_n(&e, 26..=50).await;
+    assert_eq!((later.offset, &later.epoch), (50, &first.epoch));
+    drop(e);
+    // The backup goes back in place of the newer directory.
+    copy_dir(&backup, &dir);
+    assert!(
+        check(&dir).expect("check").rollback.is_some(),
+        "check reports it"
+    );
+    let (e, r) = reopen(&dir).await;
+    assert!(r.rollback.is_some(), "{r:?}");
+    assert_eq!(r.new_epochs, 1);
+    let top = publish_n(&e, 51..=60).await;
+    assert_ne!(
+        top.epoch, first.epoch,
+        "new epoch: offsets 26-35 are not reused under it"
+    );
+    assert_eq!(top.offset, 35);
+    // A client that had reached 30 under the old epoch is told, never given 31-35.
+    let q = HistoryQuery {
+        since: Some((30, first.epoch.to_string())),
+        ..all()
+    };
+    assert_eq!(
+        e.history("c", &q).await,
+        Err(EngineError::UnrecoverablePosition)
+    );
+    let page = e.history("c", &all()).await.expect("history");
+    assert_eq!(page.publications.len(), 35, "history itself is kept");
+    drop(e);
+    let (_e, r) = reopen(&dir).await;
+    assert_eq!(
+        r.rollback, None,
+        "after the rollback the directory is consistent again"
+    );
+}
+
+#[tokio::test]
+async fn a_log_cut_at_a_commit_boundary_gives_a_new_epoch_and_check_reports_it() {
+    let dir = tempdir("cut");
+    let paths = Paths::new(&dir);
+    let (e, _) = reopen(&dir).await;
+    let mut lens = Vec::new();
+    let mut top = StreamTop::default();
+    for n in 1..=5 {
+        top = publish_n(&e, n..=n).await;
+        lens.push(e.log_bytes());
+    }
+    drop(e);
+    let (e, _) = reopen(&dir).await;
+    drop(e);
+    // Cut after the third publication's commit: a valid log that ends too early.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths.log)
+        .expect("open log");
+    f.set_len(lens[2]).expect("truncate");
+    drop(f);
+    let r = check(&dir).expect("check");
+    assert_eq!(r.torn_bytes, 0, "cut on a record boundary: nothing torn");
+    let why = r.rollback.expect("check reports the rollback");
+    assert!(why.contains("acknowledged"), "{why}");
+    let (e, r) = reopen(&dir).await;
+    assert!(r.rollback.is_some());
+    let page = e.history("c", &all()).await.expect("history");
+    assert_ne!(page.top.epoch, top.epoch, "new epoch");
+    assert_eq!(page.top.offset, 3);
+    let next = publish_n(&e, 6..=6).await;
+    assert_eq!(next.offset, 4);
+    drop(e);
+
+    // Cut to half its length (inside a record): reported too, not "ok".
+    let (e, _) = reopen(&dir).await;
+    publish_n(&e, 7..=20).await;
+    drop(e);
+    let (e, _) = reopen(&dir).await;
+    drop(e);
+    let len = std::fs::metadata(&paths.log).expect("meta").len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths.log)
+        .expect("open log");
+    f.set_len(len / 2).expect("truncate");
+    drop(f);
+    let r = check(&dir).expect("check");
+    assert!(r.rollback.is_some(), "{r:?}");
+}
+
+#[tokio::test]
+async fn new_epochs_on_request_keep_history() {
+    let dir = tempdir("request");
+    let (e, _) = reopen(&dir).await;
+    let top = publish_n(&e, 1..=3).await;
+    drop(e);
+    loop {
+        match request_new_epochs(&dir) {
+            Ok(()) => break,
+            Err(OpenError::Locked(_)) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(check(&dir).expect("check").rollback.is_some());
+    let (e, r) = reopen(&dir).await;
+    assert_eq!(r.new_epochs, 1, "{r:?}");
+    let page = e.history("c", &all()).await.expect("history");
+    assert_ne!(page.top.epoch, top.epoch);
+    assert_eq!(page.publications.len(), 3);
+    drop(e);
+    let (_e, r) = reopen(&dir).await;
+    assert_eq!(r.rollback, None, "asked once, done once");
+}

@@ -64,8 +64,14 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DiskAction {
-    /// Read the whole log: report records and streams, a torn tail, or corruption (exit 1).
+    /// Read the whole log: report records and streams, a torn tail, corruption (exit 1), or a
+    /// log that went backwards against its high-water record (restored backup, truncation;
+    /// exit 1: the next start gives every stream a new epoch).
     Check,
+    /// Give every stream a new epoch at the next start, keeping history: after restoring a
+    /// filesystem snapshot that Holdfast cannot tell from the original (clients are then told
+    /// `recovered: false` instead of recovering across the restore).
+    NewEpochs,
     /// Move the data directory aside (to <path>.reset-<unix time>) so the next start is empty.
     /// Clients recovering afterwards are told `recovered: false`.
     Reset,
@@ -74,10 +80,11 @@ enum DiskAction {
 #[derive(Args, Debug, Clone)]
 struct ConfigArgs {
     /// Configuration file (TOML, or Centrifugo JSON with a .json name).
-    #[arg(short, long, env = "HOLDFAST_CONFIG")]
+    // Global: `holdfast disk check --config FILE` as well as `holdfast disk --config FILE check`.
+    #[arg(short, long, env = "HOLDFAST_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Override any key: --set client.insecure=true (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     set: Vec<String>,
 }
 
@@ -324,6 +331,18 @@ fn main() -> anyhow::Result<()> {
             let path = std::path::PathBuf::from(&loaded.config.engine.disk.path);
             match action {
                 DiskAction::Check => match holdfast_disk::check(&path) {
+                    Ok(r) if r.rollback.is_some() => {
+                        let why = r.rollback.unwrap_or_default();
+                        println!(
+                            "{}: ROLLBACK — {why}. {} records, {} streams. The next start gives \
+                             every stream a new epoch (clients are told recovered: false, never \
+                             given an offset twice).",
+                            path.display(),
+                            r.records,
+                            r.streams
+                        );
+                        anyhow::bail!("the log went backwards")
+                    }
                     Ok(r) => {
                         println!(
                             "{}: ok — {} records, {} streams{}",
@@ -343,6 +362,14 @@ fn main() -> anyhow::Result<()> {
                     }
                     Err(e) => Err(anyhow::anyhow!("{e}")),
                 },
+                DiskAction::NewEpochs => {
+                    holdfast_disk::request_new_epochs(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!(
+                        "{}: the next start gives every stream a new epoch (history kept)",
+                        path.display()
+                    );
+                    Ok(())
+                }
                 DiskAction::Reset => {
                     if !path.exists() {
                         println!("{} does not exist: nothing to reset", path.display());

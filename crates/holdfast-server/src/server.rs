@@ -113,9 +113,14 @@ pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
                 records = report.records,
                 streams = report.streams,
                 torn_bytes = report.torn_bytes,
+                new_epochs = report.new_epochs,
                 took_ms = started.elapsed().as_millis() as u64,
                 "disk engine open"
             );
+            if let Some(why) = &report.rollback {
+                metrics::counter!("holdfast_disk_rollbacks_total").increment(1);
+                tracing::warn!(path = %d.path, streams = report.new_epochs, "the data directory went backwards ({why}): every stream started a new epoch, so recovering clients are told recovered: false");
+            }
             Ok(Engine::from_one(engine))
         }
     }

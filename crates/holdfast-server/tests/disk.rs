@@ -195,3 +195,168 @@ async fn a_full_disk_refuses_publications_and_publishing_resumes_when_space_is_b
     assert_eq!(offsets, (1..=11).collect::<Vec<_>>(), "{r}");
     srv.stop().await;
 }
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "holdfast-{name}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Receives publication pushes of `channel` up to `offset`; returns their offsets.
+async fn read_until(c: &mut TestClient, channel: &str, offset: u64) -> Vec<u64> {
+    let mut seen = Vec::new();
+    while seen.last() != Some(&offset) {
+        let p = c.push().await;
+        if p["channel"] == channel {
+            seen.push(p["pub"]["offset"].as_u64().unwrap());
+        }
+    }
+    seen
+}
+
+async fn publish_range(srv: &TestServer, channel: &str, range: std::ops::RangeInclusive<u64>) {
+    for n in range {
+        let r = api(
+            srv,
+            "publish",
+            json!({"channel": channel, "data": {"n": n}}),
+        )
+        .await;
+        assert!(r["result"]["offset"].as_u64().is_some(), "{r}");
+    }
+}
+
+/// `holdfast disk check` on a data directory: (success, output).
+fn disk_check(data: &Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["disk", "check", "--set"])
+        .arg(format!("engine.disk.path={}", data.display()))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_restored_backup_tells_clients_and_never_reuses_an_offset() {
+    let data = temp_dir("restore");
+    let backup = temp_dir("restore-backup");
+    let srv = TestServer::start(disk_config(&data)).await;
+    let (mut c, _) = srv.connected("u").await;
+    let r = c.call("subscribe", json!({"channel": "r"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    publish_range(&srv, "r", 1..=25).await;
+    assert_eq!(read_until(&mut c, "r", 25).await.len(), 25);
+    drop(c);
+    srv.stop().await;
+    copy_dir(&data, &backup);
+
+    let srv = TestServer::start(disk_config(&data)).await;
+    let (mut c, _) = srv.connected("u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "r", "recover": true, "offset": 25, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(
+        r["subscribe"]["recovered"], true,
+        "a restart keeps the epoch: {r}"
+    );
+    publish_range(&srv, "r", 26..=50).await;
+    assert_eq!(
+        read_until(&mut c, "r", 30).await,
+        (26..=30).collect::<Vec<_>>()
+    );
+    drop(c);
+    srv.stop().await;
+
+    // The operator restores the backup (OPERATIONS.md's remedy for a damaged directory).
+    copy_dir(&backup, &data);
+    let (ok, out) = disk_check(&data);
+    assert!(
+        !ok && out.contains("ROLLBACK"),
+        "disk check reports it: {out}"
+    );
+    let srv = TestServer::start(disk_config(&data)).await;
+    publish_range(&srv, "r", 51..=60).await;
+    // The client that had reached offset 30 is told; it is not given 31-35 as if nothing
+    // happened (under the old epoch those would be other publications than the ones it missed).
+    let (mut c, _) = srv.connected("u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "r", "recover": true, "offset": 30, "epoch": epoch}),
+        )
+        .await;
+    let s = &r["subscribe"];
+    assert_eq!(s["was_recovering"], true, "{r}");
+    assert!(s.get("recovered").is_none(), "told recovered: false: {r}");
+    assert_ne!(s["epoch"], epoch.as_str(), "a new epoch: {r}");
+    assert_eq!(s["offset"], 35, "{r}");
+    assert!(s.get("publications").is_none(), "{r}");
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_dir_all(&backup);
+}
+
+#[tokio::test]
+async fn a_log_cut_on_a_record_boundary_tells_clients() {
+    let data = temp_dir("cut");
+    let log = data.join("holdfast.log");
+    let srv = TestServer::start(disk_config(&data)).await;
+    let (mut c, _) = srv.connected("u").await;
+    let r = c.call("subscribe", json!({"channel": "t"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    let mut lens = Vec::new();
+    for n in 1..=5 {
+        publish_range(&srv, "t", n..=n).await;
+        lens.push(std::fs::metadata(&log).unwrap().len());
+    }
+    assert_eq!(read_until(&mut c, "t", 5).await, [1, 2, 3, 4, 5]);
+    drop(c);
+    srv.stop().await;
+    // The last two acknowledged publications' records are gone; what is left is a valid log.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(lens[2])
+        .unwrap();
+    let (ok, out) = disk_check(&data);
+    assert!(!ok && out.contains("ROLLBACK"), "{out}");
+    let srv = TestServer::start(disk_config(&data)).await;
+    publish_range(&srv, "t", 6..=7).await;
+    let (mut c, _) = srv.connected("u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "t", "recover": true, "offset": 5, "epoch": epoch}),
+        )
+        .await;
+    let s = &r["subscribe"];
+    assert!(s.get("recovered").is_none(), "told: {r}");
+    assert_ne!(s["epoch"], epoch.as_str(), "{r}");
+    assert_eq!(s["offset"], 5, "3 kept + 2 new under the new epoch: {r}");
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+}
