@@ -44,6 +44,9 @@ use tokio::time::Instant;
 const QUEUE: usize = 65_536;
 /// Most requests in one batch.
 const MAX_BATCH: usize = 8192;
+/// How often the high-water record is synced to disk while commits come (and once more when
+/// they stop): a power cut can leave it this far behind the log, never ahead.
+const HIGH_WATER_SYNC: Duration = Duration::from_secs(1);
 /// Compaction starts when the log is this big and twice the last snapshot.
 const MIN_COMPACT_BYTES: u64 = 64 << 20;
 
@@ -136,6 +139,8 @@ struct State {
     /// Why the last write failed, while writes fail (a full disk): `/health` shows it. Cleared
     /// by the next successful commit (the writer retries on its own every second).
     degraded: Mutex<Option<String>>,
+    /// A commit's high-water record waits for its sync (the sweeper asks the idle writer).
+    high_water_dirty: AtomicBool,
     log_bytes: AtomicU64,
 }
 
@@ -185,6 +190,8 @@ enum Req {
     /// Retry a write while degraded (an empty commit): clears the degraded state once the disk
     /// takes writes again, even when nobody publishes.
     Probe,
+    /// Sync the high-water record if a commit since the last sync left it dirty.
+    SyncHighWater,
 }
 
 /// The disk engine (broker, presence and cursors).
@@ -234,6 +241,7 @@ impl DiskEngine {
             handler: OnceLock::new(),
             poisoned: AtomicBool::new(false),
             degraded: Mutex::new(None),
+            high_water_dirty: AtomicBool::new(false),
             log_bytes: AtomicU64::new(0),
         });
         // The evidence is read before anything touches the log (cutting a torn tail changes the
@@ -293,8 +301,7 @@ impl DiskEngine {
             state.log_bytes.store(replayed.committed, Ordering::Relaxed);
             log::open_append(&paths.log, replayed.committed)?
         };
-        let mut high_water = hwm::HighWater::open(&paths.hwm, cfg.durability == Durability::Fsync)
-            .map_err(log::io_err(&paths.hwm))?;
+        let mut high_water = hwm::HighWater::open(&paths.hwm).map_err(log::io_err(&paths.hwm))?;
         let meta = file.metadata().map_err(log::io_err(&paths.log))?;
         let mark = hwm::Mark {
             seq,
@@ -302,7 +309,10 @@ impl DiskEngine {
             pending_ino: 0,
             len: meta.len(),
         };
-        high_water.write(&mark).map_err(log::io_err(&paths.hwm))?;
+        high_water
+            .write(&mark)
+            .and_then(|()| high_water.sync())
+            .map_err(log::io_err(&paths.hwm))?;
         let streams: usize = state.channels.iter().map(|s| s.lock().len()).sum();
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = Writer {
@@ -316,6 +326,7 @@ impl DiskEngine {
             compaction: None,
             seq,
             high_water,
+            high_water_synced: std::time::Instant::now(),
             _lock: lock,
         };
         std::thread::Builder::new()
@@ -636,10 +647,13 @@ async fn sweep_loop(state: std::sync::Weak<State>, writer: mpsc::WeakSender<Req>
     loop {
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
-        if state.degraded.lock().is_some()
-            && let Some(tx) = writer.upgrade()
-        {
-            let _ = tx.try_send(Req::Probe);
+        if let Some(tx) = writer.upgrade() {
+            if state.degraded.lock().is_some() {
+                let _ = tx.try_send(Req::Probe);
+            }
+            if state.high_water_dirty.load(Ordering::Acquire) {
+                let _ = tx.try_send(Req::SyncHighWater);
+            }
         }
         let now = Instant::now();
         for shard in state.channels.iter() {
@@ -679,6 +693,8 @@ struct Writer {
     seq: u64,
     /// The high-water record, written after every commit, before it is acknowledged.
     high_water: hwm::HighWater,
+    /// When the record was last synced (at most [`HIGH_WATER_SYNC`] ago while commits come).
+    high_water_synced: std::time::Instant,
     /// The directory lock, released when the writer (the last user of the files) ends.
     _lock: File,
 }
@@ -694,6 +710,10 @@ impl Writer {
         let mut buf = Vec::with_capacity(1 << 20);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.blocking_recv() {
+            if matches!(first, Req::SyncHighWater) {
+                self.sync_high_water();
+                continue;
+            }
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -746,8 +766,25 @@ impl Writer {
             for r in batch.drain(..) {
                 self.apply(r, now);
             }
+            if self.durability == Durability::Fsync
+                && self.high_water_synced.elapsed() >= HIGH_WATER_SYNC
+            {
+                self.sync_high_water();
+            }
             self.maybe_compact(len);
         }
+        // Every sender is gone (shutdown): the record goes to disk with the last commit.
+        self.sync_high_water();
+    }
+
+    fn sync_high_water(&mut self) {
+        if let Err(e) = self.high_water.sync() {
+            metrics::counter!("holdfast_engine_write_errors_total", "engine" => "disk")
+                .increment(1);
+            tracing::warn!(error = %e, path = %self.paths.hwm.display(), "high-water record not synced");
+        }
+        self.high_water_synced = std::time::Instant::now();
+        self.state.high_water_dirty.store(false, Ordering::Release);
     }
 
     /// Records the last commit and the log file holding it (before the commit is acknowledged).
@@ -762,6 +799,7 @@ impl Writer {
                 len: m.len(),
             })
         });
+        self.state.high_water_dirty.store(true, Ordering::Release);
         if let Err(e) = res {
             metrics::counter!("holdfast_engine_write_errors_total", "engine" => "disk")
                 .increment(1);
@@ -872,7 +910,7 @@ impl Writer {
                 }
                 let _ = ack.send(Ok(top));
             }
-            Req::Stream { .. } | Req::Probe => {}
+            Req::Stream { .. } | Req::Probe | Req::SyncHighWater => {}
             Req::Remove { channel, ack } => {
                 if let Some(chan) = self.state.existing(&channel)
                     && let Some(w) = &mut chan.inner.lock().stream
@@ -955,6 +993,7 @@ impl Writer {
         // A crash right after the rename leaves the log with the new file's inode: the record
         // names it first, so that is not taken for a replaced log.
         self.record_high_water(new_ino);
+        self.sync_high_water();
         std::fs::rename(&self.paths.compact, &self.paths.log)?;
         log::sync_dir(&self.dir)?;
         let mut f = std::fs::OpenOptions::new()
@@ -979,7 +1018,7 @@ fn fail_all(batch: &mut Vec<Req>, why: &str) {
             Req::Remove { ack, .. } | Req::Cursor { ack, .. } => {
                 let _ = ack.send(Err(e));
             }
-            Req::Stream { .. } | Req::Probe => {}
+            Req::Stream { .. } | Req::Probe | Req::SyncHighWater => {}
         }
     }
 }
@@ -1038,7 +1077,7 @@ fn encode(r: &Req, buf: &mut Vec<u8>, now: Instant, now_ms: i64) {
             expire_ms: wall(*ttl),
         }
         .encode(buf),
-        Req::Probe => {}
+        Req::Probe | Req::SyncHighWater => {}
     }
 }
 
