@@ -33,6 +33,10 @@ cp "$target/release/holdfast" "$target/release/holdfast-bench" "$target/ab/a/"
 git -C "$tree" rev-parse --short HEAD > "$target/ab/a/REV"
 
 echo "== building B (working tree)"
+# A's workspace crates were built into the same target directory under the same artifact names
+# (cargo hashes path dependencies relative to the workspace root), and newer than B's sources:
+# touch B's sources so cargo rebuilds them instead of taking A's.
+find crates examples -name '*.rs' -exec touch {} +
 cargo build --release -q --bins
 cp "$target/release/holdfast" "$target/release/holdfast-bench" "$target/ab/b/"
 

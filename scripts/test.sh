@@ -40,6 +40,9 @@ cargo fmt --all --check
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "supply chain: cargo deny (advisories from deny/advisory-db, licenses, sources)"
+scripts/deny.sh
+
 step "unit and integration tests"
 cargo test --workspace
 

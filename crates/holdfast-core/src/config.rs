@@ -231,6 +231,10 @@ pub struct SubscriptionTokenConfig {
     pub enabled: bool,
     /// HMAC secret for subscription tokens.
     pub hmac_secret_key: String,
+    /// Previous HMAC secret for subscription tokens, accepted during key rotation.
+    pub hmac_previous_secret_key: String,
+    /// Unix time after which the previous subscription secret is refused (0 = no limit).
+    pub hmac_previous_secret_key_valid_until: i64,
     /// PEM RSA public key for subscription tokens.
     pub rsa_public_key: String,
     /// PEM ECDSA public key for subscription tokens.
@@ -250,13 +254,14 @@ impl SubscriptionTokenConfig {
     pub fn as_token_config(&self) -> TokenConfig {
         TokenConfig {
             hmac_secret_key: self.hmac_secret_key.clone(),
+            hmac_previous_secret_key: self.hmac_previous_secret_key.clone(),
+            hmac_previous_secret_key_valid_until: self.hmac_previous_secret_key_valid_until,
             rsa_public_key: self.rsa_public_key.clone(),
             ecdsa_public_key: self.ecdsa_public_key.clone(),
             jwks_public_endpoint: self.jwks_public_endpoint.clone(),
             audience: self.audience.clone(),
             issuer: self.issuer.clone(),
             user_id_claim: self.user_id_claim.clone(),
-            ..TokenConfig::default()
         }
     }
 }

@@ -120,6 +120,8 @@ struct NodeInner {
     peers: parking_lot::Mutex<std::collections::HashMap<String, (NodeInfo, std::time::Instant)>>,
     /// `channels` surveys waiting for replies from other nodes.
     surveys: parking_lot::Mutex<std::collections::HashMap<u64, SurveyReplies>>,
+    /// Interval of this node's announcements to its peers, in milliseconds.
+    heartbeat_ms: AtomicU64,
 }
 
 impl Node {
@@ -164,6 +166,7 @@ impl Node {
                 sub_locks: Sharded::new(SUB_LOCKS, || tokio::sync::Mutex::new(())),
                 peers: Default::default(),
                 surveys: Default::default(),
+                heartbeat_ms: AtomicU64::new(HEARTBEAT.as_millis() as u64),
             }
         });
         Ok(Self { inner })
@@ -179,9 +182,11 @@ impl Node {
         if !was && self.inner.broker.distributed() {
             let weak = Arc::downgrade(&self.inner);
             let stop = self.inner.shutdown.clone();
+            let every = Duration::from_millis(self.inner.heartbeat_ms.load(Ordering::Relaxed));
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(HEARTBEAT);
+                let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut first = true;
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
@@ -192,9 +197,29 @@ impl Node {
                     if let Err(e) = node.control(NodeCommand::Node(node.info())).await {
                         tracing::debug!(error = ?e, "heartbeat not sent");
                     }
+                    if std::mem::take(&mut first) {
+                        // A node that has just started asks the others to announce themselves,
+                        // so `info` and `channels` asked of it include them at once instead of
+                        // after their next heartbeat.
+                        let hello = NodeCommand::Hello {
+                            origin: node.inner.id.to_string(),
+                        };
+                        if let Err(e) = node.control(hello).await {
+                            tracing::debug!(error = ?e, "hello not sent");
+                        }
+                    }
                 }
             });
         }
+    }
+
+    /// How often this node announces itself to the others (default 3 s; with a distributed
+    /// engine only). Call before [`Node::start`]. Peers forget a node 7 s after its last
+    /// announcement, so an interval above that makes it come and go in `info`.
+    pub fn set_heartbeat(&self, every: Duration) {
+        self.inner
+            .heartbeat_ms
+            .store(every.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
     /// Whether the engine can serve now.
@@ -770,6 +795,17 @@ impl Node {
             NodeCommand::Gone { uid } => {
                 self.inner.peers.lock().remove(&uid);
             }
+            NodeCommand::Hello { origin } => {
+                if origin == *self.inner.id || !self.is_ready() {
+                    return;
+                }
+                let node = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.control(NodeCommand::Node(node.info())).await {
+                        tracing::debug!(error = ?e, "announcement not sent");
+                    }
+                });
+            }
             NodeCommand::Survey {
                 id,
                 origin,
@@ -873,6 +909,10 @@ enum NodeCommand {
         uid: String,
     },
     Node(NodeInfo),
+    /// A node has just started: every other node announces itself ([`NodeCommand::Node`]).
+    Hello {
+        origin: String,
+    },
     Survey {
         id: u64,
         origin: String,

@@ -19,6 +19,14 @@ const MAX_MESSAGES_PER_FRAME: usize = 64;
 /// Bytes joined into one frame at most (a single larger message still goes alone).
 const MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// After the server closed a connection (its close frame queued), how long the reader keeps
+/// reading and discarding what the client still sends, so the client reads the close frame
+/// instead of a TCP reset (closing a socket with unread input resets it).
+const CLOSE_DRAIN: Duration = Duration::from_secs(2);
+/// Errors in a row after which draining stops (a garbled stream may yield errors without
+/// consuming input).
+const CLOSE_DRAIN_ERRORS: usize = 100;
+
 /// Incoming side of a transport.
 #[async_trait]
 pub trait FrameSource: Send {
@@ -84,6 +92,7 @@ where
 async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
     let client = session.client().clone();
     let shutdown = session.node().shutdown_token();
+    let mut peer_gone = false;
     loop {
         let deadline = session.next_deadline();
         let frame = tokio::select! {
@@ -112,6 +121,7 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
         };
         match frame {
             None => {
+                peer_gone = true;
                 client.close(Disconnect::CONNECTION_CLOSED);
                 break;
             }
@@ -135,6 +145,23 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
         }
     }
     Box::pin(session.close()).await;
+    if !peer_gone {
+        // The server closed (its close frame goes out from the writer): read and drop what the
+        // client still sends until it answers, leaves or the time is up, so it reads the close
+        // frame rather than a reset.
+        let deadline = Instant::now() + CLOSE_DRAIN;
+        let mut errors = 0;
+        while errors < CLOSE_DRAIN_ERRORS {
+            match tokio::time::timeout_at(deadline, source.next_frame()).await {
+                Ok(Some(Ok(_))) => errors = 0,
+                Ok(None) | Err(_) => break,
+                Ok(Some(Err(_))) => {
+                    errors += 1;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -266,9 +293,10 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
             m.bytes_sent.increment(bytes);
         }
         if let Some(d) = drained.close {
-            if d.code != Disconnect::CONNECTION_CLOSED.code
-                && d.code != Disconnect::WRITE_ERROR.code
-            {
+            if d.code == Disconnect::CONNECTION_CLOSED.code {
+                // The peer closed: the transport may owe it an answer (a WebSocket close reply).
+                let _ = sink.flush().await;
+            } else if d.code != Disconnect::WRITE_ERROR.code {
                 let _ = sink.close(d.code, &d.reason).await;
             }
             return;

@@ -160,6 +160,9 @@ impl Disconnect {
     pub const TOO_MANY_ERRORS: Self = Self::fixed(3509, "too many errors");
     /// 1009: WebSocket message too big (transport level).
     pub const MESSAGE_TOO_BIG: Self = Self::fixed(1009, "message too big");
+    /// 1002: a WebSocket protocol violation (transport level): a continuation without a start,
+    /// an unmasked client frame, a reserved opcode, an oversized control frame.
+    pub const PROTOCOL_ERROR: Self = Self::fixed(1002, "protocol error");
 }
 
 impl fmt::Display for Disconnect {

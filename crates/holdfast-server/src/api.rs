@@ -78,14 +78,10 @@ fn status_of(code: u32) -> StatusCode {
     }
 }
 
-fn authorized(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> bool {
+/// The API key a request presents, when it is accepted (`Some("")` in insecure mode without
+/// one); `None` when the request is unauthorized.
+fn authorized(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     let cfg = &state.config.http_api;
-    if cfg.insecure {
-        return true;
-    }
-    if cfg.key.is_empty() {
-        return false;
-    }
     let given = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
@@ -102,7 +98,13 @@ fn authorized(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> boo
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("api_key=").map(str::to_owned))
         });
-    given.is_some_and(|g| constant_time_eq(g.as_bytes(), cfg.key.as_bytes()))
+    if cfg.insecure {
+        return Some(given.unwrap_or_default());
+    }
+    if cfg.key.is_empty() {
+        return None;
+    }
+    given.filter(|g| constant_time_eq(g.as_bytes(), cfg.key.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -119,12 +121,12 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 /// Reads the body within the limit and checks the key; `Err` is the HTTP answer.
 async fn admit(state: &AppState, req: Request) -> Result<(Bytes, bool), Response> {
     let (parts, body) = req.into_parts();
-    if !authorized(state, &parts.headers, parts.uri.query()) {
+    let Some(key) = authorized(state, &parts.headers, parts.uri.query()) else {
         metrics::counter!("holdfast_api_unauthorized_total").increment(1);
         return Err(json_error(StatusCode::UNAUTHORIZED, "unauthorized"));
-    }
+    };
     if let Some(rl) = &state.api_rate
-        && rl.check().is_err()
+        && rl.check_key(&key).is_err()
     {
         metrics::counter!("holdfast_limit_rejections_total", "limit" => "api_rate").increment(1);
         tracing::warn!(path = %parts.uri.path(), "API request refused: http_api.rate_limit exceeded");
@@ -140,12 +142,36 @@ async fn admit(state: &AppState, req: Request) -> Result<(Bytes, bool), Response
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("transport"));
     let limit = state.config.http_api.max_body_size;
-    match axum::body::to_bytes(Body::new(body), limit).await {
-        Ok(b) => Ok((b, transport_mode)),
-        Err(_) => Err(json_error(
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        metrics::counter!("holdfast_limit_rejections_total", "limit" => "api_body_size")
+            .increment(1);
+        tracing::info!(path = %parts.uri.path(), declared, limit, "API request refused before reading: body over http_api.max_body_size");
+        return Err(json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large",
+            "request body too large (http_api.max_body_size)",
+        ));
+    }
+    let timeout = state.config.http_api.body_read_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(Body::new(body), limit)).await {
+        Ok(Ok(b)) => Ok((b, transport_mode)),
+        Ok(Err(_)) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large (http_api.max_body_size)",
         )),
+        Err(_) => {
+            metrics::counter!("holdfast_limit_rejections_total", "limit" => "api_body_timeout")
+                .increment(1);
+            tracing::info!(path = %parts.uri.path(), "API request cut: body not received within http_api.body_read_timeout");
+            Err(json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time (http_api.body_read_timeout)",
+            ))
+        }
     }
 }
 

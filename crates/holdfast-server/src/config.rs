@@ -158,6 +158,10 @@ pub struct HttpServerConfig {
     /// A TLS handshake must finish within this time.
     #[serde(with = "duration")]
     pub tls_handshake_timeout: Duration,
+    /// Reverse proxies (addresses or CIDR blocks) whose `Forwarded` / `X-Forwarded-For`
+    /// headers name the client's address for per-IP limits and logs. Empty: every request is
+    /// taken at its TCP address, and the headers are ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `http_server.tls.*` / `http_server.internal_tls.*`: certificate and key files (PEM),
@@ -186,6 +190,7 @@ impl Default for HttpServerConfig {
             max_header_size: 16 * 1024,
             keep_alive: true,
             tls_handshake_timeout: Duration::from_secs(10),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -232,6 +237,10 @@ pub struct HttpApiConfig {
     pub rate_limit: u32,
     /// Requests allowed at once above the rate (0 = same as `rate_limit`).
     pub rate_burst: u32,
+    /// The whole request body must arrive within this time (a body that trickles in is cut
+    /// with HTTP 408).
+    #[serde(with = "duration")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for HttpApiConfig {
@@ -243,6 +252,7 @@ impl Default for HttpApiConfig {
             max_body_size: 1 << 20,
             rate_limit: 0,
             rate_burst: 0,
+            body_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -487,6 +497,12 @@ impl Config {
         }
         if self.http_api.max_body_size < 1024 {
             e("http_api.max_body_size", "must be at least 1024 bytes");
+        }
+        if self.http_api.body_read_timeout.is_zero() {
+            e("http_api.body_read_timeout", "must be positive");
+        }
+        if let Err(why) = crate::limits::TrustedProxies::parse(&self.http_server.trusted_proxies) {
+            e("http_server.trusted_proxies", &why);
         }
         for (key, p) in [
             ("client.proxy.connect", &self.client.proxy.connect),

@@ -1,7 +1,7 @@
 //! Admission limits at the HTTP layer: allowed origins, connections per node and per IP address,
 //! upgrade attempts per IP per second, and the server API request rate.
 
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use holdfast_core::config::ClientConfig;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -133,13 +133,138 @@ impl Drop for ConnectionPermit {
     }
 }
 
-/// `http_api.rate_limit` requests per second with `http_api.rate_burst`, or none.
-pub fn api_rate_limiter(rate: u32, burst: u32) -> Option<DefaultDirectRateLimiter> {
+/// `http_api.rate_limit` requests per second with `http_api.rate_burst` for each API key, or
+/// none. Keyed by the key presented (with `http_api.insecure`, any key, or none, is its own
+/// budget).
+pub fn api_rate_limiter(rate: u32, burst: u32) -> Option<DefaultKeyedRateLimiter<String>> {
     let rate = NonZeroU32::new(rate)?;
     let burst = NonZeroU32::new(burst).unwrap_or(rate);
-    Some(RateLimiter::direct(
+    Some(RateLimiter::keyed(
         Quota::per_second(rate).allow_burst(burst),
     ))
+}
+
+/// Networks whose requests may carry the client's address in `Forwarded` or `X-Forwarded-For`
+/// (`http_server.trusted_proxies`). Requests from anywhere else are taken at their TCP address:
+/// a client cannot choose the address its per-IP limits count against.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    nets: Vec<(IpAddr, u8)>,
+}
+
+/// An IPv4 address in IPv6 clothing (`::ffff:10.0.0.1`) is that IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl TrustedProxies {
+    /// Parses CIDR blocks (`10.0.0.0/8`, `fd00::/8`) and single addresses.
+    pub fn parse(list: &[String]) -> Result<Self, String> {
+        let mut nets = Vec::with_capacity(list.len());
+        for item in list {
+            let (addr, prefix) = match item.split_once('/') {
+                Some((a, p)) => (a, Some(p)),
+                None => (item.as_str(), None),
+            };
+            let ip: IpAddr = addr
+                .trim()
+                .parse()
+                .map_err(|_| format!("{item:?} is not an address or CIDR block"))?;
+            let ip = canonical(ip);
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let prefix = match prefix {
+                Some(p) => p
+                    .trim()
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| format!("{item:?}: prefix length must be 0..={max}"))?,
+                None => max,
+            };
+            nets.push((ip, prefix));
+        }
+        Ok(Self { nets })
+    }
+
+    /// Whether no proxy is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.nets.iter().any(|&(net, prefix)| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
+
+    /// The client address of a request that came from `peer`: `peer` itself unless it is a
+    /// trusted proxy; behind trusted proxies, the nearest address in `Forwarded` (or else
+    /// `X-Forwarded-For`) that is not a trusted proxy, read from the right. An entry that is not
+    /// an address stops the walk at the last trusted hop.
+    pub fn client_ip(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> IpAddr {
+        let peer = canonical(peer);
+        if !self.contains(peer) {
+            return peer;
+        }
+        let forwarded: Vec<&str> = headers
+            .get_all(axum::http::header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+                })
+            })
+            .collect();
+        let hops: Vec<&str> = if forwarded.is_empty() {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .collect()
+        } else {
+            forwarded
+        };
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            let Some(ip) = parse_hop(hop) else { break };
+            client = ip;
+            if !self.contains(ip) {
+                break;
+            }
+        }
+        client
+    }
+}
+
+/// An address in `X-Forwarded-For` or a `Forwarded` `for=` value: `1.2.3.4`, `1.2.3.4:80`,
+/// `"[2001:db8::1]:4711"`, `2001:db8::1`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let h = hop.trim().trim_matches('"');
+    if let Ok(ip) = h.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok().map(canonical);
+    }
+    let (addr, _port) = h.rsplit_once(':')?;
+    addr.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// The authority (`host[:port]`) of an origin such as `https://app.example.com:8443`.
@@ -215,6 +340,65 @@ mod tests {
             Some("x")
         ));
         assert!(origin_allowed(&["*".to_owned()], Some("https://any"), None));
+    }
+
+    #[test]
+    fn client_address_behind_trusted_proxies_only() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let t = TrustedProxies::parse(&["10.0.0.0/8".into(), "::1".into()]).expect("parse");
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 10.1.2.3"),
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.5"), &h),
+            ip("203.0.113.9"),
+            "behind two proxies"
+        );
+        assert_eq!(
+            t.client_ip(ip("198.51.100.7"), &h),
+            ip("198.51.100.7"),
+            "an untrusted peer cannot choose its address"
+        );
+        assert_eq!(
+            t.client_ip(ip("::ffff:10.0.0.5"), &h),
+            ip("203.0.113.9"),
+            "IPv4-mapped peer"
+        );
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.1.1.1, 203.0.113.9"),
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.5"), &h),
+            ip("203.0.113.9"),
+            "the left part is the client's own claim: only the nearest untrusted hop counts"
+        );
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("junk, 10.2.2.2"),
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.5"), &h),
+            ip("10.2.2.2"),
+            "stops at junk"
+        );
+        h.insert(
+            axum::http::header::FORWARDED,
+            HeaderValue::from_static("for=192.0.2.60;proto=http, for=\"[2001:db8:cafe::17]:4711\""),
+        );
+        assert_eq!(
+            t.client_ip(ip("::1"), &h),
+            ip("2001:db8:cafe::17"),
+            "Forwarded wins"
+        );
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+        assert!(TrustedProxies::parse(&["nope".into()]).is_err());
+        let none = TrustedProxies::default();
+        assert_eq!(none.client_ip(ip("10.0.0.5"), &h), ip("10.0.0.5"));
+        assert_eq!(parse_hop("192.0.2.1:8080"), Some(ip("192.0.2.1")));
     }
 
     #[test]

@@ -31,8 +31,10 @@ pub struct AppState {
     pub forwarded_headers: Vec<String>,
     /// Connections per node and per IP, upgrade attempts per IP.
     pub limits: Arc<crate::limits::ConnectionLimits>,
-    /// `http_api.rate_limit`.
-    pub api_rate: Option<governor::DefaultDirectRateLimiter>,
+    /// `http_api.rate_limit`, per API key.
+    pub api_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
+    /// `http_server.trusted_proxies`: whose forwarding headers name the client's address.
+    pub trusted_proxies: crate::limits::TrustedProxies,
 }
 
 impl AppState {
@@ -44,6 +46,10 @@ impl AppState {
                 config.http_api.rate_limit,
                 config.http_api.rate_burst,
             ),
+            trusted_proxies: crate::limits::TrustedProxies::parse(
+                &config.http_server.trusted_proxies,
+            )
+            .unwrap_or_default(),
             node,
             config: Arc::new(config),
             metrics,
@@ -249,6 +255,7 @@ pub async fn run_with_readiness(
     let upkeep_handle = state.metrics.clone();
     let upkeep_stop = stop.clone();
     let upkeep_limits = state.limits.clone();
+    let upkeep_state = state.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
@@ -256,6 +263,10 @@ pub async fn run_with_readiness(
                 _ = t.tick() => {
                     upkeep_handle.run_upkeep();
                     upkeep_limits.upkeep();
+                    if let Some(rl) = &upkeep_state.api_rate {
+                        rl.retain_recent();
+                        rl.shrink_to_fit();
+                    }
                 }
                 _ = upkeep_stop.cancelled() => return,
             }

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
@@ -64,10 +65,11 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
     let client_cfg = &app.config.client;
+    // The client's address: the TCP peer, or behind a trusted proxy the address it forwards.
     let peer = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
+        .map(|c| app.trusted_proxies.client_ip(c.0.ip(), headers));
     let origin = headers
         .get(header::ORIGIN)
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
@@ -77,7 +79,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         tracing::warn!(origin = origin.unwrap_or(""), host = host.unwrap_or(""), peer = ?peer, "WebSocket upgrade refused: origin not allowed (client.allowed_origins)");
         return json_error(StatusCode::FORBIDDEN, "origin not allowed");
     }
-    let permit = match app.limits.admit(peer.map(|p| p.ip())) {
+    let permit = match app.limits.admit(peer) {
         Ok(p) => p,
         Err(r) => {
             metrics::counter!("holdfast_upgrades_refused_total", "reason" => r.label())
@@ -196,6 +198,12 @@ impl FrameSource for WsSource {
                 }
                 Err(WsError::Capacity(_)) => Some(Err(Disconnect::MESSAGE_TOO_BIG)),
                 Err(WsError::Utf8(_)) => Some(Err(Disconnect::BAD_REQUEST)),
+                // The peer ended the connection without a closing handshake: nothing to answer.
+                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => None,
+                Err(WsError::Protocol(p)) => {
+                    tracing::info!(error = %p, "WebSocket protocol violation: closing with 1002");
+                    Some(Err(Disconnect::PROTOCOL_ERROR))
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "websocket read error");
                     None

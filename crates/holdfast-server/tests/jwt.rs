@@ -150,3 +150,74 @@ async fn server_accepts_rsa_tokens_end_to_end() {
     assert!(r["connect"]["client"].is_string(), "{r}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn hmac_key_rotation_for_connection_and_subscription_tokens() {
+    use holdfast_core::config::SubscriptionTokenConfig;
+    let now = holdfast_core::node::unix_secs();
+    let conn = TokenConfig {
+        hmac_secret_key: "new-secret".into(),
+        hmac_previous_secret_key: "old-secret".into(),
+        hmac_previous_secret_key_valid_until: now + 3600,
+        ..Default::default()
+    };
+    let subs = SubscriptionTokenConfig {
+        enabled: true,
+        hmac_secret_key: "sub-new".into(),
+        hmac_previous_secret_key: "sub-old".into(),
+        hmac_previous_secret_key_valid_until: now + 3600,
+        ..Default::default()
+    };
+    let v = JwtVerifier::new(&conn, Some(&subs.as_token_config()))
+        .unwrap()
+        .unwrap();
+    let hs = |secret: &str, claims: serde_json::Value| {
+        holdfast_server::jwt::sign_hs256(secret, &claims).unwrap()
+    };
+    // Both keys are valid at once while the previous one is still in its window.
+    for secret in ["new-secret", "old-secret"] {
+        let t = hs(secret, json!({"sub": "u"}));
+        assert_eq!(v.verify_connect(&t).await.unwrap().user, "u", "{secret}");
+    }
+    for secret in ["sub-new", "sub-old"] {
+        let t = hs(secret, json!({"sub": "u", "channel": "c"}));
+        assert_eq!(
+            v.verify_subscribe(&t).await.unwrap().channel,
+            "c",
+            "{secret}"
+        );
+    }
+    let t = hs("other", json!({"sub": "u"}));
+    assert!(matches!(
+        v.verify_connect(&t).await,
+        Err(TokenError::Invalid(_))
+    ));
+    // Past `hmac_previous_secret_key_valid_until` the previous key is refused.
+    let expired = JwtVerifier::new(
+        &TokenConfig {
+            hmac_previous_secret_key_valid_until: now - 1,
+            ..conn.clone()
+        },
+        Some(
+            &SubscriptionTokenConfig {
+                hmac_previous_secret_key_valid_until: now - 1,
+                ..subs.clone()
+            }
+            .as_token_config(),
+        ),
+    )
+    .unwrap()
+    .unwrap();
+    let t = hs("old-secret", json!({"sub": "u"}));
+    assert!(matches!(
+        expired.verify_connect(&t).await,
+        Err(TokenError::Invalid(_))
+    ));
+    let t = hs("sub-old", json!({"sub": "u", "channel": "c"}));
+    assert!(matches!(
+        expired.verify_subscribe(&t).await,
+        Err(TokenError::Invalid(_))
+    ));
+    let t = hs("new-secret", json!({"sub": "u"}));
+    assert!(expired.verify_connect(&t).await.is_ok());
+}

@@ -276,3 +276,107 @@ async fn slow_headers_are_cut_off_and_huge_headers_get_431() {
     assert!(r.get("id").is_some(), "{r}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn per_ip_limits_use_forwarded_addresses_only_behind_trusted_proxies() {
+    let mut cfg = base_config();
+    cfg.client.connection_limit_per_ip = 1;
+    cfg.http_server.trusted_proxies = vec!["127.0.0.1/32".into()];
+    let srv = TestServer::start(cfg).await;
+    // Behind the trusted proxy (127.0.0.1): each forwarded client has its own budget.
+    let xff = |ip: &'static str| [("X-Forwarded-For", ip)];
+    let _a = upgrade(&srv, &xff("203.0.113.1")).await.unwrap();
+    let _b = upgrade(&srv, &xff("203.0.113.2")).await.unwrap();
+    let _c = upgrade(&srv, &[("Forwarded", "for=\"[2001:db8::3]:4711\"")])
+        .await
+        .unwrap();
+    let (status, _) = upgrade(&srv, &xff("203.0.113.1"))
+        .await
+        .err()
+        .expect("203.0.113.1 is at its limit");
+    assert_eq!(status, 429);
+    // A client that is not a trusted proxy cannot pick its address with the header: its TCP
+    // address (127.0.0.2) is what counts.
+    let _d = upgrade_from(&srv, [127, 0, 0, 2], &xff("198.51.100.1"))
+        .await
+        .unwrap();
+    let (status, _) = upgrade_from(&srv, [127, 0, 0, 2], &xff("198.51.100.2"))
+        .await
+        .err()
+        .expect("the header from an untrusted peer is ignored");
+    assert_eq!(status, 429);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn api_bodies_declared_too_large_or_trickling_are_cut() {
+    let mut cfg = base_config();
+    cfg.http_api.max_body_size = 4096;
+    cfg.http_api.body_read_timeout = Duration::from_millis(300);
+    let srv = TestServer::start(cfg).await;
+    let head = |len: usize| {
+        format!(
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+    let status_of = |resp: &str| -> u16 {
+        resp.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    // Declared above the limit: 413 before a byte of the body is sent.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(head(1 << 20).as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status_of(&resp), 413, "{resp}");
+    // A valid key, 500 bytes announced, 10 sent, then nothing: cut by the body read timeout.
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    s.write_all(head(500).as_bytes()).await.unwrap();
+    s.write_all(b"{\"channel\"").await.unwrap();
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(status_of(&resp), 408, "{resp}");
+    assert!(started.elapsed() < WAIT, "cut, not held");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn api_rate_limit_is_per_api_key() {
+    let mut cfg = base_config();
+    cfg.http_api.insecure = true;
+    cfg.http_api.rate_limit = 1;
+    let srv = TestServer::start(cfg).await;
+    let http = reqwest::Client::new();
+    let call = |key: &'static str| {
+        let http = http.clone();
+        let url = srv.http("/api/info");
+        async move {
+            http.post(url)
+                .header("X-API-Key", key)
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let mut a = Vec::new();
+    for _ in 0..4 {
+        a.push(call("key-a").await);
+    }
+    assert!(a.contains(&429), "key-a over its budget: {a:?}");
+    assert_eq!(call("key-b").await, 200, "key-b has its own budget");
+    srv.stop().await;
+}

@@ -116,3 +116,225 @@ async fn non_websocket_requests_get_json_4xx() {
     );
     srv.stop().await;
 }
+
+mod raw {
+    //! A WebSocket client written by hand, to send what no library sends.
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Opens a connection and completes the upgrade (JSON subprotocol).
+    pub(crate) async fn open(srv: &TestServer) -> TcpStream {
+        open_on(srv, TcpStream::connect(srv.addr).await.unwrap()).await
+    }
+
+    /// Completes the upgrade on an open connection.
+    pub(crate) async fn open_on(srv: &TestServer, mut s: TcpStream) -> TcpStream {
+        let req = format!(
+            "GET /connection/websocket HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: centrifuge-json\r\n\r\n",
+            srv.addr
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        s
+    }
+
+    /// One frame as a client writes it (`masked` as it must be).
+    pub(crate) fn frame(opcode: u8, fin: bool, masked: bool, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![(u8::from(fin) << 7) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(mask_bit | n as u8),
+            n if n < 65536 => {
+                f.push(mask_bit | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(mask_bit | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x11, 0x22, 0x33, 0x44];
+        if masked {
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        f
+    }
+
+    /// A masked text frame.
+    pub(crate) fn text(s: &str) -> Vec<u8> {
+        frame(0x1, true, true, s.as_bytes())
+    }
+
+    /// Reads server frames until a close frame: its code; `None` when the connection ended (or
+    /// was reset) without one.
+    pub(crate) async fn close_code<R: AsyncReadExt + Unpin>(s: &mut R) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut buf = Vec::new();
+        loop {
+            // Parse complete frames in the buffer.
+            while buf.len() >= 2 {
+                let opcode = buf[0] & 0x0f;
+                let (len, head) = match buf[1] & 0x7f {
+                    126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                    127 if buf.len() >= 10 => {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(&buf[2..10]);
+                        (u64::from_be_bytes(a) as usize, 10)
+                    }
+                    126 | 127 => break,
+                    n => (n as usize, 2),
+                };
+                if buf.len() < head + len {
+                    break;
+                }
+                if opcode == 0x8 {
+                    let p = &buf[head..head + len];
+                    return (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+                }
+                buf.drain(..head + len);
+            }
+            let mut chunk = vec![0u8; 65536];
+            match tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .expect("timed out waiting for a close frame")
+            {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_protocol_violations_close_with_1002() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = base_config();
+    cfg.client.insecure = true;
+    let srv = TestServer::start(cfg).await;
+    let mut close_999 = raw::frame(0x8, true, true, &999u16.to_be_bytes());
+    close_999.truncate(close_999.len());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "continuation without a start",
+            raw::frame(0x0, true, true, b"{}"),
+        ),
+        ("unmasked client frame", raw::frame(0x1, true, false, b"{}")),
+        ("reserved data opcode", raw::frame(0x3, true, true, b"{}")),
+        ("reserved control opcode", raw::frame(0xb, true, true, b"")),
+        (
+            "oversized control frame",
+            raw::frame(0x9, true, true, &[b'p'; 126]),
+        ),
+        (
+            "fragmented control frame",
+            raw::frame(0x9, false, true, b"p"),
+        ),
+        ("reserved bits", {
+            let mut f = raw::text("{}");
+            f[0] |= 0x40;
+            f
+        }),
+        ("close code 999", close_999),
+    ];
+    for (what, bytes) in cases {
+        let mut s = raw::open(&srv).await;
+        s.write_all(&bytes).await.unwrap();
+        assert_eq!(raw::close_code(&mut s).await, Some(1002), "{what}");
+    }
+    // Others are unaffected.
+    let (mut c, _) = srv.connected("u").await;
+    assert!(c.call("subscribe", json!({"channel": "a"})).await["subscribe"].is_object());
+    srv.stop().await;
+}
+
+/// A client that keeps sending while the server closes it, and reads slowly, still reads the
+/// close frame, not a reset: after closing, the server goes on reading (and dropping) its input
+/// for a bounded time while the close frame waits behind what the client has not read yet.
+#[tokio::test]
+async fn a_client_still_sending_reads_the_close_frame() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = base_config();
+    cfg.client.insecure = true;
+    cfg.client.command_rate_limit = 20;
+    cfg.client.command_burst = 20;
+    cfg.client.command_excess_disconnect = 20;
+    let srv = TestServer::start(cfg).await;
+    // A small receive buffer: what the server sends waits in its own send queue until read.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = raw::open_on(&srv, sock.connect(srv.addr).await.unwrap()).await;
+    s.write_all(&raw::text(r#"{"id":1,"connect":{}}"#))
+        .await
+        .unwrap();
+    s.write_all(&raw::text(r#"{"id":2,"subscribe":{"channel":"big"}}"#))
+        .await
+        .unwrap();
+    eventually("subscribed", || {
+        srv.state
+            .node
+            .hub()
+            .counts
+            .subscriptions
+            .load(Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    // 100 KB of publications the client has not read yet...
+    for n in 0..5 {
+        let req = holdfast_core::node::PublishRequest {
+            data: format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(20_000)).into(),
+            ..Default::default()
+        };
+        srv.state.node.publish("big", req).await.unwrap();
+    }
+    // ...while it floods commands: closed with 3013.
+    let (mut r, mut w) = s.into_split();
+    let flood = tokio::spawn(async move {
+        let cmd = raw::text(r#"{"id":3,"presence_stats":{"channel":"x"}}"#);
+        let burst: Vec<u8> = cmd.iter().copied().cycle().take(cmd.len() * 50).collect();
+        while w.write_all(&burst).await.is_ok() {}
+    });
+    eventually("the server closed the session", || {
+        srv.state.node.hub().counts.clients.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    // Only now does the client read: the backlog, then the close frame.
+    assert_eq!(
+        raw::close_code(&mut r).await,
+        Some(3013),
+        "3013 arrives, not a reset"
+    );
+    flood.abort();
+
+    // An oversized message, followed by more of it: 1009.
+    let s = raw::open(&srv).await;
+    let (mut r, mut w) = s.into_split();
+    let flood = tokio::spawn(async move {
+        let big = raw::frame(0x1, true, true, &vec![b'x'; 100_000]);
+        while w.write_all(&big).await.is_ok() {}
+    });
+    assert_eq!(
+        raw::close_code(&mut r).await,
+        Some(1009),
+        "1009 arrives, not a reset"
+    );
+    flood.abort();
+    srv.stop().await;
+}

@@ -511,3 +511,41 @@ async fn redis_cluster_nodes_share_channels_over_sharded_pubsub() {
         other => panic!("expected 3503, got {other:?}"),
     }
 }
+
+/// A node that has just started asks its peers to announce themselves: `info` asked of it lists
+/// them at once, not after their next heartbeat (here a minute away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_hears_from_its_peers_at_once() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start();
+    let dir = test_dir("hello");
+    let cfg_path = write_config(&dir, &[redis.url()], "hello");
+    let load = || {
+        holdfast_server::config::load(Some(&cfg_path), Vec::new(), &[])
+            .unwrap()
+            .config
+    };
+    let start = |state: std::sync::Arc<holdfast_server::server::AppState>| async move {
+        state.node.set_heartbeat(Duration::from_secs(60));
+        let (srv, ready) = TestServer::start_unready(state).await;
+        let _ = ready.send(());
+        eventually("node ready", || srv.state.node.is_ready()).await;
+        srv
+    };
+    let a = start(holdfast_server::server::build(load()).await.unwrap()).await;
+    let b = start(holdfast_server::server::build(load()).await.unwrap()).await;
+    let a_id = a.state.node.id().to_owned();
+    eventually("B lists A after its hello", || {
+        b.state.node.nodes().iter().any(|n| n.uid == a_id)
+    })
+    .await;
+    let r = api(&b, "info", json!({})).await;
+    assert_eq!(
+        r["result"]["nodes"].as_array().map(Vec::len),
+        Some(2),
+        "{r}"
+    );
+    b.stop().await;
+    a.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
