@@ -1,0 +1,217 @@
+//! `connect`: the first command. Authenticates, registers the connection, attaches the
+//! server-side subscriptions (the personal channel, token `channels`), replies, goes live.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Disconnect> {
+        if !self.node.is_ready() {
+            return Err(Disconnect::SHUTDOWN);
+        }
+        if req.name.len() > 64 || req.version.len() > 64 || req.subs.len() > 1024 {
+            tracing::info!(client = %self.client.id(), "connect name, version or subs too long");
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let cfg = self.node.config().clone();
+        let ev = ConnectEvent {
+            client: self.client.id.clone(),
+            transport: self.transport,
+            encoding: self.client.encoding(),
+            token: req.token.clone(),
+            data: req.data.clone(),
+            name: req.name.clone(),
+            version: req.version.clone(),
+            headers: req.headers.clone(),
+            http_headers: self.headers.clone(),
+        };
+        let decision = match self.node.handler().on_connecting(&ev).await {
+            Ok(d) => d,
+            Err(HandlerError::Reply(e)) => {
+                self.reply_error(id, e);
+                self.state = State::Unusable;
+                return Ok(());
+            }
+            Err(HandlerError::Disconnect(d)) => return Err(d),
+        };
+        if decision.expire_at.is_some_and(|e| e <= unix_secs()) {
+            self.reply_error(id, ErrorReply::EXPIRED);
+            self.state = State::Unusable;
+            return Ok(());
+        }
+        let user: Arc<str> = decision.user.as_str().into();
+        let mut subs = decision.subs;
+        let personal = &cfg.client.subscribe_to_user_personal_channel;
+        if personal.enabled && !user.is_empty() {
+            subs.entry(ChannelRules::personal_channel(
+                &personal.personal_channel_namespace,
+                &user,
+            ))
+            .or_default();
+        }
+        if subs.len() > cfg.client.channel_limit {
+            return Err(Disconnect::CHANNEL_LIMIT);
+        }
+        // Resolve every server-side channel before registering anything.
+        let mut resolved = Vec::with_capacity(subs.len());
+        for (ch, opts) in subs {
+            match self.node.rules().resolve(&ch) {
+                Ok(r) => resolved.push((ch, opts, r)),
+                Err(e) => {
+                    tracing::info!(client = %self.client.id(), channel = %ch, code = e.code, "bad server-side channel");
+                    self.reply_error(id, e);
+                    self.state = State::Unusable;
+                    return Ok(());
+                }
+            }
+        }
+        self.client.set_user(user.clone());
+        let others = self
+            .node
+            .hub()
+            .add_client(&self.client, &user, cfg.client.user_connection_limit)
+            .map_err(|_| Disconnect::CONNECTION_LIMIT)?;
+        if personal.single_connection && !user.is_empty() {
+            for o in others {
+                o.close(Disconnect::CONNECTION_LIMIT);
+            }
+        }
+        let info = Arc::new(ClientInfo {
+            user: user.clone(),
+            client: self.client.id.clone(),
+            conn_info: decision.info.clone(),
+            chan_info: None,
+        });
+        self.state = State::Connected(Box::new(Connected {
+            ctx: ClientContext {
+                client: self.client.id.clone(),
+                user: user.clone(),
+                transport: self.transport,
+                encoding: self.client.encoding(),
+                conn_info: decision.info,
+                meta: decision.meta,
+                headers: self.headers.clone(),
+            },
+            info,
+            subs: HashMap::new(),
+            refresh_at: None,
+        }));
+        tracing::debug!(client = %self.client.id(), user = %user, "connected");
+
+        let mut attached = Vec::new();
+        for (ch, opts, r) in resolved {
+            let options = opts.overrides.apply(&r.options);
+            let history = options.history_enabled();
+            let presented = req.subs.get(&ch).filter(|p| p.recover);
+            let cursor = options.delivery_cursor && history && !user.is_empty();
+            // Recoverable server-side subscriptions recover from the position the client
+            // presents. A client that presents none starts at the current top, as on Centrifugo,
+            // unless the namespace keeps delivery cursors: then it recovers from the user's
+            // cursor (what reached the user on any device) or else from the stream start, so
+            // what was published to a user before (or between) their connections is delivered.
+            let saved = match (presented, cursor) {
+                (None, true) => self.node.cursors().load_cursor(&user, &ch).await.unwrap_or_else(|e| {
+                    tracing::warn!(channel = %ch, error = %e, "cursor load failed; recovering from the stream start");
+                    None
+                }),
+                _ => None,
+            };
+            let cursor_from = saved.as_ref().map_or(0, |c| c.offset);
+            let recover = match (presented, saved) {
+                (Some(p), _) => Some((p.offset, p.epoch.clone())),
+                (None, Some(c)) => Some((c.offset, c.epoch.to_string())),
+                (None, None) => cursor.then(|| (0, String::new())),
+            }
+            .filter(|_| history && options.force_recovery);
+            let plan = Plan {
+                channel: ch.as_str().into(),
+                positioned: history && (options.force_positioning || options.force_recovery),
+                recoverable: history && options.force_recovery,
+                push_join_leave: options.join_leave,
+                was_recovering: recover.is_some(),
+                recover,
+                reject_unrecovered: false,
+                data: opts.data,
+                chan_info: opts.info,
+                expire_at: None,
+                server_side: true,
+                cursor,
+                cursor_from,
+                options,
+            };
+            match self.attach(plan).await {
+                Ok(a) => attached.push(a),
+                Err(e) => {
+                    for a in attached {
+                        self.node
+                            .remove_subscription(&a.sub.channel, self.client.seq)
+                            .await;
+                    }
+                    self.node.hub().remove_client(&self.client, &user);
+                    self.state = State::Unusable;
+                    self.reply_error(id, e);
+                    return Ok(());
+                }
+            }
+        }
+        let (ping, pong) = (
+            cfg.client.ping_interval.as_secs() as u32,
+            !cfg.client.pong_timeout.is_zero(),
+        );
+        let mut result = ConnectResult {
+            client: self.client.id.to_string(),
+            version: self.node.version().to_string(),
+            data: decision.data,
+            ping,
+            pong,
+            time: if cfg.client.connect_include_server_time {
+                crate::node::unix_ms()
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        // With server-side refresh the client is not told about expiry: the server renews it.
+        let server_refresh =
+            decision.expire_at.is_some() && self.node.handler().refreshes_connections();
+        if let Some(exp) = decision.expire_at.filter(|_| !server_refresh) {
+            result.expires = true;
+            result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
+        }
+        result.subs = attached
+            .iter()
+            .map(|a| (a.sub.channel.to_string(), a.result.clone()))
+            .collect();
+        if !attached
+            .iter()
+            .all(|a| sendable(self.client.encoding(), &a.result.publications))
+        {
+            // Not yet in the session's subscriptions: `close` would not find them.
+            for a in attached {
+                self.node
+                    .remove_subscription(&a.sub.channel, self.client.seq)
+                    .await;
+            }
+            return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+        }
+        self.reply(id, ReplyBody::Connect(Box::new(result)));
+        if server_refresh {
+            if let Ok(conn) = self.conn_mut() {
+                conn.refresh_at = decision.expire_at.map(at_unix);
+            }
+        } else {
+            self.set_expiry(decision.expire_at);
+        }
+        self.client.set_connected();
+        self.node
+            .handler()
+            .on_lifecycle(crate::handler::LifecycleEvent::Connected {
+                client: self.client.id.clone(),
+                user: user.clone(),
+                transport: self.transport,
+            });
+        for a in attached {
+            self.go_live(a).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Client `subscribe` and `unsubscribe`, and server-side subscribe (API `subscribe`).
+
+use super::*;
+
+impl Session {
+    pub(super) async fn subscribe(
+        &mut self,
+        id: u32,
+        req: SubscribeRequest,
+    ) -> Result<(), Disconnect> {
+        if req.channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let limit = self.node.config().client.channel_limit;
+        let conn = self.conn()?;
+        if conn.subs.contains_key(req.channel.as_str()) {
+            self.reply_error(id, ErrorReply::ALREADY_SUBSCRIBED);
+            return Ok(());
+        }
+        if conn.subs.len() >= limit {
+            self.reply_error(id, ErrorReply::LIMIT_EXCEEDED);
+            return Ok(());
+        }
+        let resolved = match self.node.rules().resolve(&req.channel) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        if self.refused_foreign(id, &resolved, &req.channel) {
+            return Ok(());
+        }
+        let ctx = conn.ctx.clone();
+        let ev = SubscribeEvent {
+            channel: &req.channel,
+            token: &req.token,
+            data: req.data.as_ref(),
+            options: &resolved.options,
+            private: resolved.private,
+        };
+        let decision = match self.node.handler().on_subscribe(&ctx, &ev).await {
+            Ok(d) => d,
+            Err(e) => return self.refuse(id, e),
+        };
+        if decision.expire_at.is_some_and(|e| e <= unix_secs()) {
+            self.reply_error(id, ErrorReply::TOKEN_EXPIRED);
+            return Ok(());
+        }
+        let options = decision.overrides.apply(&resolved.options);
+        let history = options.history_enabled();
+        let chan_ev = ChannelEvent {
+            channel: &req.channel,
+            options: &options,
+            subscribed: true,
+        };
+        let wants_history_perm = history
+            && ((req.recoverable && !options.force_recovery && !options.allow_recovery)
+                || (req.positioned && !options.force_positioning && !options.allow_positioning));
+        let history_perm =
+            wants_history_perm && self.node.handler().on_history(&ctx, &chan_ev).await.is_ok();
+        let recoverable = history
+            && (options.force_recovery
+                || (req.recoverable && (options.allow_recovery || history_perm)));
+        let positioned = history
+            && (recoverable
+                || options.force_positioning
+                || (req.positioned && (options.allow_positioning || history_perm)));
+        let push_join_leave = options.join_leave
+            && (options.force_push_join_leave
+                || (req.join_leave
+                    && self
+                        .node
+                        .handler()
+                        .on_presence(&ctx, &chan_ev)
+                        .await
+                        .is_ok()));
+        let plan = Plan {
+            channel: req.channel.as_str().into(),
+            server_side: false,
+            positioned,
+            recoverable,
+            push_join_leave,
+            recover: (req.recover && recoverable).then(|| (req.offset, req.epoch.clone())),
+            was_recovering: req.recover,
+            reject_unrecovered: req.flag & SubscribeRequest::FLAG_REJECT_UNRECOVERED != 0,
+            data: decision.data,
+            chan_info: decision.info,
+            expire_at: decision.expire_at,
+            cursor: false,
+            cursor_from: 0,
+            options,
+        };
+        let a = match self.attach(plan).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.reply_error(id, e);
+                return Ok(());
+            }
+        };
+        if !sendable(self.client.encoding(), &a.result.publications) {
+            self.node
+                .remove_subscription(&a.plan.channel, self.client.seq)
+                .await;
+            return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+        }
+        metrics::counter!("holdfast_subscriptions_accepted_total").increment(1);
+        self.reply(id, ReplyBody::Subscribe(Box::new(a.result.clone())));
+        self.go_live(a).await;
+        Ok(())
+    }
+
+    pub(super) async fn server_subscribe(
+        &mut self,
+        req: ServerSubscribe,
+    ) -> Result<(), Disconnect> {
+        let State::Connected(conn) = &self.state else {
+            return Ok(());
+        };
+        if conn.subs.contains_key(req.channel.as_str()) {
+            return Ok(());
+        }
+        if conn.subs.len() >= self.node.config().client.channel_limit {
+            tracing::info!(client = %self.client.id(), channel = %req.channel, "server subscribe over channel limit");
+            return Ok(());
+        }
+        let Ok(resolved) = self.node.rules().resolve(&req.channel) else {
+            return Ok(());
+        };
+        let options = req.overrides.apply(&resolved.options);
+        let history = options.history_enabled();
+        let plan = Plan {
+            channel: req.channel.as_str().into(),
+            server_side: true,
+            positioned: history && (options.force_positioning || options.force_recovery),
+            recoverable: history && options.force_recovery,
+            push_join_leave: options.join_leave,
+            recover: req.recover_since.clone().filter(|_| history),
+            was_recovering: req.recover_since.is_some(),
+            reject_unrecovered: false,
+            data: req.data,
+            chan_info: req.info,
+            expire_at: None,
+            cursor: false,
+            cursor_from: 0,
+            options,
+        };
+        let a = match self.attach(plan).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(client = %self.client.id(), channel = %req.channel, code = e.code, "server subscribe failed");
+                return Ok(());
+            }
+        };
+        if !sendable(self.client.encoding(), &a.result.publications) {
+            self.node
+                .remove_subscription(&a.plan.channel, self.client.seq)
+                .await;
+            return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
+        }
+        let mut push_result = a.result.clone();
+        let pubs = std::mem::take(&mut push_result.publications);
+        self.client.send(push_bytes(
+            self.client.encoding(),
+            &Push::Subscribe {
+                channel: &a.plan.channel,
+                result: &push_result,
+            },
+        ));
+        for p in &pubs {
+            self.client.send(push_bytes(
+                self.client.encoding(),
+                &Push::Pub {
+                    channel: &a.plan.channel,
+                    publication: p,
+                },
+            ));
+        }
+        self.go_live(a).await;
+        Ok(())
+    }
+
+    pub(super) async fn unsubscribe(&mut self, id: u32, channel: &str) -> Result<(), Disconnect> {
+        if channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        let State::Connected(conn) = &mut self.state else {
+            return Err(Disconnect::BAD_REQUEST);
+        };
+        if let Some((ch, s)) = conn.subs.remove_entry(channel) {
+            detach(&self.node, &self.client, s).await;
+            emit_unsubscribed(&self.node, &self.client, &conn.ctx.user, &ch);
+        }
+        self.reply(id, ReplyBody::Unsubscribe);
+        Ok(())
+    }
+}
