@@ -12,6 +12,21 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+/// A server-side subscription requested through the server API.
+#[derive(Debug, Clone, Default)]
+pub struct ServerSubscribe {
+    /// Channel name.
+    pub channel: String,
+    /// Channel info (`chan_info`).
+    pub info: Option<Bytes>,
+    /// Data sent with the `subscribe` push.
+    pub data: Option<Bytes>,
+    /// Recover from this position (offset, epoch) and deliver the missed publications.
+    pub recover_since: Option<(u64, String)>,
+    /// Option overrides.
+    pub overrides: crate::handler::ChannelOverride,
+}
+
 /// Control messages for the session, left by other parts of the node. Bounded by
 /// [`MAX_CONTROL`]; beyond it the connection is closed to resynchronise.
 #[derive(Debug, Clone)]
@@ -25,7 +40,7 @@ pub(crate) enum Control {
         reason: String,
     },
     /// Subscribe on behalf of the server (server API).
-    Subscribe(Box<crate::session::ServerSubscribe>),
+    Subscribe(Box<ServerSubscribe>),
     /// Refresh the connection's expiry (server API).
     Refresh {
         expire_at: Option<i64>,

@@ -1,6 +1,6 @@
 //! Per-connection command rate limiting: a token bucket small enough to live in every session.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Tokens refill at `rate` per second up to `burst`; each command takes one.
 #[derive(Debug)]

@@ -1,7 +1,7 @@
 //! The node: configuration, hub, engine and hooks, and the operations the server API needs.
 
 use crate::channel::{ChannelRules, ResolvedChannel};
-use crate::client::{ClientHandle, Control};
+use crate::client::{ClientHandle, Control, ServerSubscribe};
 use crate::config::{ConfigError, NodeConfig};
 use crate::engine::{
     Broker, CursorStore, Engine, EngineError, HistoryOptions, HistoryPage, HistoryQuery,
@@ -9,7 +9,6 @@ use crate::engine::{
 };
 use crate::handler::Handler;
 use crate::hub::{Hub, Subscription};
-use crate::session::ServerSubscribe;
 use crate::shard::Sharded;
 use bytes::Bytes;
 use holdfast_protocol::{ClientInfo, Disconnect, Encoding, ErrorReply, Publication};

@@ -1,11 +1,151 @@
 //! The subscription lifecycle: plan → attach → go live | abandon → detach.
+//!
+//! A [`Plan`] is everything decided about a subscription before the hub knows it.
+//! [`Session::attach`] registers it, so deliveries are buffered from then on, and reads its
+//! position or the publications to recover: an [`Attachment`]. An attachment has exactly two
+//! exits: [`Session::go_live`] once its reply is queued, or [`Attachment::abandon`]. Dropping one
+//! on any other path is a bug: debug builds (the tests) panic; release builds log it and remove
+//! the subscription anyway, so nothing leaks either way. A live subscription ends by `detach`.
 
 use super::*;
+
+/// Everything decided about a subscription before it is attached.
+#[derive(Debug)]
+pub(super) struct Plan {
+    pub(super) channel: Arc<str>,
+    pub(super) options: ChannelOptions,
+    pub(super) server_side: bool,
+    pub(super) positioned: bool,
+    pub(super) recoverable: bool,
+    pub(super) push_join_leave: bool,
+    /// Recover from this position.
+    pub(super) recover: Option<(u64, String)>,
+    /// The client asked to recover (reported as `was_recovering`).
+    pub(super) was_recovering: bool,
+    pub(super) reject_unrecovered: bool,
+    pub(super) data: Option<Bytes>,
+    pub(super) chan_info: Option<Bytes>,
+    /// When the subscription token expires (unix seconds, as tokens say it).
+    pub(super) expire_at: Option<i64>,
+    /// Keep a delivery cursor for the user.
+    pub(super) cursor: bool,
+    /// Offset the user's cursor held when the subscription was planned (0 = none).
+    pub(super) cursor_from: u64,
+}
+
+impl Plan {
+    /// A server-side subscription (connect, server API): positioned and recoverable as the
+    /// namespace forces; `recover` only where the channel keeps history.
+    pub(super) fn server_side(
+        channel: &str,
+        options: ChannelOptions,
+        recover: Option<(u64, String)>,
+        data: Option<Bytes>,
+        chan_info: Option<Bytes>,
+    ) -> Self {
+        let history = options.history_enabled();
+        let recover = recover.filter(|_| history);
+        Self {
+            channel: channel.into(),
+            server_side: true,
+            positioned: history && (options.force_positioning || options.force_recovery),
+            recoverable: history && options.force_recovery,
+            push_join_leave: options.join_leave,
+            was_recovering: recover.is_some(),
+            recover,
+            reject_unrecovered: false,
+            data,
+            chan_info,
+            expire_at: None,
+            cursor: false,
+            cursor_from: 0,
+            options,
+        }
+    }
+}
+
+/// What an attachment holds until it is settled.
+#[derive(Debug)]
+struct Attached {
+    sub: Arc<Subscription>,
+    result: SubscribeResult,
+    /// Position the client holds once the reply is applied.
+    live_offset: u64,
+    live_epoch: Arc<str>,
+    plan: Plan,
+}
+
+/// A subscription attached to the hub (its deliveries buffered), its reply not yet queued. Goes
+/// live ([`Session::go_live`]) or is abandoned ([`Attachment::abandon`]); see the module docs.
+#[derive(Debug)]
+#[must_use = "an attachment must go live or be abandoned"]
+pub(super) struct Attachment {
+    /// `None` once settled.
+    inner: Option<Attached>,
+    node: Node,
+}
+
+impl Attachment {
+    fn inner(&self) -> &Attached {
+        // Only a settled attachment has no inner part, and settling consumes it.
+        match &self.inner {
+            Some(a) => a,
+            None => unreachable!("a settled attachment is consumed"),
+        }
+    }
+
+    /// The channel.
+    pub(super) fn channel(&self) -> &Arc<str> {
+        &self.inner().plan.channel
+    }
+
+    /// The reply (or `subscribe` push) for the client.
+    pub(super) fn result(&self) -> &SubscribeResult {
+        &self.inner().result
+    }
+
+    /// Ends it before it went live: no more deliveries, out of the hub (and of the broker when
+    /// it was the channel's last local subscriber).
+    pub(super) async fn abandon(mut self) {
+        if let Some(a) = self.inner.take() {
+            a.sub.kill();
+            self.node
+                .remove_subscription(&a.sub.channel, a.sub.client.seq)
+                .await;
+        }
+    }
+
+    /// Settles it for going live.
+    fn settle(mut self) -> Attached {
+        match self.inner.take() {
+            Some(a) => a,
+            None => unreachable!("a settled attachment is consumed"),
+        }
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let Some(a) = self.inner.take() else { return };
+        a.sub.kill();
+        let (channel, seq) = (a.sub.channel.clone(), a.sub.client.seq);
+        tracing::error!(%channel, "a subscription attachment was dropped without going live or being abandoned; removing it");
+        let node = self.node.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let ch = channel.clone();
+            rt.spawn(async move { node.remove_subscription(&ch, seq).await });
+        }
+        debug_assert!(
+            std::thread::panicking(),
+            "the attachment of {channel} was dropped without going live or being abandoned"
+        );
+    }
+}
 
 impl Session {
     /// Registers the subscription (buffering deliveries) and reads the position or the
     /// publications to recover.
-    pub(super) async fn attach(&mut self, plan: Plan) -> Result<Attached, ErrorReply> {
+    pub(super) async fn attach(&mut self, plan: Plan) -> Result<Attachment, ErrorReply> {
         let sub = Subscription::new(
             self.client.clone(),
             plan.channel.clone(),
@@ -15,9 +155,37 @@ impl Session {
         );
         self.node.add_subscription(sub.clone()).await.map_err(|e| {
             tracing::warn!(channel = %plan.channel, error = %e, "broker subscribe failed");
-            ErrorReply::INTERNAL
+            engine_error(e)
         })?;
-        let mut result = SubscribeResult {
+        // From here on every exit settles it: the attachment is created at once, and the reads
+        // below abandon it when they fail.
+        let mut att = Attachment {
+            inner: Some(Attached {
+                sub,
+                result: SubscribeResult::default(),
+                live_offset: 0,
+                live_epoch: Arc::from(""),
+                plan,
+            }),
+            node: self.node.clone(),
+        };
+        match self.read_position(&mut att).await {
+            Ok(()) => Ok(att),
+            Err(e) => {
+                att.abandon().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Fills in the reply's position (and the publications to recover) of an attachment.
+    async fn read_position(&mut self, att: &mut Attachment) -> Result<(), ErrorReply> {
+        let Some(a) = att.inner.as_mut() else {
+            return Ok(());
+        };
+        let plan = &a.plan;
+        let result = &mut a.result;
+        *result = SubscribeResult {
             recoverable: plan.recoverable,
             positioned: plan.positioned,
             was_recovering: plan.was_recovering,
@@ -28,8 +196,6 @@ impl Session {
             result.expires = true;
             result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
         }
-        let mut live_offset = 0;
-        let mut live_epoch: Arc<str> = Arc::from("");
         if plan.options.history_enabled() && (plan.positioned || plan.recoverable) {
             let max = self.node.config().client.recovery_max_publication_limit;
             let meta_ttl = self.node.rules().meta_ttl(&plan.options);
@@ -60,15 +226,7 @@ impl Session {
                 }
                 None => Ok(None),
             };
-            let read = match read {
-                Ok(r) => r,
-                Err(e) => {
-                    self.node
-                        .remove_subscription(&plan.channel, self.client.seq)
-                        .await;
-                    return Err(engine_error(e));
-                }
-            };
+            let read = read.map_err(engine_error)?;
             match read {
                 Some((page, true)) => {
                     metrics::counter!("holdfast_recover_total", "outcome" => "recovered")
@@ -78,8 +236,8 @@ impl Session {
                     result.recovered = true;
                     result.offset = plan.recover.as_ref().map_or(0, |r| r.0);
                     result.epoch = page.top.epoch.to_string();
-                    live_offset = page.top.offset;
-                    live_epoch = page.top.epoch;
+                    a.live_offset = page.top.offset;
+                    a.live_epoch = page.top.epoch;
                     result.publications = page.publications;
                 }
                 other => {
@@ -92,53 +250,41 @@ impl Session {
                                 reverse: false,
                                 meta_ttl,
                             };
-                            match self.node.broker().history(&plan.channel, &q).await {
-                                Ok(p) => p.top,
-                                Err(e) => {
-                                    self.node
-                                        .remove_subscription(&plan.channel, self.client.seq)
-                                        .await;
-                                    return Err(engine_error(e));
-                                }
-                            }
+                            self.node
+                                .broker()
+                                .history(&plan.channel, &q)
+                                .await
+                                .map_err(engine_error)?
+                                .top
                         }
                     };
                     if plan.recover.is_some() {
                         metrics::counter!("holdfast_recover_total", "outcome" => "not_recovered")
                             .increment(1);
                         if plan.reject_unrecovered {
-                            self.node
-                                .remove_subscription(&plan.channel, self.client.seq)
-                                .await;
                             return Err(ErrorReply::UNRECOVERABLE_POSITION);
                         }
                     }
                     result.offset = top.offset;
                     result.epoch = top.epoch.to_string();
-                    live_offset = top.offset;
-                    live_epoch = top.epoch;
+                    a.live_offset = top.offset;
+                    a.live_epoch = top.epoch;
                 }
             }
         }
-        Ok(Attached {
-            sub,
-            result,
-            live_offset,
-            live_epoch,
-            plan,
-        })
+        Ok(())
     }
 
     /// After the reply is queued: buffered deliveries follow it, presence and join are
     /// published, and the subscription is recorded.
-    pub(super) async fn go_live(&mut self, a: Attached) {
+    pub(super) async fn go_live(&mut self, a: Attachment) {
         let Attached {
             sub,
             live_offset,
             live_epoch,
             plan,
             ..
-        } = a;
+        } = a.settle();
         match sub.go_live(plan.positioned, live_offset, &live_epoch) {
             GoLive::Ok => {}
             GoLive::Dead => {
@@ -205,7 +351,7 @@ impl Session {
             info: info.clone(),
             presence: plan.options.presence,
             join_leave: plan.options.join_leave,
-            expire_at: plan.expire_at,
+            expire_at: plan.expire_at.map(at_unix),
             cursor_ttl,
             confirmed: 0,
             server_refresh: plan.expire_at.is_some()

@@ -12,7 +12,9 @@ impl Session {
             tracing::info!(client = %self.client.id(), "connect name, version or subs too long");
             return Err(Disconnect::BAD_REQUEST);
         }
-        let cfg = self.node.config().clone();
+        // The node (a cheap handle) lends its configuration: no copy per connect.
+        let node = self.node.clone();
+        let cfg = node.config();
         let ev = ConnectEvent {
             client: self.client.id.clone(),
             transport: self.transport,
@@ -122,29 +124,14 @@ impl Session {
                 (None, None) => cursor.then(|| (0, String::new())),
             }
             .filter(|_| history && options.force_recovery);
-            let plan = Plan {
-                channel: ch.as_str().into(),
-                positioned: history && (options.force_positioning || options.force_recovery),
-                recoverable: history && options.force_recovery,
-                push_join_leave: options.join_leave,
-                was_recovering: recover.is_some(),
-                recover,
-                reject_unrecovered: false,
-                data: opts.data,
-                chan_info: opts.info,
-                expire_at: None,
-                server_side: true,
-                cursor,
-                cursor_from,
-                options,
-            };
+            let mut plan = Plan::server_side(&ch, options, recover, opts.data, opts.info);
+            plan.cursor = cursor;
+            plan.cursor_from = cursor_from;
             match self.attach(plan).await {
                 Ok(a) => attached.push(a),
                 Err(e) => {
                     for a in attached {
-                        self.node
-                            .remove_subscription(&a.sub.channel, self.client.seq)
-                            .await;
+                        a.abandon().await;
                     }
                     self.node.hub().remove_client(&self.client, &user);
                     self.state = State::Unusable;
@@ -179,17 +166,14 @@ impl Session {
         }
         result.subs = attached
             .iter()
-            .map(|a| (a.sub.channel.to_string(), a.result.clone()))
+            .map(|a| (a.channel().to_string(), a.result().clone()))
             .collect();
         if !attached
             .iter()
-            .all(|a| sendable(self.client.encoding(), &a.result.publications))
+            .all(|a| sendable(self.client.encoding(), &a.result().publications))
         {
-            // Not yet in the session's subscriptions: `close` would not find them.
             for a in attached {
-                self.node
-                    .remove_subscription(&a.sub.channel, self.client.seq)
-                    .await;
+                a.abandon().await;
             }
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }

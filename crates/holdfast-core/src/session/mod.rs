@@ -18,11 +18,10 @@ use crate::channel::{ChannelRules, ResolvedChannel};
 use crate::client::{ClientHandle, Control};
 use crate::config::ChannelOptions;
 use crate::engine::HistoryQuery;
-use crate::handler::{
-    ChannelEvent, ChannelOverride, ClientContext, ConnectEvent, HandlerError, SubscribeEvent,
-};
+use crate::handler::{ChannelEvent, ClientContext, ConnectEvent, HandlerError, SubscribeEvent};
 use crate::hub::{GoLive, Subscription};
 use crate::node::{Node, PublishRequest, engine_error, unix_secs};
+use attach::Plan;
 use bytes::Bytes;
 use holdfast_protocol::code::unsubscribe;
 use holdfast_protocol::command::{ConnectRequest, HistoryRequest, SubscribeRequest};
@@ -38,20 +37,7 @@ use std::time::{Duration, Instant};
 /// RPC method a client calls to confirm delivery: `{"channel":…,"offset":…,"epoch":…}`.
 pub const ACK_METHOD: &str = "holdfast.ack";
 
-/// A server-side subscription requested through the server API.
-#[derive(Debug, Clone, Default)]
-pub struct ServerSubscribe {
-    /// Channel name.
-    pub channel: String,
-    /// Channel info (`chan_info`).
-    pub info: Option<Bytes>,
-    /// Data sent with the `subscribe` push.
-    pub data: Option<Bytes>,
-    /// Recover from this position (offset, epoch) and deliver the missed publications.
-    pub recover_since: Option<(u64, String)>,
-    /// Option overrides.
-    pub overrides: ChannelOverride,
-}
+pub use crate::client::ServerSubscribe;
 
 #[derive(Debug)]
 enum State {
@@ -91,48 +77,15 @@ struct SessionSub {
     info: Arc<ClientInfo>,
     presence: bool,
     join_leave: bool,
-    /// When the subscription token expires (client-side subscriptions with an expiring token).
-    expire_at: Option<i64>,
+    /// When the subscription token expires (client-side subscriptions with an expiring token),
+    /// on the session's one clock (tokio time).
+    expire_at: Option<tokio::time::Instant>,
     /// Lifetime of this channel's delivery cursor, when it has one.
     cursor_ttl: Option<Duration>,
     /// Offset last saved to the cursor (saves only move it forward).
     confirmed: u64,
     /// The server refreshes this subscription at expiry (instead of the client's sub_refresh).
     server_refresh: bool,
-}
-
-/// Everything decided about a subscription before it is attached.
-#[derive(Debug)]
-struct Plan {
-    channel: Arc<str>,
-    options: ChannelOptions,
-    server_side: bool,
-    positioned: bool,
-    recoverable: bool,
-    push_join_leave: bool,
-    /// Recover from this position.
-    recover: Option<(u64, String)>,
-    /// The client asked to recover (reported as `was_recovering`).
-    was_recovering: bool,
-    reject_unrecovered: bool,
-    data: Option<Bytes>,
-    chan_info: Option<Bytes>,
-    expire_at: Option<i64>,
-    /// Keep a delivery cursor for the user.
-    cursor: bool,
-    /// Offset the user's cursor held when the subscription was planned (0 = none).
-    cursor_from: u64,
-}
-
-/// A subscription attached to the hub, its reply not yet queued.
-#[derive(Debug)]
-struct Attached {
-    sub: Arc<Subscription>,
-    result: SubscribeResult,
-    /// Position the client holds once the reply is applied.
-    live_offset: u64,
-    live_epoch: Arc<str>,
-    plan: Plan,
 }
 
 /// One connection's protocol state.
@@ -217,7 +170,7 @@ impl Session {
                 && !self.bucket.take(
                     limits.command_rate_limit,
                     limits.command_burst,
-                    Instant::now(),
+                    tokio::time::Instant::now(),
                 )
             {
                 metrics::counter!("holdfast_limit_rejections_total", "limit" => "command_rate")
@@ -299,16 +252,13 @@ impl Session {
             return None;
         };
         let grace = self.node.config().client.expired_sub_close_delay;
+        // Server-refreshed subscriptions are refreshed at expiry; client ones get a grace.
         let subs = conn
             .subs
             .values()
             .filter_map(|s| {
-                let at = s.expire_at?;
-                let wait = Duration::from_secs(at.saturating_sub(unix_secs()).max(0) as u64);
-                // Server-refreshed subscriptions are refreshed at expiry; client ones get a grace.
                 Some(
-                    tokio::time::Instant::now()
-                        + wait
+                    s.expire_at?
                         + if s.server_refresh {
                             Duration::ZERO
                         } else {
@@ -423,11 +373,7 @@ impl Session {
     }
 
     fn set_expiry(&self, expire_at: Option<i64>) {
-        let at = expire_at.map(|e| {
-            let secs = (e - unix_secs()).max(0) as u64;
-            tokio::time::Instant::now() + Duration::from_secs(secs)
-        });
-        self.client.set_expires_at(at);
+        self.client.set_expires_at(expire_at.map(at_unix));
     }
 
     /// Ends the session: every subscription is detached and the connection unregistered.
@@ -454,7 +400,9 @@ impl Session {
     }
 }
 
-/// A tokio instant for a unix time in seconds.
+/// The session's clock (tokio time) at a unix time in seconds, as tokens give expiries: the
+/// wall clock is read once, here, and everything after runs on tokio time, so tests under
+/// paused time can run hours of protocol in milliseconds.
 fn at_unix(secs: i64) -> tokio::time::Instant {
     tokio::time::Instant::now()
         + Duration::from_secs(secs.saturating_sub(unix_secs()).max(0) as u64)

@@ -64,7 +64,7 @@ impl Session {
             result.ttl = ttl.min(i64::from(u32::MAX)) as u32;
         }
         if let Some(s) = self.conn_mut()?.subs.get_mut(channel) {
-            s.expire_at = decision.expire_at;
+            s.expire_at = decision.expire_at.map(at_unix);
         }
         self.reply(id, ReplyBody::SubRefresh(result));
         Ok(())
@@ -77,14 +77,19 @@ impl Session {
         let State::Connected(conn) = &mut self.state else {
             return;
         };
-        let grace = self.node.config().client.expired_sub_close_delay.as_secs() as i64;
-        let now = unix_secs();
+        let grace = self.node.config().client.expired_sub_close_delay;
+        let now = tokio::time::Instant::now();
         let due: Vec<(Arc<str>, bool)> = conn
             .subs
             .iter()
             .filter(|(_, s)| {
-                s.expire_at
-                    .is_some_and(|e| e + if s.server_refresh { 0 } else { grace } <= now)
+                s.expire_at.is_some_and(|e| {
+                    e + if s.server_refresh {
+                        Duration::ZERO
+                    } else {
+                        grace
+                    } <= now
+                })
             })
             .map(|(ch, s)| (ch.clone(), s.server_refresh))
             .collect();
@@ -101,7 +106,7 @@ impl Session {
                     if let Ok(conn) = self.conn_mut()
                         && let Some(s) = conn.subs.get_mut(&ch)
                     {
-                        s.expire_at = r.expire_at;
+                        s.expire_at = r.expire_at.map(at_unix);
                     }
                 }
                 Err(e) => {
@@ -109,7 +114,7 @@ impl Session {
                     if let Ok(conn) = self.conn_mut()
                         && let Some(s) = conn.subs.get_mut(&ch)
                     {
-                        s.expire_at = Some(unix_secs() + 10);
+                        s.expire_at = Some(tokio::time::Instant::now() + Duration::from_secs(10));
                     }
                 }
             }

@@ -98,14 +98,12 @@ impl Session {
                 return Ok(());
             }
         };
-        if !sendable(self.client.encoding(), &a.result.publications) {
-            self.node
-                .remove_subscription(&a.plan.channel, self.client.seq)
-                .await;
+        if !sendable(self.client.encoding(), &a.result().publications) {
+            a.abandon().await;
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }
         metrics::counter!("holdfast_subscriptions_accepted_total").increment(1);
-        self.reply(id, ReplyBody::Subscribe(Box::new(a.result.clone())));
+        self.reply(id, ReplyBody::Subscribe(Box::new(a.result().clone())));
         self.go_live(a).await;
         Ok(())
     }
@@ -128,23 +126,15 @@ impl Session {
             return Ok(());
         };
         let options = req.overrides.apply(&resolved.options);
-        let history = options.history_enabled();
-        let plan = Plan {
-            channel: req.channel.as_str().into(),
-            server_side: true,
-            positioned: history && (options.force_positioning || options.force_recovery),
-            recoverable: history && options.force_recovery,
-            push_join_leave: options.join_leave,
-            recover: req.recover_since.clone().filter(|_| history),
-            was_recovering: req.recover_since.is_some(),
-            reject_unrecovered: false,
-            data: req.data,
-            chan_info: req.info,
-            expire_at: None,
-            cursor: false,
-            cursor_from: 0,
+        let mut plan = Plan::server_side(
+            &req.channel,
             options,
-        };
+            req.recover_since.clone(),
+            req.data,
+            req.info,
+        );
+        // The API's `recover_since` is reported as asked, whether or not the channel has history.
+        plan.was_recovering = req.recover_since.is_some();
         let a = match self.attach(plan).await {
             Ok(a) => a,
             Err(e) => {
@@ -152,18 +142,16 @@ impl Session {
                 return Ok(());
             }
         };
-        if !sendable(self.client.encoding(), &a.result.publications) {
-            self.node
-                .remove_subscription(&a.plan.channel, self.client.seq)
-                .await;
+        if !sendable(self.client.encoding(), &a.result().publications) {
+            a.abandon().await;
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }
-        let mut push_result = a.result.clone();
+        let mut push_result = a.result().clone();
         let pubs = std::mem::take(&mut push_result.publications);
         self.client.send(push_bytes(
             self.client.encoding(),
             &Push::Subscribe {
-                channel: &a.plan.channel,
+                channel: a.channel(),
                 result: &push_result,
             },
         ));
@@ -171,7 +159,7 @@ impl Session {
             self.client.send(push_bytes(
                 self.client.encoding(),
                 &Push::Pub {
-                    channel: &a.plan.channel,
+                    channel: a.channel(),
                     publication: p,
                 },
             ));
