@@ -1,15 +1,15 @@
 //! Shared code of the fuzz targets: decoding every command of a frame, and driving one
 //! connection of a real node through in-memory frame transports.
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use holdfast_core::config::{ChannelOptions, NodeConfig};
 use holdfast_core::engine::Engine;
 use holdfast_core::engine::memory::MemoryEngine;
 use holdfast_core::handler::StandardHandler;
 use holdfast_core::node::Node;
-use holdfast_core::transport::{ConnectionMeta, FrameSink, FrameSource, serve_connection};
-use holdfast_protocol::{Disconnect, Encoding};
+use holdfast_core::testing::{CallbackSink, ScriptSource};
+use holdfast_core::transport::{ConnectionMeta, serve_connection};
+use holdfast_protocol::Encoding;
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 
@@ -19,30 +19,6 @@ pub fn decode_all(enc: Encoding, data: &[u8]) {
         for c in cmds.flatten() {
             let _ = c.request.method();
         }
-    }
-}
-
-struct Source(VecDeque<Bytes>);
-
-#[async_trait]
-impl FrameSource for Source {
-    async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
-        self.0.pop_front().map(Ok)
-    }
-}
-
-struct Sink;
-
-#[async_trait]
-impl FrameSink for Sink {
-    async fn send_frame(&mut self, _frame: Bytes, _binary: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-    async fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-    async fn close(&mut self, _code: u16, _reason: &str) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -120,5 +96,10 @@ pub fn run_session(data: &[u8]) {
         encoding: enc,
         headers: Vec::new().into(),
     };
-    w.rt.block_on(serve_connection(w.node.clone(), meta, Source(frames), Sink));
+    w.rt.block_on(serve_connection(
+        w.node.clone(),
+        meta,
+        ScriptSource::new(frames),
+        CallbackSink(|_| {}),
+    ));
 }

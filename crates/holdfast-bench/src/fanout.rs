@@ -9,7 +9,6 @@
 //! out, which makes this the measure for changes to that path: it varies far less between runs
 //! than a loopback benchmark on a shared machine.
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use clap::Args;
 use holdfast_core::config::{ChannelOptions, NodeConfig};
@@ -17,9 +16,9 @@ use holdfast_core::engine::Engine;
 use holdfast_core::engine::memory::MemoryEngine;
 use holdfast_core::handler::StandardHandler;
 use holdfast_core::node::{Node, PublishRequest};
-use holdfast_core::transport::{ConnectionMeta, FrameSink, FrameSource, serve_connection};
-use holdfast_protocol::{Disconnect, Encoding};
-use std::collections::VecDeque;
+use holdfast_core::testing::{CallbackSink, ScriptSource};
+use holdfast_core::transport::{ConnectionMeta, serve_connection};
+use holdfast_protocol::Encoding;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -80,37 +79,6 @@ impl Progress {
     }
 }
 
-/// Yields the connection's commands, then nothing until the node shuts down.
-struct Commands(VecDeque<Bytes>);
-
-#[async_trait]
-impl FrameSource for Commands {
-    async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
-        match self.0.pop_front() {
-            Some(f) => Some(Ok(f)),
-            None => std::future::pending().await,
-        }
-    }
-}
-
-/// Counts the newline-separated JSON messages of each frame.
-struct Counting(Arc<Progress>);
-
-#[async_trait]
-impl FrameSink for Counting {
-    async fn send_frame(&mut self, frame: Bytes, _binary: bool) -> std::io::Result<()> {
-        let n = 1 + frame.iter().filter(|b| **b == b'\n').count();
-        self.0.add(n as u64);
-        Ok(())
-    }
-    async fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-    async fn close(&mut self, _code: u16, _reason: &str) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn node_config() -> NodeConfig {
     let mut cfg = NodeConfig::default();
     cfg.client.insecure = true;
@@ -163,16 +131,23 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"}}}}"#);
     let mut future_bytes = 0;
     for _ in 0..args.subscribers {
-        let commands = Commands(VecDeque::from([
+        // The connection's commands, then silence until the node shuts down.
+        let commands = ScriptSource::new([
             Bytes::from_static(br#"{"id":1,"connect":{}}"#),
             Bytes::from(subscribe.clone()),
-        ]));
+        ])
+        .then_wait();
+        // Counts the newline-separated JSON messages of each frame.
+        let counted = progress.clone();
+        let sink = CallbackSink(move |frame: Bytes| {
+            counted.add(1 + frame.iter().filter(|b| **b == b'\n').count() as u64);
+        });
         let meta = ConnectionMeta {
             transport: "fanout",
             encoding: Encoding::Json,
             headers: Vec::new().into(),
         };
-        let connection = serve_connection(node.clone(), meta, commands, Counting(progress.clone()));
+        let connection = serve_connection(node.clone(), meta, commands, sink);
         future_bytes = std::mem::size_of_val(&connection);
         node.tracker().spawn(connection);
     }

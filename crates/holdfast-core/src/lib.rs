@@ -15,6 +15,7 @@ pub mod limit;
 pub mod node;
 pub mod session;
 pub mod shard;
+pub mod testing;
 pub mod transport;
 mod wake;
 

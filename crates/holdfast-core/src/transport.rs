@@ -5,10 +5,10 @@
 use crate::client::ClientHandle;
 use crate::node::Node;
 use crate::session::Session;
-use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use holdfast_protocol::{Disconnect, Encoding};
 use rand::Rng;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -27,23 +27,29 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(2);
 /// consuming input).
 const CLOSE_DRAIN_ERRORS: usize = 100;
 
-/// Incoming side of a transport.
-#[async_trait]
+/// Incoming side of a transport. Implement it with `async fn`: the future is not boxed.
 pub trait FrameSource: Send {
     /// The next data frame; `None` when the peer closed, `Err` for a transport-level violation
     /// (e.g. 1009 message too big). Must be cancel-safe.
-    async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>>;
+    fn next_frame(&mut self) -> impl Future<Output = Option<Result<Bytes, Disconnect>>> + Send;
 }
 
-/// Outgoing side of a transport.
-#[async_trait]
+/// Outgoing side of a transport. Implement it with `async fn`s: the futures are not boxed.
 pub trait FrameSink: Send {
     /// Queues one frame (text, or binary for protobuf) without flushing.
-    async fn send_frame(&mut self, frame: Bytes, binary: bool) -> std::io::Result<()>;
+    fn send_frame(
+        &mut self,
+        frame: Bytes,
+        binary: bool,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Writes out everything queued.
-    async fn flush(&mut self) -> std::io::Result<()>;
+    fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Sends a close frame and shuts the stream down.
-    async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()>;
+    fn close(
+        &mut self,
+        code: u16,
+        reason: &str,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
 /// What the server knows about a connection before it speaks.

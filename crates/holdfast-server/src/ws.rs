@@ -2,7 +2,6 @@
 //! `holdfast_core::transport::serve_connection` drive a tungstenite stream.
 
 use crate::server::AppState;
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -183,7 +182,6 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
 
 struct WsSource(SplitStream<Ws>);
 
-#[async_trait]
 impl FrameSource for WsSource {
     async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
         loop {
@@ -239,7 +237,6 @@ where
     result.map_err(io_err)
 }
 
-#[async_trait]
 impl FrameSink for WsSink {
     async fn send_frame(&mut self, frame: Bytes, binary: bool) -> std::io::Result<()> {
         let msg = if binary {
