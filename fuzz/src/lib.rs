@@ -5,7 +5,7 @@ use bytes::Bytes;
 use holdfast_core::config::{ChannelOptions, NodeConfig};
 use holdfast_core::engine::Engine;
 use holdfast_core::engine::memory::MemoryEngine;
-use holdfast_core::handler::StandardHandler;
+use holdfast_core::handler::{Hooks, StandardHandler};
 use holdfast_core::node::Node;
 use holdfast_core::testing::{CallbackSink, ScriptSource};
 use holdfast_core::transport::{ConnectionMeta, serve_connection};
@@ -46,9 +46,9 @@ fn world() -> &'static World {
             force_recovery: true,
             ..Default::default()
         };
-        let handler = Arc::new(StandardHandler::new(&cfg.client, None));
+        let hooks = Hooks::standard(StandardHandler::new(&cfg.client, None));
         let node = rt.block_on(async {
-            let node = Node::new(cfg, Engine::from_one(MemoryEngine::new()), handler)
+            let node = Node::new(cfg, Engine::from_one(MemoryEngine::new()), hooks)
                 .expect("valid fuzz node config");
             node.start();
             node

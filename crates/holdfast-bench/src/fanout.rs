@@ -14,7 +14,7 @@ use clap::Args;
 use holdfast_core::config::{ChannelOptions, NodeConfig};
 use holdfast_core::engine::Engine;
 use holdfast_core::engine::memory::MemoryEngine;
-use holdfast_core::handler::StandardHandler;
+use holdfast_core::handler::{Hooks, StandardHandler};
 use holdfast_core::node::{Node, PublishRequest};
 use holdfast_core::testing::{CallbackSink, ScriptSource};
 use holdfast_core::transport::{ConnectionMeta, serve_connection};
@@ -119,13 +119,9 @@ pub fn run(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
 
 async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     let handler_cfg = node_config();
-    let handler = Arc::new(StandardHandler::new(&handler_cfg.client, None));
-    let node = Node::new(
-        node_config(),
-        Engine::from_one(MemoryEngine::new()),
-        handler,
-    )
-    .map_err(|e| anyhow::anyhow!("fanout node config: {e:?}"))?;
+    let hooks = Hooks::standard(StandardHandler::new(&handler_cfg.client, None));
+    let node = Node::new(node_config(), Engine::from_one(MemoryEngine::new()), hooks)
+        .map_err(|e| anyhow::anyhow!("fanout node config: {e:?}"))?;
     node.start();
     let progress = Arc::new(Progress::default());
     let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"}}}}"#);

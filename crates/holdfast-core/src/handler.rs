@@ -1,9 +1,11 @@
 //! Application hooks: how a node decides who connects and what they may do.
 //!
-//! The standalone server fills [`Handler`] with [`StandardHandler`] (JWT through a
-//! [`TokenVerifier`], namespace permissions, §7.2 of the protocol reference); a Rust application
-//! embedding the node can wrap or replace it. Hooks are owned by the node, not by connections,
-//! so nothing accumulates per connection.
+//! The node's [`Hooks`] have one slot per role: connect, channel policy, RPC, refresh and
+//! lifecycle, each set on its own. [`StandardHandler`] (JWT through a [`TokenVerifier`],
+//! namespace permissions, §7.2 of the protocol reference) fills the connect, channel and
+//! refresh slots of the standalone server; an embedding application sets what it needs, e.g.
+//! [`RpcMethods`] in the RPC slot. Hooks are owned by the node, not by connections, so nothing
+//! accumulates per connection.
 
 use crate::channel::user_limited_allows;
 use crate::config::{ChannelOptions, ClientConfig};
@@ -204,7 +206,7 @@ pub struct RefreshDecision {
     pub info: Option<Bytes>,
 }
 
-/// A connection's life, reported to [`Handler::on_lifecycle`] (for webhooks).
+/// A connection's life, reported to the lifecycle hook ([`LifecycleHook`], e.g. webhooks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LifecycleEvent {
     /// A connect succeeded.
@@ -259,12 +261,17 @@ pub struct ServerRefresh {
     pub info: Option<Bytes>,
 }
 
-/// The hooks of a node.
+/// Decides who connects (the connect slot of [`Hooks`]).
 #[async_trait]
-pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
+pub trait ConnectHook: Send + Sync + std::fmt::Debug + 'static {
     /// Decides who is connecting.
     async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError>;
+}
 
+/// What a connection may do in channels (the channel slot of [`Hooks`]): subscribe, publish,
+/// presence, history, and renewing expiring subscriptions.
+#[async_trait]
+pub trait ChannelPolicy: Send + Sync + std::fmt::Debug + 'static {
     /// Decides a client-side subscription (after the namespace is known).
     async fn on_subscribe(
         &self,
@@ -294,44 +301,13 @@ pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
         ev: &ChannelEvent<'_>,
     ) -> Result<(), HandlerError>;
 
-    /// Answers an RPC. Default: 108 not available.
-    async fn on_rpc(
+    /// Refreshes a subscription with a new token. Default: 108.
+    async fn on_sub_refresh(
         &self,
         _client: &ClientContext,
-        _method: &str,
-        _data: &Bytes,
-    ) -> Result<Option<Bytes>, HandlerError> {
-        Err(ErrorReply::NOT_AVAILABLE.into())
-    }
-
-    /// Handles a `send`. Default: close with 3508 (no message handler).
-    async fn on_send(&self, _client: &ClientContext, _data: &Bytes) -> Result<(), HandlerError> {
-        Err(Disconnect::NOT_AVAILABLE.into())
-    }
-
-    /// Refreshes the connection with a new token. Default: 108.
-    async fn on_refresh(
-        &self,
-        _client: &ClientContext,
+        _channel: &str,
         _token: &str,
     ) -> Result<RefreshDecision, HandlerError> {
-        Err(ErrorReply::NOT_AVAILABLE.into())
-    }
-
-    /// Reports a lifecycle event. Called on the connection's task: must not block (queue it).
-    fn on_lifecycle(&self, _event: LifecycleEvent) {}
-
-    /// Whether expiring connections are refreshed by the server ([`Handler::on_server_refresh`])
-    /// instead of by the client sending `refresh`.
-    fn refreshes_connections(&self) -> bool {
-        false
-    }
-
-    /// Refreshes an expiring connection on the server side. Errors are retried later.
-    async fn on_server_refresh(
-        &self,
-        _client: &ClientContext,
-    ) -> Result<ServerRefresh, HandlerError> {
         Err(ErrorReply::NOT_AVAILABLE.into())
     }
 
@@ -348,15 +324,144 @@ pub trait Handler: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<ServerRefresh, HandlerError> {
         Err(ErrorReply::NOT_AVAILABLE.into())
     }
+}
 
-    /// Refreshes a subscription with a new token. Default: 108.
-    async fn on_sub_refresh(
+/// Answers `rpc` and `send` (the RPC slot of [`Hooks`]).
+#[async_trait]
+pub trait RpcHook: Send + Sync + std::fmt::Debug + 'static {
+    /// Answers an RPC.
+    async fn on_rpc(
+        &self,
+        client: &ClientContext,
+        method: &str,
+        data: &Bytes,
+    ) -> Result<Option<Bytes>, HandlerError>;
+
+    /// Handles a `send`. Default: close with 3508 (no message handler).
+    async fn on_send(&self, _client: &ClientContext, _data: &Bytes) -> Result<(), HandlerError> {
+        Err(Disconnect::NOT_AVAILABLE.into())
+    }
+}
+
+/// Renews a connection's credentials (the refresh slot of [`Hooks`]).
+#[async_trait]
+pub trait RefreshHook: Send + Sync + std::fmt::Debug + 'static {
+    /// Refreshes the connection with a new token (the client's `refresh`).
+    async fn on_refresh(
+        &self,
+        client: &ClientContext,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError>;
+
+    /// Whether expiring connections are refreshed by the server ([`RefreshHook::on_server_refresh`])
+    /// instead of by the client sending `refresh`.
+    fn refreshes_connections(&self) -> bool {
+        false
+    }
+
+    /// Refreshes an expiring connection on the server side. Errors are retried later.
+    async fn on_server_refresh(
         &self,
         _client: &ClientContext,
-        _channel: &str,
-        _token: &str,
-    ) -> Result<RefreshDecision, HandlerError> {
+    ) -> Result<ServerRefresh, HandlerError> {
         Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+}
+
+/// Hears about connections' lives (the lifecycle slot of [`Hooks`], e.g. webhooks). Called on
+/// the connection's task: must not block (queue the event).
+pub trait LifecycleHook: Send + Sync + std::fmt::Debug + 'static {
+    /// Reports a lifecycle event.
+    fn on_lifecycle(&self, event: LifecycleEvent);
+}
+
+/// No RPC handler: `rpc` answers 108, `send` closes with 3508.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRpc;
+
+#[async_trait]
+impl RpcHook for NoRpc {
+    async fn on_rpc(
+        &self,
+        _client: &ClientContext,
+        _method: &str,
+        _data: &Bytes,
+    ) -> Result<Option<Bytes>, HandlerError> {
+        Err(ErrorReply::NOT_AVAILABLE.into())
+    }
+}
+
+/// The application hooks of a node: one slot per role, each set on its own (as centrifuge's
+/// `OnConnecting`, `OnSubscribe`… are). The standalone server fills them with JWT checks,
+/// namespace permissions and HTTP proxies; an embedding application with its own code.
+#[derive(Debug, Clone)]
+pub struct Hooks {
+    /// Who connects.
+    pub connect: Arc<dyn ConnectHook>,
+    /// What a connection may do in channels.
+    pub channels: Arc<dyn ChannelPolicy>,
+    /// `rpc` and `send`.
+    pub rpc: Arc<dyn RpcHook>,
+    /// Connection refresh.
+    pub refresh: Arc<dyn RefreshHook>,
+    /// Lifecycle events (none by default).
+    pub lifecycle: Option<Arc<dyn LifecycleHook>>,
+}
+
+impl Hooks {
+    /// Token checks and namespace permissions ([`StandardHandler`]) in the connect, channel and
+    /// refresh slots; no RPC handler ([`NoRpc`]); no lifecycle hook.
+    pub fn standard(standard: StandardHandler) -> Self {
+        let s = Arc::new(standard);
+        Self {
+            connect: s.clone(),
+            channels: s.clone(),
+            rpc: Arc::new(NoRpc),
+            refresh: s,
+            lifecycle: None,
+        }
+    }
+
+    /// Sets the connect slot.
+    #[must_use]
+    pub fn with_connect(mut self, hook: Arc<dyn ConnectHook>) -> Self {
+        self.connect = hook;
+        self
+    }
+
+    /// Sets the channel slot.
+    #[must_use]
+    pub fn with_channels(mut self, hook: Arc<dyn ChannelPolicy>) -> Self {
+        self.channels = hook;
+        self
+    }
+
+    /// Sets the RPC slot.
+    #[must_use]
+    pub fn with_rpc(mut self, hook: Arc<dyn RpcHook>) -> Self {
+        self.rpc = hook;
+        self
+    }
+
+    /// Sets the refresh slot.
+    #[must_use]
+    pub fn with_refresh(mut self, hook: Arc<dyn RefreshHook>) -> Self {
+        self.refresh = hook;
+        self
+    }
+
+    /// Sets the lifecycle slot.
+    #[must_use]
+    pub fn with_lifecycle(mut self, hook: Arc<dyn LifecycleHook>) -> Self {
+        self.lifecycle = Some(hook);
+        self
+    }
+
+    /// Reports a lifecycle event to the lifecycle hook, if there is one.
+    pub fn lifecycle(&self, event: LifecycleEvent) {
+        if let Some(h) = &self.lifecycle {
+            h.on_lifecycle(event);
+        }
     }
 }
 
@@ -484,7 +589,7 @@ impl StandardHandler {
 }
 
 #[async_trait]
-impl Handler for StandardHandler {
+impl ConnectHook for StandardHandler {
     async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError> {
         if ev.token.is_empty() {
             if self.insecure || self.allow_anonymous_connect_without_token {
@@ -513,7 +618,10 @@ impl Handler for StandardHandler {
             meta: claims.meta,
         })
     }
+}
 
+#[async_trait]
+impl ChannelPolicy for StandardHandler {
     async fn on_subscribe(
         &self,
         client: &ClientContext,
@@ -623,25 +731,6 @@ impl Handler for StandardHandler {
         }
     }
 
-    async fn on_refresh(
-        &self,
-        client: &ClientContext,
-        token: &str,
-    ) -> Result<RefreshDecision, HandlerError> {
-        let claims = match self.verifier()?.verify_connect(token).await {
-            Ok(c) => c,
-            Err(TokenError::Expired) => return Err(Disconnect::EXPIRED.into()),
-            Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
-        };
-        if claims.user != *client.user {
-            return Err(Disconnect::INVALID_TOKEN.into());
-        }
-        Ok(RefreshDecision {
-            expire_at: if self.insecure { None } else { claims.expiry() },
-            info: claims.info,
-        })
-    }
-
     async fn on_sub_refresh(
         &self,
         client: &ClientContext,
@@ -669,6 +758,28 @@ impl Handler for StandardHandler {
     }
 }
 
+#[async_trait]
+impl RefreshHook for StandardHandler {
+    async fn on_refresh(
+        &self,
+        client: &ClientContext,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        let claims = match self.verifier()?.verify_connect(token).await {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(Disconnect::EXPIRED.into()),
+            Err(TokenError::Invalid(_)) => return Err(Disconnect::INVALID_TOKEN.into()),
+        };
+        if claims.user != *client.user {
+            return Err(Disconnect::INVALID_TOKEN.into());
+        }
+        Ok(RefreshDecision {
+            expire_at: if self.insecure { None } else { claims.expiry() },
+            info: claims.info,
+        })
+    }
+}
+
 impl From<TokenError> for HandlerError {
     fn from(e: TokenError) -> Self {
         match e {
@@ -690,16 +801,20 @@ pub type RpcFn = Arc<
 >;
 
 /// RPC methods by name, owned by the node (not by connections, so nothing accumulates per
-/// connection): the "message router" applications otherwise write by hand.
+/// connection): the "message router" applications otherwise write by hand. Methods not
+/// registered go to the fallback (an RPC proxy, say) when there is one; otherwise 104, or 108
+/// when no method is registered at all.
 #[derive(Clone, Default)]
 pub struct RpcMethods {
     methods: std::collections::HashMap<String, RpcFn>,
+    fallback: Option<Arc<dyn RpcHook>>,
 }
 
 impl std::fmt::Debug for RpcMethods {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RpcMethods")
             .field("methods", &self.methods.keys().collect::<Vec<_>>())
+            .field("fallback", &self.fallback)
             .finish()
     }
 }
@@ -719,6 +834,13 @@ impl RpcMethods {
     {
         self.methods
             .insert(method.to_owned(), Arc::new(move |c, d| Box::pin(f(c, d))));
+        self
+    }
+
+    /// Sends methods that are not registered here to `fallback` (and `send` too).
+    #[must_use]
+    pub fn or_else(mut self, fallback: Arc<dyn RpcHook>) -> Self {
+        self.fallback = Some(fallback);
         self
     }
 
@@ -744,110 +866,92 @@ impl RpcMethods {
     }
 }
 
-/// A handler that answers RPCs from [`RpcMethods`] (104 for unknown methods) and delegates
-/// everything else to `inner`.
-#[derive(Debug)]
-pub struct WithRpc<H> {
-    inner: H,
-    methods: RpcMethods,
-}
-
-impl<H: Handler> WithRpc<H> {
-    /// Wraps `inner`.
-    pub fn new(inner: H, methods: RpcMethods) -> Self {
-        Self { inner, methods }
-    }
-
-    /// The registered methods.
-    pub fn methods(&self) -> &RpcMethods {
-        &self.methods
-    }
-}
-
 #[async_trait]
-impl<H: Handler> Handler for WithRpc<H> {
-    async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError> {
-        self.inner.on_connecting(ev).await
-    }
-    async fn on_subscribe(
-        &self,
-        client: &ClientContext,
-        ev: &SubscribeEvent<'_>,
-    ) -> Result<SubscribeDecision, HandlerError> {
-        self.inner.on_subscribe(client, ev).await
-    }
-    async fn on_publish(
-        &self,
-        client: &ClientContext,
-        ev: &ChannelEvent<'_>,
-        data: &Bytes,
-    ) -> Result<PublishDecision, HandlerError> {
-        self.inner.on_publish(client, ev, data).await
-    }
-    async fn on_presence(
-        &self,
-        client: &ClientContext,
-        ev: &ChannelEvent<'_>,
-    ) -> Result<(), HandlerError> {
-        self.inner.on_presence(client, ev).await
-    }
-    async fn on_history(
-        &self,
-        client: &ClientContext,
-        ev: &ChannelEvent<'_>,
-    ) -> Result<(), HandlerError> {
-        self.inner.on_history(client, ev).await
-    }
+impl RpcHook for RpcMethods {
     async fn on_rpc(
         &self,
         client: &ClientContext,
         method: &str,
         data: &Bytes,
     ) -> Result<Option<Bytes>, HandlerError> {
-        match self.methods.call(client, method, data).await {
-            Some(r) => r,
-            None if self.methods.is_empty() => self.inner.on_rpc(client, method, data).await,
+        if let Some(r) = self.call(client, method, data).await {
+            return r;
+        }
+        match &self.fallback {
+            Some(f) => f.on_rpc(client, method, data).await,
+            None if self.methods.is_empty() => Err(ErrorReply::NOT_AVAILABLE.into()),
             None => Err(ErrorReply::METHOD_NOT_FOUND.into()),
         }
     }
+
     async fn on_send(&self, client: &ClientContext, data: &Bytes) -> Result<(), HandlerError> {
-        self.inner.on_send(client, data).await
+        match &self.fallback {
+            Some(f) => f.on_send(client, data).await,
+            None => Err(Disconnect::NOT_AVAILABLE.into()),
+        }
     }
-    async fn on_refresh(
-        &self,
-        client: &ClientContext,
-        token: &str,
-    ) -> Result<RefreshDecision, HandlerError> {
-        self.inner.on_refresh(client, token).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ClientContext {
+        ClientContext {
+            client: "c".into(),
+            user: "u".into(),
+            transport: "test",
+            encoding: Encoding::Json,
+            conn_info: None,
+            meta: None,
+            headers: Vec::new().into(),
+        }
     }
-    async fn on_sub_refresh(
-        &self,
-        client: &ClientContext,
-        channel: &str,
-        token: &str,
-    ) -> Result<RefreshDecision, HandlerError> {
-        self.inner.on_sub_refresh(client, channel, token).await
+
+    /// An RPC hook that answers every method with its name (an RPC proxy, say).
+    #[derive(Debug)]
+    struct Echo;
+
+    #[async_trait]
+    impl RpcHook for Echo {
+        async fn on_rpc(
+            &self,
+            _client: &ClientContext,
+            method: &str,
+            _data: &Bytes,
+        ) -> Result<Option<Bytes>, HandlerError> {
+            Ok(Some(Bytes::from(format!("proxy:{method}"))))
+        }
     }
-    fn on_lifecycle(&self, event: LifecycleEvent) {
-        self.inner.on_lifecycle(event);
-    }
-    fn refreshes_connections(&self) -> bool {
-        self.inner.refreshes_connections()
-    }
-    async fn on_server_refresh(
-        &self,
-        client: &ClientContext,
-    ) -> Result<ServerRefresh, HandlerError> {
-        self.inner.on_server_refresh(client).await
-    }
-    fn refreshes_subscriptions(&self, options: &ChannelOptions) -> bool {
-        self.inner.refreshes_subscriptions(options)
-    }
-    async fn on_server_sub_refresh(
-        &self,
-        client: &ClientContext,
-        channel: &str,
-    ) -> Result<ServerRefresh, HandlerError> {
-        self.inner.on_server_sub_refresh(client, channel).await
+
+    #[tokio::test]
+    async fn local_methods_and_a_fallback_combine() {
+        let local = |_c: ClientContext, _d: Bytes| async { Ok(Some(Bytes::from_static(b"local"))) };
+        let data = Bytes::new();
+        let alone = RpcMethods::new().on("mine", local);
+        assert_eq!(
+            alone.on_rpc(&ctx(), "mine", &data).await,
+            Ok(Some(Bytes::from_static(b"local")))
+        );
+        assert_eq!(
+            alone.on_rpc(&ctx(), "other", &data).await,
+            Err(ErrorReply::METHOD_NOT_FOUND.into()),
+            "an unknown method without a fallback"
+        );
+        assert_eq!(
+            RpcMethods::new().on_rpc(&ctx(), "x", &data).await,
+            Err(ErrorReply::NOT_AVAILABLE.into()),
+            "no method at all"
+        );
+        let both = RpcMethods::new().on("mine", local).or_else(Arc::new(Echo));
+        assert_eq!(
+            both.on_rpc(&ctx(), "mine", &data).await,
+            Ok(Some(Bytes::from_static(b"local")))
+        );
+        assert_eq!(
+            both.on_rpc(&ctx(), "other", &data).await,
+            Ok(Some(Bytes::from_static(b"proxy:other"))),
+            "the proxy answers what is not local"
+        );
     }
 }

@@ -7,7 +7,7 @@ use crate::engine::{
     Broker, CursorStore, Engine, EngineError, HistoryOptions, HistoryPage, HistoryQuery,
     PresenceStore, PublishOptions, PublishOutcome,
 };
-use crate::handler::Handler;
+use crate::handler::Hooks;
 use crate::hub::{Hub, Subscription};
 use crate::shard::Sharded;
 use bytes::Bytes;
@@ -98,7 +98,8 @@ struct NodeInner {
     broker: Arc<dyn Broker>,
     presence: Arc<dyn PresenceStore>,
     cursors: Arc<dyn CursorStore>,
-    handler: Arc<dyn Handler>,
+    /// The application hooks, one slot per role.
+    hooks: Hooks,
     /// Upgrades are accepted only while set (engine connected, hooks in place, not draining).
     ready: AtomicBool,
     /// Set once shutdown starts.
@@ -125,11 +126,7 @@ struct NodeInner {
 
 impl Node {
     /// Builds a node over an engine and hooks. The node is not ready until [`Node::start`].
-    pub fn new(
-        config: NodeConfig,
-        engine: Engine,
-        handler: Arc<dyn Handler>,
-    ) -> Result<Self, Vec<ConfigError>> {
+    pub fn new(config: NodeConfig, engine: Engine, hooks: Hooks) -> Result<Self, Vec<ConfigError>> {
         let Engine {
             broker,
             presence,
@@ -153,7 +150,7 @@ impl Node {
                 broker,
                 presence,
                 cursors,
-                handler,
+                hooks,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
@@ -340,8 +337,9 @@ impl Node {
             .get_or_init(TransportMetrics::register)
     }
 
-    pub(crate) fn handler(&self) -> &dyn Handler {
-        &*self.inner.handler
+    /// The application hooks.
+    pub fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
     }
 
     pub(crate) fn broker(&self) -> &dyn Broker {

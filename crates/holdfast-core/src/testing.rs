@@ -604,7 +604,11 @@ pub fn token(user: &str, ttl: Option<i64>) -> String {
 pub fn node(config: NodeConfig) -> (Node, Arc<RecordingEngine>) {
     let engine = RecordingEngine::new();
     let handler = StandardHandler::new(&config.client, Some(Arc::new(JsonTokens)));
-    let node = match Node::new(config, engine.engine(), Arc::new(handler)) {
+    let node = match Node::new(
+        config,
+        engine.engine(),
+        crate::handler::Hooks::standard(handler),
+    ) {
         Ok(n) => n,
         Err(errs) => panic!("invalid test configuration: {errs:?}"),
     };

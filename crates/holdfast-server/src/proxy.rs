@@ -12,9 +12,9 @@ use bytes::Bytes;
 use holdfast_core::channel::{ChannelRules, USER_BOUNDARY, user_limited_allows};
 use holdfast_core::config::{ChannelOptions, ProxyConfig};
 use holdfast_core::handler::{
-    ChannelEvent, ClientContext, ConnectDecision, ConnectEvent, Handler, HandlerError,
-    LifecycleEvent, PublishDecision, RefreshDecision, ServerRefresh, ServerSubOptions,
-    StandardHandler, SubscribeDecision, SubscribeEvent,
+    ChannelEvent, ChannelPolicy, ClientContext, ConnectDecision, ConnectEvent, ConnectHook,
+    HandlerError, Hooks, PublishDecision, RefreshDecision, RefreshHook, RpcHook, ServerRefresh,
+    ServerSubOptions, StandardHandler, SubscribeDecision, SubscribeEvent,
 };
 use holdfast_protocol::{Disconnect, Encoding, ErrorReply};
 use serde_json::{Map, Value, json};
@@ -262,14 +262,13 @@ pub struct ProxyHandler {
     sub_refresh: Option<Arc<Proxy>>,
     named: HashMap<String, Arc<Proxy>>,
     rpc: RpcRouter,
-    webhooks: Option<Webhooks>,
     /// Namespace options, to find a channel's sub_refresh proxy.
     rules: ChannelRules,
 }
 
 impl ProxyHandler {
     /// Builds the hooks from configuration.
-    pub fn new(cfg: &Config, standard: StandardHandler, webhooks: Option<Webhooks>) -> Self {
+    pub fn new(cfg: &Config, standard: StandardHandler) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
@@ -324,7 +323,6 @@ impl ProxyHandler {
             sub_refresh: mk("sub_refresh", &chp.sub_refresh),
             named,
             rpc,
-            webhooks,
             rules: ChannelRules::for_node(&cfg.node_config()),
         }
     }
@@ -376,7 +374,7 @@ fn server_refresh(r: &Map<String, Value>) -> Result<ServerRefresh, HandlerError>
 }
 
 #[async_trait]
-impl Handler for ProxyHandler {
+impl ConnectHook for ProxyHandler {
     async fn on_connecting(&self, ev: &ConnectEvent) -> Result<ConnectDecision, HandlerError> {
         let Some(proxy) = self.connect.as_ref().filter(|_| ev.token.is_empty()) else {
             return self.standard.on_connecting(ev).await;
@@ -429,7 +427,10 @@ impl Handler for ProxyHandler {
                 .map(Bytes::from),
         })
     }
+}
 
+#[async_trait]
+impl ChannelPolicy for ProxyHandler {
     async fn on_subscribe(
         &self,
         client: &ClientContext,
@@ -519,32 +520,6 @@ impl Handler for ProxyHandler {
         self.standard.on_history(client, ev).await
     }
 
-    async fn on_rpc(
-        &self,
-        client: &ClientContext,
-        method: &str,
-        data: &Bytes,
-    ) -> Result<Option<Bytes>, HandlerError> {
-        let Some(proxy) = self.rpc.route(method) else {
-            return self.standard.on_rpc(client, method, data).await;
-        };
-        let mut body = ctx_base(client);
-        body.insert("method".into(), json!(method));
-        put_data(&mut body, Some(data));
-        let r = proxy
-            .call("rpc", body, &client.headers, client.meta.as_ref(), false)
-            .await?;
-        get_raw(&r, "data", "b64data")
-    }
-
-    async fn on_refresh(
-        &self,
-        client: &ClientContext,
-        token: &str,
-    ) -> Result<RefreshDecision, HandlerError> {
-        self.standard.on_refresh(client, token).await
-    }
-
     async fn on_sub_refresh(
         &self,
         client: &ClientContext,
@@ -552,35 +527,6 @@ impl Handler for ProxyHandler {
         token: &str,
     ) -> Result<RefreshDecision, HandlerError> {
         self.standard.on_sub_refresh(client, channel, token).await
-    }
-
-    fn on_lifecycle(&self, event: LifecycleEvent) {
-        if let Some(w) = &self.webhooks {
-            w.send(event);
-        }
-    }
-
-    fn refreshes_connections(&self) -> bool {
-        self.refresh.is_some()
-    }
-
-    async fn on_server_refresh(
-        &self,
-        client: &ClientContext,
-    ) -> Result<ServerRefresh, HandlerError> {
-        let Some(proxy) = &self.refresh else {
-            return Err(ErrorReply::NOT_AVAILABLE.into());
-        };
-        let r = proxy
-            .call(
-                "refresh",
-                ctx_base(client),
-                &client.headers,
-                client.meta.as_ref(),
-                false,
-            )
-            .await?;
-        server_refresh(&r)
     }
 
     fn refreshes_subscriptions(&self, options: &ChannelOptions) -> bool {
@@ -621,5 +567,73 @@ impl Handler for ProxyHandler {
             )
             .await?;
         server_refresh(&r)
+    }
+}
+
+#[async_trait]
+impl RpcHook for ProxyHandler {
+    async fn on_rpc(
+        &self,
+        client: &ClientContext,
+        method: &str,
+        data: &Bytes,
+    ) -> Result<Option<Bytes>, HandlerError> {
+        let Some(proxy) = self.rpc.route(method) else {
+            return Err(ErrorReply::NOT_AVAILABLE.into());
+        };
+        let mut body = ctx_base(client);
+        body.insert("method".into(), json!(method));
+        put_data(&mut body, Some(data));
+        let r = proxy
+            .call("rpc", body, &client.headers, client.meta.as_ref(), false)
+            .await?;
+        get_raw(&r, "data", "b64data")
+    }
+}
+
+#[async_trait]
+impl RefreshHook for ProxyHandler {
+    async fn on_refresh(
+        &self,
+        client: &ClientContext,
+        token: &str,
+    ) -> Result<RefreshDecision, HandlerError> {
+        self.standard.on_refresh(client, token).await
+    }
+
+    fn refreshes_connections(&self) -> bool {
+        self.refresh.is_some()
+    }
+
+    async fn on_server_refresh(
+        &self,
+        client: &ClientContext,
+    ) -> Result<ServerRefresh, HandlerError> {
+        let Some(proxy) = &self.refresh else {
+            return Err(ErrorReply::NOT_AVAILABLE.into());
+        };
+        let r = proxy
+            .call(
+                "refresh",
+                ctx_base(client),
+                &client.headers,
+                client.meta.as_ref(),
+                false,
+            )
+            .await?;
+        server_refresh(&r)
+    }
+}
+
+/// The standalone server's hooks: tokens, namespace permissions and proxies in the connect,
+/// channel, RPC and refresh slots; lifecycle webhooks when configured.
+pub fn hooks(cfg: &Config, standard: StandardHandler, webhooks: Option<Webhooks>) -> Hooks {
+    let p = Arc::new(ProxyHandler::new(cfg, standard));
+    Hooks {
+        connect: p.clone(),
+        channels: p.clone(),
+        rpc: p.clone(),
+        refresh: p,
+        lifecycle: webhooks.map(|w| Arc::new(w) as Arc<dyn holdfast_core::handler::LifecycleHook>),
     }
 }

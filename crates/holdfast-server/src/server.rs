@@ -158,8 +158,8 @@ pub async fn build_with_engine(config: Config, engine: Engine) -> anyhow::Result
         .webhooks
         .enabled
         .then(|| crate::webhook::Webhooks::start(&config.webhooks, &uuid_like()));
-    let handler = Arc::new(crate::proxy::ProxyHandler::new(&config, standard, webhooks));
-    let node = Node::new(config.node_config(), engine, handler).map_err(|errs| {
+    let hooks = crate::proxy::hooks(&config, standard, webhooks);
+    let node = Node::new(config.node_config(), engine, hooks).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
     })?;

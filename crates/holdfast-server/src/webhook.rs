@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// The sending side, held by the handler.
+/// The sending side: the node's lifecycle hook.
 #[derive(Debug, Clone)]
 pub struct Webhooks {
     tx: mpsc::Sender<Value>,
@@ -22,6 +22,12 @@ pub struct Webhooks {
     node: Arc<str>,
     seq: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
+}
+
+impl holdfast_core::handler::LifecycleHook for Webhooks {
+    fn on_lifecycle(&self, event: LifecycleEvent) {
+        self.send(event);
+    }
 }
 
 impl Webhooks {

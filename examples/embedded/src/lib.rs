@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use holdfast_core::Node;
 use holdfast_core::engine::{Engine, MemoryEngine};
-use holdfast_core::handler::{HandlerError, RpcMethods, StandardHandler, WithRpc};
+use holdfast_core::handler::{HandlerError, Hooks, RpcMethods, StandardHandler};
 use holdfast_core::node::PublishRequest;
 use holdfast_protocol::ErrorReply;
 use std::sync::Arc;
@@ -42,11 +42,9 @@ pub fn methods() -> RpcMethods {
         })
 }
 
-/// The hooks of this application.
-pub type AppHandler = WithRpc<StandardHandler>;
-
-/// The application: its own routes plus Holdfast's WebSocket endpoint, the node and its hooks.
-pub fn build() -> anyhow::Result<(Router, Node, Arc<AppHandler>)> {
+/// The application: its own routes plus Holdfast's WebSocket endpoint, the node and its RPC
+/// methods.
+pub fn build() -> anyhow::Result<(Router, Node, Arc<RpcMethods>)> {
     let mut config = holdfast_server::config::Config::default();
     // A demo: anonymous connections may do everything. A real application sets token keys.
     config.client.insecure = true;
@@ -61,14 +59,15 @@ pub fn build() -> anyhow::Result<(Router, Node, Arc<AppHandler>)> {
             force_recovery: true,
             ..Default::default()
         });
-    let handler = Arc::new(WithRpc::new(
-        StandardHandler::new(&config.client, None),
-        methods(),
-    ));
+    // The standard hooks (namespace permissions) with this application's RPC methods in the RPC
+    // slot.
+    let methods = Arc::new(methods());
+    let hooks =
+        Hooks::standard(StandardHandler::new(&config.client, None)).with_rpc(methods.clone());
     let node = Node::new(
         config.node_config(),
         Engine::from_one(MemoryEngine::new()),
-        handler.clone(),
+        hooks,
     )
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let state = holdfast_server::server::embed(node.clone(), config);
@@ -81,7 +80,7 @@ pub fn build() -> anyhow::Result<(Router, Node, Arc<AppHandler>)> {
         .route("/announce", post(announce))
         .with_state(node.clone())
         .merge(holdfast_server::server::websocket_routes(state));
-    Ok((app, node, handler))
+    Ok((app, node, methods))
 }
 
 /// Publishes the request body (as a JSON string) into `chat:lobby`.

@@ -356,12 +356,16 @@ impl Session {
             confirmed: 0,
             server_refresh: plan.expire_at.is_some()
                 && !plan.server_side
-                && self.node.handler().refreshes_subscriptions(&plan.options),
+                && self
+                    .node
+                    .hooks()
+                    .channels
+                    .refreshes_subscriptions(&plan.options),
         };
         conn.subs.insert(plan.channel.clone(), s);
         self.node
-            .handler()
-            .on_lifecycle(crate::handler::LifecycleEvent::Subscribed {
+            .hooks()
+            .lifecycle(crate::handler::LifecycleEvent::Subscribed {
                 client: self.client.id.clone(),
                 user: conn.ctx.user.clone(),
                 channel: plan.channel.clone(),

@@ -26,7 +26,7 @@ impl Session {
             headers: req.headers.clone(),
             http_headers: self.headers.clone(),
         };
-        let decision = match self.node.handler().on_connecting(&ev).await {
+        let decision = match self.node.hooks().connect.on_connecting(&ev).await {
             Ok(d) => d,
             Err(HandlerError::Reply(e)) => {
                 self.reply_error(id, e);
@@ -159,7 +159,7 @@ impl Session {
         };
         // With server-side refresh the client is not told about expiry: the server renews it.
         let server_refresh =
-            decision.expire_at.is_some() && self.node.handler().refreshes_connections();
+            decision.expire_at.is_some() && self.node.hooks().refresh.refreshes_connections();
         if let Some(exp) = decision.expire_at.filter(|_| !server_refresh) {
             result.expires = true;
             result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
@@ -187,8 +187,8 @@ impl Session {
         }
         self.client.set_connected();
         self.node
-            .handler()
-            .on_lifecycle(crate::handler::LifecycleEvent::Connected {
+            .hooks()
+            .lifecycle(crate::handler::LifecycleEvent::Connected {
                 client: self.client.id.clone(),
                 user: user.clone(),
                 transport: self.transport,

@@ -28,7 +28,7 @@ impl Session {
             subscribed: conn.subs.contains_key(req.channel.as_str()),
         };
         let ctx = conn.ctx.clone();
-        if let Err(e) = self.node.handler().on_history(&ctx, &ev).await {
+        if let Err(e) = self.node.hooks().channels.on_history(&ctx, &ev).await {
             return self.refuse(id, e);
         }
         let max = self.node.config().client.history_max_publication_limit;

@@ -389,8 +389,8 @@ impl Session {
                 .closing_reason()
                 .unwrap_or(Disconnect::CONNECTION_CLOSED);
             self.node
-                .handler()
-                .on_lifecycle(crate::handler::LifecycleEvent::Disconnected {
+                .hooks()
+                .lifecycle(crate::handler::LifecycleEvent::Disconnected {
                     client: self.client.id.clone(),
                     user: conn.ctx.user.clone(),
                     code: d.code,
@@ -410,8 +410,8 @@ fn at_unix(secs: i64) -> tokio::time::Instant {
 
 /// Reports an unsubscribe (the connection stays) to the lifecycle hook.
 fn emit_unsubscribed(node: &Node, client: &ClientHandle, user: &Arc<str>, channel: &Arc<str>) {
-    node.handler()
-        .on_lifecycle(crate::handler::LifecycleEvent::Unsubscribed {
+    node.hooks()
+        .lifecycle(crate::handler::LifecycleEvent::Unsubscribed {
             client: client.id.clone(),
             user: user.clone(),
             channel: channel.clone(),

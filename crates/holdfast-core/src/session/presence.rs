@@ -33,7 +33,7 @@ impl Session {
             subscribed: conn.subs.contains_key(channel),
         };
         let ctx = conn.ctx.clone();
-        if let Err(e) = self.node.handler().on_presence(&ctx, &ev).await {
+        if let Err(e) = self.node.hooks().channels.on_presence(&ctx, &ev).await {
             return self.refuse(id, e);
         }
         let store = self.node.presence_store();

@@ -31,7 +31,13 @@ impl Session {
         };
         let info = sub.map_or_else(|| conn.info.clone(), |s| s.info.clone());
         let ctx = conn.ctx.clone();
-        let decision = match self.node.handler().on_publish(&ctx, &ev, &data).await {
+        let decision = match self
+            .node
+            .hooks()
+            .channels
+            .on_publish(&ctx, &ev, &data)
+            .await
+        {
             Ok(d) => d,
             Err(e) => return self.refuse(id, e),
         };

@@ -9,7 +9,7 @@ impl Session {
             return Err(Disconnect::BAD_REQUEST);
         }
         let ctx = self.conn()?.ctx.clone();
-        let decision = match self.node.handler().on_refresh(&ctx, token).await {
+        let decision = match self.node.hooks().refresh.on_refresh(&ctx, token).await {
             Ok(d) => d,
             Err(e) => return self.refuse(id, e),
         };
@@ -46,7 +46,8 @@ impl Session {
         let ctx = self.conn()?.ctx.clone();
         let decision = match self
             .node
-            .handler()
+            .hooks()
+            .channels
             .on_sub_refresh(&ctx, channel, token)
             .await
         {
@@ -100,7 +101,13 @@ impl Session {
                 expired.push(ch);
                 continue;
             }
-            match self.node.handler().on_server_sub_refresh(&ctx, &ch).await {
+            match self
+                .node
+                .hooks()
+                .channels
+                .on_server_sub_refresh(&ctx, &ch)
+                .await
+            {
                 Ok(r) if r.expired => expired.push(ch),
                 Ok(r) => {
                     if let Ok(conn) = self.conn_mut()
@@ -150,7 +157,7 @@ impl Session {
             return;
         }
         let ctx = conn.ctx.clone();
-        let res = self.node.handler().on_server_refresh(&ctx).await;
+        let res = self.node.hooks().refresh.on_server_refresh(&ctx).await;
         let State::Connected(conn) = &mut self.state else {
             return;
         };

@@ -5,7 +5,7 @@ use super::*;
 impl Session {
     pub(super) async fn send(&mut self, data: Bytes) -> Result<(), Disconnect> {
         let ctx = self.conn()?.ctx.clone();
-        match self.node.handler().on_send(&ctx, &data).await {
+        match self.node.hooks().rpc.on_send(&ctx, &data).await {
             Ok(()) => Ok(()),
             Err(HandlerError::Disconnect(d)) => Err(d),
             Err(HandlerError::Reply(e)) => {
@@ -29,7 +29,7 @@ impl Session {
             return Ok(());
         }
         let ctx = self.conn()?.ctx.clone();
-        match self.node.handler().on_rpc(&ctx, method, &data).await {
+        match self.node.hooks().rpc.on_rpc(&ctx, method, &data).await {
             Ok(data) => {
                 self.reply(id, ReplyBody::Rpc(data));
                 Ok(())

@@ -39,7 +39,7 @@ impl Session {
             options: &resolved.options,
             private: resolved.private,
         };
-        let decision = match self.node.handler().on_subscribe(&ctx, &ev).await {
+        let decision = match self.node.hooks().channels.on_subscribe(&ctx, &ev).await {
             Ok(d) => d,
             Err(e) => return self.refuse(id, e),
         };
@@ -57,8 +57,14 @@ impl Session {
         let wants_history_perm = history
             && ((req.recoverable && !options.force_recovery && !options.allow_recovery)
                 || (req.positioned && !options.force_positioning && !options.allow_positioning));
-        let history_perm =
-            wants_history_perm && self.node.handler().on_history(&ctx, &chan_ev).await.is_ok();
+        let history_perm = wants_history_perm
+            && self
+                .node
+                .hooks()
+                .channels
+                .on_history(&ctx, &chan_ev)
+                .await
+                .is_ok();
         let recoverable = history
             && (options.force_recovery
                 || (req.recoverable && (options.allow_recovery || history_perm)));
@@ -71,7 +77,8 @@ impl Session {
                 || (req.join_leave
                     && self
                         .node
-                        .handler()
+                        .hooks()
+                        .channels
                         .on_presence(&ctx, &chan_ev)
                         .await
                         .is_ok()));
