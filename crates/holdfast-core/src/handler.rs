@@ -56,7 +56,8 @@ pub struct ClientContext {
 }
 
 /// Per-channel option overrides from a token or hook (`{"presence":{"value":true}}` in JWTs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ChannelOverride {
     /// Override `presence`.
     pub presence: Option<bool>,

@@ -3,6 +3,13 @@
 //!
 //! Fan-out encodes a publication once and pushes the same bytes into each subscriber's outbox
 //! with a non-blocking call; it never waits on a client.
+//!
+//! Lock order (every lock is a short, synchronous critical section; none is held across an
+//! await): a channel shard of the hub (`channels`, read for fan-out, written to add or remove a
+//! subscriber) → one subscription's state (`Subscription::state`) → that client's outbox
+//! (`ClientHandle::send`) → that client's control queue (`ClientHandle::push_control`, when a
+//! gap ends a subscription). The user and client maps (`users`, `clients`) are taken alone,
+//! never while any of the above is held.
 
 use crate::client::{ClientHandle, Control};
 use crate::engine::BrokerHandler;

@@ -9,6 +9,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod glob;
 pub mod handler;
 pub mod hub;
 pub mod limit;
@@ -16,6 +17,7 @@ pub mod node;
 pub mod session;
 pub mod shard;
 pub mod testing;
+pub mod time;
 pub mod transport;
 mod wake;
 

@@ -546,7 +546,7 @@ fn claims(token: &str) -> Result<serde_json::Map<String, Value>, TokenError> {
 
 fn exp_of(c: &serde_json::Map<String, Value>) -> Result<(Option<i64>, Option<i64>), TokenError> {
     let exp = c.get("exp").and_then(Value::as_i64);
-    if exp.is_some_and(|e| e <= crate::node::unix_secs()) {
+    if exp.is_some_and(|e| e <= crate::time::unix_secs()) {
         return Err(TokenError::Expired);
     }
     Ok((exp, c.get("expire_at").and_then(Value::as_i64)))
@@ -595,7 +595,7 @@ impl TokenVerifier for JsonTokens {
 pub fn token(user: &str, ttl: Option<i64>) -> String {
     let mut c = json!({ "sub": user });
     if let Some(ttl) = ttl {
-        c["exp"] = json!(crate::node::unix_secs() + ttl);
+        c["exp"] = json!(crate::time::unix_secs() + ttl);
     }
     c.to_string()
 }

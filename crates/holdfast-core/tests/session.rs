@@ -220,7 +220,7 @@ async fn an_expired_subscription_token_unsubscribes_with_2501() {
     let (node, _) = testing::node(config());
     let mut c = user(&node, "u").await;
     let sub_tok =
-        json!({"sub": "u", "channel": "$secret", "exp": holdfast_core::node::unix_secs() + 30});
+        json!({"sub": "u", "channel": "$secret", "exp": holdfast_core::time::unix_secs() + 30});
     let r = c
         .call(
             "subscribe",

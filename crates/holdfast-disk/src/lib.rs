@@ -83,7 +83,7 @@ impl DiskConfig {
 }
 
 fn unix_ms() -> i64 {
-    holdfast_core::node::unix_ms()
+    holdfast_core::time::unix_ms()
 }
 
 /// A wall-clock deadline for the log from a monotonic one.

@@ -7,6 +7,41 @@
 use std::borrow::Cow;
 use std::fmt;
 
+/// The numbers of the error codes, by name (the [`ErrorReply`] constants carry them with their
+/// messages).
+pub mod error_code {
+    /// 100: the server failed; temporary.
+    pub const INTERNAL: u32 = 100;
+    /// 101
+    pub const UNAUTHORIZED: u32 = 101;
+    /// 102: the channel's namespace is not configured.
+    pub const UNKNOWN_CHANNEL: u32 = 102;
+    /// 103
+    pub const PERMISSION_DENIED: u32 = 103;
+    /// 104
+    pub const METHOD_NOT_FOUND: u32 = 104;
+    /// 105
+    pub const ALREADY_SUBSCRIBED: u32 = 105;
+    /// 106
+    pub const LIMIT_EXCEEDED: u32 = 106;
+    /// 107
+    pub const BAD_REQUEST: u32 = 107;
+    /// 108: the feature is off.
+    pub const NOT_AVAILABLE: u32 = 108;
+    /// 109
+    pub const TOKEN_EXPIRED: u32 = 109;
+    /// 110
+    pub const EXPIRED: u32 = 110;
+    /// 111: temporary.
+    pub const TOO_MANY_REQUESTS: u32 = 111;
+    /// 112
+    pub const UNRECOVERABLE_POSITION: u32 = 112;
+    /// 113: map subscriptions (temporary).
+    pub const CONCURRENT_PAGINATION: u32 = 113;
+}
+
+use error_code as c;
+
 /// An error in a command reply: `{"code":103,"message":"permission denied"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
@@ -28,6 +63,13 @@ impl ErrorReply {
         }
     }
 
+    /// The same code with another message (`bad request: channel too long`).
+    #[must_use]
+    pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// The same error marked temporary.
     #[must_use]
     pub fn temporary(mut self) -> Self {
@@ -44,31 +86,35 @@ impl ErrorReply {
     }
 
     /// 100: the server failed; the client may retry.
-    pub const INTERNAL: Self = Self::fixed(100, "internal server error", true);
+    pub const INTERNAL: Self = Self::fixed(c::INTERNAL, "internal server error", true);
     /// 101
-    pub const UNAUTHORIZED: Self = Self::fixed(101, "unauthorized", false);
+    pub const UNAUTHORIZED: Self = Self::fixed(c::UNAUTHORIZED, "unauthorized", false);
     /// 102: the channel's namespace is not configured.
-    pub const UNKNOWN_CHANNEL: Self = Self::fixed(102, "unknown channel", false);
+    pub const UNKNOWN_CHANNEL: Self = Self::fixed(c::UNKNOWN_CHANNEL, "unknown channel", false);
     /// 103
-    pub const PERMISSION_DENIED: Self = Self::fixed(103, "permission denied", false);
+    pub const PERMISSION_DENIED: Self =
+        Self::fixed(c::PERMISSION_DENIED, "permission denied", false);
     /// 104
-    pub const METHOD_NOT_FOUND: Self = Self::fixed(104, "method not found", false);
+    pub const METHOD_NOT_FOUND: Self = Self::fixed(c::METHOD_NOT_FOUND, "method not found", false);
     /// 105
-    pub const ALREADY_SUBSCRIBED: Self = Self::fixed(105, "already subscribed", false);
+    pub const ALREADY_SUBSCRIBED: Self =
+        Self::fixed(c::ALREADY_SUBSCRIBED, "already subscribed", false);
     /// 106
-    pub const LIMIT_EXCEEDED: Self = Self::fixed(106, "limit exceeded", false);
+    pub const LIMIT_EXCEEDED: Self = Self::fixed(c::LIMIT_EXCEEDED, "limit exceeded", false);
     /// 107
-    pub const BAD_REQUEST: Self = Self::fixed(107, "bad request", false);
+    pub const BAD_REQUEST: Self = Self::fixed(c::BAD_REQUEST, "bad request", false);
     /// 108: the feature is off (no presence, no history, no RPC handler).
-    pub const NOT_AVAILABLE: Self = Self::fixed(108, "not available", false);
+    pub const NOT_AVAILABLE: Self = Self::fixed(c::NOT_AVAILABLE, "not available", false);
     /// 109: the token's `exp` has passed; the client fetches a new token.
-    pub const TOKEN_EXPIRED: Self = Self::fixed(109, "token expired", false);
+    pub const TOKEN_EXPIRED: Self = Self::fixed(c::TOKEN_EXPIRED, "token expired", false);
     /// 110
-    pub const EXPIRED: Self = Self::fixed(110, "expired", false);
+    pub const EXPIRED: Self = Self::fixed(c::EXPIRED, "expired", false);
     /// 111
-    pub const TOO_MANY_REQUESTS: Self = Self::fixed(111, "too many requests", true);
+    pub const TOO_MANY_REQUESTS: Self =
+        Self::fixed(c::TOO_MANY_REQUESTS, "too many requests", true);
     /// 112
-    pub const UNRECOVERABLE_POSITION: Self = Self::fixed(112, "unrecoverable position", false);
+    pub const UNRECOVERABLE_POSITION: Self =
+        Self::fixed(c::UNRECOVERABLE_POSITION, "unrecoverable position", false);
 }
 
 impl fmt::Display for ErrorReply {

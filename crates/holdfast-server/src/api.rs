@@ -61,25 +61,24 @@ impl From<ErrorReply> for ApiError {
 type ApiResult = Result<Vec<u8>, ApiError>;
 
 fn bad(msg: &str) -> ApiError {
-    ApiError::Reply(ErrorReply::new(107, format!("bad request: {msg}")))
+    ApiError::Reply(ErrorReply::BAD_REQUEST.with_message(format!("bad request: {msg}")))
 }
 
 /// HTTP status of an error in transport error mode.
 fn status_of(code: u32) -> StatusCode {
+    use holdfast_protocol::code::error_code as c;
     match code {
-        100 => StatusCode::INTERNAL_SERVER_ERROR,
-        101 => StatusCode::UNAUTHORIZED,
-        102 | 104 => StatusCode::NOT_FOUND,
-        103 => StatusCode::FORBIDDEN,
-        105 | 113 => StatusCode::CONFLICT,
-        106 | 111 => StatusCode::TOO_MANY_REQUESTS,
-        112 => StatusCode::RANGE_NOT_SATISFIABLE,
+        c::INTERNAL => StatusCode::INTERNAL_SERVER_ERROR,
+        c::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+        c::UNKNOWN_CHANNEL | c::METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
+        c::PERMISSION_DENIED => StatusCode::FORBIDDEN,
+        c::ALREADY_SUBSCRIBED | c::CONCURRENT_PAGINATION => StatusCode::CONFLICT,
+        c::LIMIT_EXCEEDED | c::TOO_MANY_REQUESTS => StatusCode::TOO_MANY_REQUESTS,
+        c::UNRECOVERABLE_POSITION => StatusCode::RANGE_NOT_SATISFIABLE,
         _ => StatusCode::BAD_REQUEST,
     }
 }
 
-/// The API key a request presents, when it is accepted (`Some("")` in insecure mode without
-/// one); `None` when the request is unauthorized.
 fn authorized(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Option<String> {
     let cfg = &state.config.http_api;
     let given = headers
@@ -227,7 +226,7 @@ async fn call(
         "unknown".to_owned()
     };
     let res = if method == "unknown" {
-        Err(ApiError::Reply(ErrorReply::new(104, "method not found")))
+        Err(ApiError::Reply(ErrorReply::METHOD_NOT_FOUND))
     } else {
         execute(&state, &method, &body, true).await
     };
@@ -265,7 +264,7 @@ async fn legacy(State(state): State<Arc<AppState>>, req: Request) -> Response {
         "unknown".to_owned()
     };
     let res = if method == "unknown" {
-        Err(ApiError::Reply(ErrorReply::new(104, "method not found")))
+        Err(ApiError::Reply(ErrorReply::METHOD_NOT_FOUND))
     } else {
         execute(&state, &method, params.as_bytes(), true).await
     };
@@ -469,7 +468,7 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             out.extend_from_slice(b"]}");
             Ok(out)
         }
-        _ => Err(ApiError::Reply(ErrorReply::new(104, "method not found"))),
+        _ => Err(ApiError::Reply(ErrorReply::METHOD_NOT_FOUND)),
     }
 }
 
@@ -612,7 +611,10 @@ fn envelope(out: &mut Vec<u8>, res: ApiResult, key: &str) {
         }
         Err(ApiError::Decode(m)) => {
             out.extend_from_slice(b"{\"error\":");
-            write_error(out, &ErrorReply::new(107, format!("bad request: {m}")));
+            write_error(
+                out,
+                &ErrorReply::BAD_REQUEST.with_message(format!("bad request: {m}")),
+            );
             out.push(b'}');
         }
     }
@@ -798,13 +800,13 @@ async fn batch_command(state: &AppState, cmd: &BTreeMap<String, &RawValue>) -> (
         ),
         (Some((m, _)), None) => (
             m.clone(),
-            Err(ApiError::Reply(ErrorReply::new(104, "method not found"))),
+            Err(ApiError::Reply(ErrorReply::METHOD_NOT_FOUND)),
         ),
         _ => (String::new(), Err(bad("a command has exactly one method"))),
     }
 }
 
-pub use holdfast_core::node::glob_match;
+pub use holdfast_core::glob::glob_match;
 
 #[cfg(test)]
 mod tests {

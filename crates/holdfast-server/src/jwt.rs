@@ -198,7 +198,7 @@ impl KeySet {
         } else {
             match alg {
                 Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                    let now = holdfast_core::node::unix_secs();
+                    let now = holdfast_core::time::unix_secs();
                     self.hmac
                         .iter()
                         .filter(|(_, until)| until.is_none_or(|u| now < u))
@@ -415,7 +415,7 @@ mod tests {
     #[tokio::test]
     async fn connect_claims() {
         let v = verifier();
-        let now = holdfast_core::node::unix_secs();
+        let now = holdfast_core::time::unix_secs();
         let t = sign_hs256(
             "secret",
             &json!({"sub":"42","exp":now+60,"info":{"name":"Alex"},"channels":["news"],
@@ -433,7 +433,7 @@ mod tests {
     #[tokio::test]
     async fn bad_tokens() {
         let v = verifier();
-        let now = holdfast_core::node::unix_secs();
+        let now = holdfast_core::time::unix_secs();
         let expired = sign_hs256("secret", &json!({"sub":"1","exp":now-5})).expect("sign");
         assert_eq!(
             v.verify_connect(&expired).await.unwrap_err(),

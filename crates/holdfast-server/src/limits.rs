@@ -289,7 +289,7 @@ pub fn origin_allowed(patterns: &[String], origin: Option<&str>, host: Option<&s
     }
     patterns.iter().any(|p| {
         p == "*"
-            || holdfast_core::node::glob_match(p.to_ascii_lowercase().as_bytes(), origin.as_bytes())
+            || holdfast_core::glob::glob_match(p.to_ascii_lowercase().as_bytes(), origin.as_bytes())
     })
 }
 

@@ -298,7 +298,7 @@ fn main() -> anyhow::Result<()> {
             }
             let mut claims = serde_json::json!({ "sub": user });
             if ttl > 0 {
-                claims["exp"] = serde_json::json!(holdfast_core::node::unix_secs() + ttl);
+                claims["exp"] = serde_json::json!(holdfast_core::time::unix_secs() + ttl);
             }
             if let Some(ch) = channel {
                 claims["channel"] = serde_json::json!(ch);
@@ -378,7 +378,7 @@ fn main() -> anyhow::Result<()> {
                     let aside = std::path::PathBuf::from(format!(
                         "{}.reset-{}",
                         path.display(),
-                        holdfast_core::node::unix_secs()
+                        holdfast_core::time::unix_secs()
                     ));
                     std::fs::rename(&path, &aside)
                         .with_context(|| format!("moving {} aside", path.display()))?;

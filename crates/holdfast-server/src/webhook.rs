@@ -88,7 +88,7 @@ impl Webhooks {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         v["type"] = json!(kind);
         v["id"] = json!(format!("{}-{n}", self.node));
-        v["time"] = json!(holdfast_core::node::unix_ms());
+        v["time"] = json!(holdfast_core::time::unix_ms());
         if self.tx.try_send(v).is_err() {
             let d = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             metrics::counter!("holdfast_webhook_dropped_total").increment(1);

@@ -40,7 +40,7 @@ async fn forged_and_misused_connection_tokens_are_refused() {
     let (mut watcher, _) = srv.connected("watcher").await;
     watcher.call("subscribe", json!({"channel": "w"})).await;
 
-    let now = holdfast_core::node::unix_secs();
+    let now = holdfast_core::time::unix_secs();
     // alg none: header and claims, no signature.
     let none = format!(
         "{}.{}.",

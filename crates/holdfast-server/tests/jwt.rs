@@ -154,7 +154,7 @@ async fn server_accepts_rsa_tokens_end_to_end() {
 #[tokio::test]
 async fn hmac_key_rotation_for_connection_and_subscription_tokens() {
     use holdfast_core::config::SubscriptionTokenConfig;
-    let now = holdfast_core::node::unix_secs();
+    let now = holdfast_core::time::unix_secs();
     let conn = TokenConfig {
         hmac_secret_key: "new-secret".into(),
         hmac_previous_secret_key: "old-secret".into(),

@@ -404,14 +404,14 @@ async fn refresh_and_sub_refresh_proxies() {
     let (b, url) = backend().await;
     let extra = format!("[client.proxy.refresh]\nenabled = true\nendpoint = \"{url}/refresh\"\n");
     let srv = TestServer::start(config_from(&cfg(&url, &extra))).await;
-    let soon = holdfast_core::node::unix_secs() + 1;
+    let soon = holdfast_core::time::unix_secs() + 1;
     b.set(
         "/connect",
         Answer::Json(json!({"result": {"user": "r", "expire_at": soon}})),
     );
     b.set(
         "/refresh",
-        Answer::Json(json!({"result": {"expire_at": holdfast_core::node::unix_secs() + 3600}})),
+        Answer::Json(json!({"result": {"expire_at": holdfast_core::time::unix_secs() + 3600}})),
     );
     let (mut c, r) = connect_via_proxy(&srv, &[]).await;
     assert!(
@@ -423,7 +423,7 @@ async fn refresh_and_sub_refresh_proxies() {
     // Subscription refresh: expires in 1s, the proxy says expired → unsubscribe 2501.
     b.set(
         "/subscribe",
-        Answer::Json(json!({"result": {"expire_at": holdfast_core::node::unix_secs() + 1}})),
+        Answer::Json(json!({"result": {"expire_at": holdfast_core::time::unix_secs() + 1}})),
     );
     b.set(
         "/sub_refresh",
@@ -443,7 +443,7 @@ async fn refresh_and_sub_refresh_proxies() {
     b.set(
         "/connect",
         Answer::Json(
-            json!({"result": {"user": "r2", "expire_at": holdfast_core::node::unix_secs() + 1}}),
+            json!({"result": {"user": "r2", "expire_at": holdfast_core::time::unix_secs() + 1}}),
         ),
     );
     let (mut d, _) = connect_via_proxy(&srv, &[]).await;

@@ -247,3 +247,17 @@ pub fn new_epoch() -> Arc<str> {
         .collect();
     s.into()
 }
+
+/// Maps an engine failure to the client/API error.
+pub fn engine_error(e: EngineError) -> holdfast_protocol::ErrorReply {
+    match e {
+        EngineError::UnrecoverablePosition => holdfast_protocol::ErrorReply::UNRECOVERABLE_POSITION,
+        EngineError::Limit(_) => holdfast_protocol::ErrorReply::LIMIT_EXCEEDED,
+        // Code 100 as Centrifugo; the message says what failed (a full disk, Redis down).
+        EngineError::Unavailable(why) => holdfast_protocol::ErrorReply::new(
+            100,
+            format!("internal server error: engine unavailable: {why}"),
+        )
+        .temporary(),
+    }
+}

@@ -151,7 +151,7 @@ impl Session {
             ping,
             pong,
             time: if cfg.client.connect_include_server_time {
-                crate::node::unix_ms()
+                crate::time::unix_ms()
             } else {
                 0
             },

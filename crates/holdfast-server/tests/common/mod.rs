@@ -181,7 +181,7 @@ impl TestServer {
 pub fn token(user: &str, ttl: Option<i64>, extra: Value) -> String {
     let mut claims = json!({ "sub": user });
     if let Some(ttl) = ttl {
-        claims["exp"] = json!(holdfast_core::node::unix_secs() + ttl);
+        claims["exp"] = json!(holdfast_core::time::unix_secs() + ttl);
     }
     if let Value::Object(m) = extra {
         for (k, v) in m {
