@@ -45,16 +45,6 @@ pub struct ClientConfig {
     pub channel_limit: usize,
     /// Maximum connections per user on this node (0 = unlimited; 3504).
     pub user_connection_limit: usize,
-    /// Maximum connections on this node (0 = unlimited); upgrades beyond it get HTTP 503.
-    pub connection_limit: usize,
-    /// Maximum concurrent connections from one IP address (0 = unlimited); HTTP 429 beyond.
-    pub connection_limit_per_ip: usize,
-    /// WebSocket upgrade attempts per second from one IP address (0 = unlimited); HTTP 429.
-    pub connection_rate_limit_per_ip: u32,
-    /// Browser origins allowed to open connections: exact origins or `*` patterns such as
-    /// `https://*.example.com`. Empty = same host only (the `Origin` host must equal `Host`).
-    /// Requests without an `Origin` header (non-browser clients) are always allowed.
-    pub allowed_origins: Vec<String>,
     /// Commands a connection may send per second on average (0 = unlimited); excess gets 111.
     pub command_rate_limit: u32,
     /// Commands a connection may send at once above the average rate.
@@ -77,81 +67,6 @@ pub struct ClientConfig {
     pub delivery_cursor_confirm_delay: Duration,
     /// Server-side subscription to the user's personal channel.
     pub subscribe_to_user_personal_channel: PersonalChannelConfig,
-    /// JWT verification settings (used by the standalone server's token verifier).
-    pub token: TokenConfig,
-    /// Separate keys for subscription tokens.
-    pub subscription_token: SubscriptionTokenConfig,
-    /// Connect and refresh proxies (HTTP hooks to the application backend).
-    pub proxy: ClientProxyConfig,
-}
-
-/// `client.proxy.*`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ClientProxyConfig {
-    /// Decides connections that come without a token.
-    pub connect: ProxyConfig,
-    /// Renews expiring connections on the server side.
-    pub refresh: ProxyConfig,
-}
-
-/// One HTTP proxy endpoint (also the element type of the top-level `proxies` list).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ProxyConfig {
-    /// Name (for the `proxies` list and `*_proxy_name` options).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub name: String,
-    /// Used (for `client.proxy.*`; channel and RPC proxies are enabled per namespace).
-    pub enabled: bool,
-    /// URL the JSON request is POSTed to.
-    pub endpoint: String,
-    /// Longest wait for the answer.
-    #[serde(with = "duration")]
-    pub timeout: Duration,
-    /// Headers of the client's upgrade request to forward (names, any case).
-    pub http_headers: Vec<String>,
-    /// Include the connection's token `meta` in requests.
-    pub include_connection_meta: bool,
-    /// Requests in flight at most; beyond, commands get error 111 (too many requests).
-    pub max_in_flight: usize,
-    /// HTTP options.
-    pub http: ProxyHttpConfig,
-}
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        Self {
-            name: String::new(),
-            enabled: false,
-            endpoint: String::new(),
-            timeout: Duration::from_secs(1),
-            http_headers: Vec::new(),
-            include_connection_meta: false,
-            max_in_flight: 1000,
-            http: ProxyHttpConfig::default(),
-        }
-    }
-}
-
-/// `*.http.*` of a proxy.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ProxyHttpConfig {
-    /// Headers added to every request (e.g. a shared secret).
-    pub static_headers: std::collections::BTreeMap<String, String>,
-}
-
-/// `channel.proxy.*`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ChannelProxyConfig {
-    /// Decides subscriptions in namespaces with `subscribe_proxy_enabled`.
-    pub subscribe: ProxyConfig,
-    /// Decides (and may rewrite) publications in namespaces with `publish_proxy_enabled`.
-    pub publish: ProxyConfig,
-    /// Renews expiring subscriptions in namespaces with `sub_refresh_proxy_enabled`.
-    pub sub_refresh: ProxyConfig,
 }
 
 impl Default for ClientConfig {
@@ -167,10 +82,6 @@ impl Default for ClientConfig {
             expired_sub_close_delay: Duration::from_secs(25),
             channel_limit: 128,
             user_connection_limit: 0,
-            connection_limit: 0,
-            connection_limit_per_ip: 0,
-            connection_rate_limit_per_ip: 0,
-            allowed_origins: Vec::new(),
             command_rate_limit: 100,
             command_burst: 200,
             command_excess_disconnect: 50,
@@ -180,9 +91,6 @@ impl Default for ClientConfig {
             connect_include_server_time: false,
             delivery_cursor_confirm_delay: Duration::from_millis(500),
             subscribe_to_user_personal_channel: PersonalChannelConfig::default(),
-            token: TokenConfig::default(),
-            subscription_token: SubscriptionTokenConfig::default(),
-            proxy: ClientProxyConfig::default(),
         }
     }
 }
@@ -199,73 +107,6 @@ pub struct PersonalChannelConfig {
     pub single_connection: bool,
 }
 
-/// `client.token.*`: how connection (and, by default, subscription) tokens are verified.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct TokenConfig {
-    /// HMAC secret for HS256/384/512.
-    pub hmac_secret_key: String,
-    /// Previous HMAC secret, accepted during key rotation.
-    pub hmac_previous_secret_key: String,
-    /// Unix time after which the previous secret is no longer accepted (0 = forever).
-    pub hmac_previous_secret_key_valid_until: i64,
-    /// PEM public key for RS256/384/512.
-    pub rsa_public_key: String,
-    /// PEM public key for ES256/384.
-    pub ecdsa_public_key: String,
-    /// JWKS endpoint; when set, all tokens are verified through it.
-    pub jwks_public_endpoint: String,
-    /// Required `aud` claim (empty = not checked).
-    pub audience: String,
-    /// Required `iss` claim (empty = not checked).
-    pub issuer: String,
-    /// Claim holding the user id instead of `sub`.
-    pub user_id_claim: String,
-}
-
-/// `client.subscription_token.*`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct SubscriptionTokenConfig {
-    /// Use the keys below for subscription tokens instead of `client.token`.
-    pub enabled: bool,
-    /// HMAC secret for subscription tokens.
-    pub hmac_secret_key: String,
-    /// Previous HMAC secret for subscription tokens, accepted during key rotation.
-    pub hmac_previous_secret_key: String,
-    /// Unix time after which the previous subscription secret is refused (0 = no limit).
-    pub hmac_previous_secret_key_valid_until: i64,
-    /// PEM RSA public key for subscription tokens.
-    pub rsa_public_key: String,
-    /// PEM ECDSA public key for subscription tokens.
-    pub ecdsa_public_key: String,
-    /// JWKS endpoint for subscription tokens.
-    pub jwks_public_endpoint: String,
-    /// Required `aud` claim.
-    pub audience: String,
-    /// Required `iss` claim.
-    pub issuer: String,
-    /// Claim holding the user id instead of `sub`.
-    pub user_id_claim: String,
-}
-
-impl SubscriptionTokenConfig {
-    /// The settings as a [`TokenConfig`].
-    pub fn as_token_config(&self) -> TokenConfig {
-        TokenConfig {
-            hmac_secret_key: self.hmac_secret_key.clone(),
-            hmac_previous_secret_key: self.hmac_previous_secret_key.clone(),
-            hmac_previous_secret_key_valid_until: self.hmac_previous_secret_key_valid_until,
-            rsa_public_key: self.rsa_public_key.clone(),
-            ecdsa_public_key: self.ecdsa_public_key.clone(),
-            jwks_public_endpoint: self.jwks_public_endpoint.clone(),
-            audience: self.audience.clone(),
-            issuer: self.issuer.clone(),
-            user_id_claim: self.user_id_claim.clone(),
-        }
-    }
-}
-
 /// `channel.*`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -279,8 +120,6 @@ pub struct ChannelConfig {
     pub history_meta_ttl: Duration,
     /// Longest channel name accepted (107 beyond).
     pub max_length: usize,
-    /// Default channel proxies.
-    pub proxy: ChannelProxyConfig,
 }
 
 impl Default for ChannelConfig {
@@ -290,7 +129,6 @@ impl Default for ChannelConfig {
             namespaces: Vec::new(),
             history_meta_ttl: Duration::from_secs(720 * 3600),
             max_length: 255,
-            proxy: ChannelProxyConfig::default(),
         }
     }
 }
@@ -428,14 +266,6 @@ impl NodeConfig {
                 "client.command_excess_disconnect".into(),
                 "must be at least 1 when client.command_rate_limit is set",
             );
-        }
-        for (i, o) in c.allowed_origins.iter().enumerate() {
-            if o.is_empty() || o.len() > 512 || o.chars().any(|ch| ch.is_whitespace()) {
-                err(
-                    format!("client.allowed_origins[{i}]"),
-                    "must be an origin such as https://app.example.com, a pattern such as https://*.example.com, or *",
-                );
-            }
         }
         let check = |prefix: &str, o: &ChannelOptions, errs: &mut Vec<ConfigError>| {
             let mut e = |k: &str, p: &str| {

@@ -35,12 +35,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-/// Redis engine settings (`engine.redis.*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Redis engine settings (`engine.redis.*`, deserialised from the server's configuration as
+/// they are).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RedisConfig {
     /// `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS is not built in), one per
     /// independent instance (channels are spread over them), or a single
-    /// `redis+cluster://host:port[,host:port…]` naming seed nodes of a Redis Cluster.
+    /// `redis+cluster://host:port[,host:port…]` naming seed nodes of a Redis Cluster. In the
+    /// configuration `address`: one string or a list.
+    #[serde(rename = "address", deserialize_with = "one_or_many")]
     pub addresses: Vec<String>,
     /// Prefix of every key and pub/sub channel (several Holdfast clusters can share a Redis).
     pub prefix: String,
@@ -50,13 +54,37 @@ pub struct RedisConfig {
     /// Pub/sub connections per instance (channels hashed over them).
     pub pubsub_shards: usize,
     /// Connect timeout.
+    #[serde(with = "holdfast_core::config::duration")]
     pub connect_timeout: Duration,
     /// Command timeout: a publish against an unreachable Redis fails after at most this.
+    #[serde(with = "holdfast_core::config::duration")]
     pub command_timeout: Duration,
     /// How often each pub/sub connection is probed.
+    #[serde(with = "holdfast_core::config::duration")]
     pub ping_interval: Duration,
     /// Presence entries expire this long after their node last refreshed them.
+    #[serde(with = "holdfast_core::config::duration")]
     pub presence_ttl: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self::new(vec!["redis://127.0.0.1:6379".into()])
+    }
+}
+
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl RedisConfig {

@@ -134,7 +134,7 @@ async fn admit(state: &AppState, req: Request) -> Result<(Bytes, bool), Response
             "API rate limit exceeded (http_api.rate_limit)",
         ));
     }
-    let transport_mode = state.config.http_api.error_mode == "transport"
+    let transport_mode = state.config.http_api.error_mode == crate::config::ErrorMode::Transport
         || parts
             .headers
             .get("x-centrifugo-error-mode")

@@ -2,9 +2,7 @@
 //! variables, then command-line overrides. Key names follow Centrifugo v6.
 
 use anyhow::{Context, bail};
-use holdfast_core::config::{
-    ChannelConfig, ClientConfig, ConfigError, NodeConfig, ProxyConfig, duration,
-};
+use holdfast_core::config::{ConfigError, NodeConfig, duration};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -43,6 +41,207 @@ pub struct Config {
     pub proxies: Vec<ProxyConfig>,
     /// Lifecycle webhooks (a Holdfast extension).
     pub webhooks: WebhookConfig,
+}
+
+/// `client.*`: the node's settings (session timers, limits, personal channel: reached through
+/// `Deref`, as `config.client.ping_interval`) and the server's (token keys, proxy endpoints,
+/// browser origins, per-node and per-IP connection limits), in one table as Centrifugo has it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ClientConfig {
+    /// The node's part.
+    #[serde(flatten)]
+    pub node: holdfast_core::config::ClientConfig,
+    /// Maximum connections on this node (0 = unlimited); upgrades beyond it get HTTP 503.
+    pub connection_limit: usize,
+    /// Maximum concurrent connections from one IP address (0 = unlimited); HTTP 429 beyond.
+    pub connection_limit_per_ip: usize,
+    /// WebSocket upgrade attempts per second from one IP address (0 = unlimited); HTTP 429.
+    pub connection_rate_limit_per_ip: u32,
+    /// Browser origins allowed to open connections: exact origins or `*` patterns such as
+    /// `https://*.example.com`. Empty = same host only (the `Origin` host must equal `Host`).
+    /// Requests without an `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// JWT verification settings.
+    pub token: TokenConfig,
+    /// Separate keys for subscription tokens.
+    pub subscription_token: SubscriptionTokenConfig,
+    /// Connect and refresh proxies (HTTP hooks to the application backend).
+    pub proxy: ClientProxyConfig,
+}
+
+impl std::ops::Deref for ClientConfig {
+    type Target = holdfast_core::config::ClientConfig;
+    fn deref(&self) -> &Self::Target {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for ClientConfig {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.node
+    }
+}
+
+/// `channel.*`: the node's namespaces and options (through `Deref`) and the default channel
+/// proxy endpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ChannelConfig {
+    /// The node's part.
+    #[serde(flatten)]
+    pub node: holdfast_core::config::ChannelConfig,
+    /// Default channel proxies.
+    pub proxy: ChannelProxyConfig,
+}
+
+impl std::ops::Deref for ChannelConfig {
+    type Target = holdfast_core::config::ChannelConfig;
+    fn deref(&self) -> &Self::Target {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for ChannelConfig {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.node
+    }
+}
+
+/// `client.proxy.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ClientProxyConfig {
+    /// Decides connections that come without a token.
+    pub connect: ProxyConfig,
+    /// Renews expiring connections on the server side.
+    pub refresh: ProxyConfig,
+}
+
+/// One HTTP proxy endpoint (also the element type of the top-level `proxies` list).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ProxyConfig {
+    /// Name (for the `proxies` list and `*_proxy_name` options).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Used (for `client.proxy.*`; channel and RPC proxies are enabled per namespace).
+    pub enabled: bool,
+    /// URL the JSON request is POSTed to.
+    pub endpoint: String,
+    /// Longest wait for the answer.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Headers of the client's upgrade request to forward (names, any case).
+    pub http_headers: Vec<String>,
+    /// Include the connection's token `meta` in requests.
+    pub include_connection_meta: bool,
+    /// Requests in flight at most; beyond, commands get error 111 (too many requests).
+    pub max_in_flight: usize,
+    /// HTTP options.
+    pub http: ProxyHttpConfig,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            enabled: false,
+            endpoint: String::new(),
+            timeout: Duration::from_secs(1),
+            http_headers: Vec::new(),
+            include_connection_meta: false,
+            max_in_flight: 1000,
+            http: ProxyHttpConfig::default(),
+        }
+    }
+}
+
+/// `*.http.*` of a proxy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ProxyHttpConfig {
+    /// Headers added to every request (e.g. a shared secret).
+    pub static_headers: std::collections::BTreeMap<String, String>,
+}
+
+/// `channel.proxy.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ChannelProxyConfig {
+    /// Decides subscriptions in namespaces with `subscribe_proxy_enabled`.
+    pub subscribe: ProxyConfig,
+    /// Decides (and may rewrite) publications in namespaces with `publish_proxy_enabled`.
+    pub publish: ProxyConfig,
+    /// Renews expiring subscriptions in namespaces with `sub_refresh_proxy_enabled`.
+    pub sub_refresh: ProxyConfig,
+}
+
+/// `client.token.*`: how connection (and, by default, subscription) tokens are verified.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct TokenConfig {
+    /// HMAC secret for HS256/384/512.
+    pub hmac_secret_key: String,
+    /// Previous HMAC secret, accepted during key rotation.
+    pub hmac_previous_secret_key: String,
+    /// Unix time after which the previous secret is no longer accepted (0 = forever).
+    pub hmac_previous_secret_key_valid_until: i64,
+    /// PEM public key for RS256/384/512.
+    pub rsa_public_key: String,
+    /// PEM public key for ES256/384.
+    pub ecdsa_public_key: String,
+    /// JWKS endpoint; when set, all tokens are verified through it.
+    pub jwks_public_endpoint: String,
+    /// Required `aud` claim (empty = not checked).
+    pub audience: String,
+    /// Required `iss` claim (empty = not checked).
+    pub issuer: String,
+    /// Claim holding the user id instead of `sub`.
+    pub user_id_claim: String,
+}
+
+/// `client.subscription_token.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct SubscriptionTokenConfig {
+    /// Use the keys below for subscription tokens instead of `client.token`.
+    pub enabled: bool,
+    /// HMAC secret for subscription tokens.
+    pub hmac_secret_key: String,
+    /// Previous HMAC secret for subscription tokens, accepted during key rotation.
+    pub hmac_previous_secret_key: String,
+    /// Unix time after which the previous subscription secret is refused (0 = no limit).
+    pub hmac_previous_secret_key_valid_until: i64,
+    /// PEM RSA public key for subscription tokens.
+    pub rsa_public_key: String,
+    /// PEM ECDSA public key for subscription tokens.
+    pub ecdsa_public_key: String,
+    /// JWKS endpoint for subscription tokens.
+    pub jwks_public_endpoint: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Claim holding the user id instead of `sub`.
+    pub user_id_claim: String,
+}
+
+impl SubscriptionTokenConfig {
+    /// The settings as a [`TokenConfig`].
+    pub fn as_token_config(&self) -> TokenConfig {
+        TokenConfig {
+            hmac_secret_key: self.hmac_secret_key.clone(),
+            hmac_previous_secret_key: self.hmac_previous_secret_key.clone(),
+            hmac_previous_secret_key_valid_until: self.hmac_previous_secret_key_valid_until,
+            rsa_public_key: self.rsa_public_key.clone(),
+            ecdsa_public_key: self.ecdsa_public_key.clone(),
+            jwks_public_endpoint: self.jwks_public_endpoint.clone(),
+            audience: self.audience.clone(),
+            issuer: self.issuer.clone(),
+            user_id_claim: self.user_id_claim.clone(),
+        }
+    }
 }
 
 /// `rpc.*`
@@ -230,7 +429,7 @@ pub struct HttpApiConfig {
     /// No key check (development only).
     pub insecure: bool,
     /// `"transport"` maps API errors to HTTP statuses; default answers 200 with `{"error"}`.
-    pub error_mode: String,
+    pub error_mode: ErrorMode,
     /// Largest request body in bytes.
     pub max_body_size: usize,
     /// Authorized API requests per second (0 = unlimited); excess gets HTTP 429.
@@ -248,7 +447,7 @@ impl Default for HttpApiConfig {
         Self {
             key: String::new(),
             insecure: false,
-            error_mode: String::new(),
+            error_mode: ErrorMode::Envelope,
             max_body_size: 1 << 20,
             rate_limit: 0,
             rate_burst: 0,
@@ -257,101 +456,53 @@ impl Default for HttpApiConfig {
     }
 }
 
+/// `http_api.error_mode`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ErrorMode {
+    /// HTTP 200 with `{"error":…}` (`""`, Centrifugo's default).
+    #[default]
+    #[serde(rename = "")]
+    Envelope,
+    /// Errors as HTTP statuses (`"transport"`).
+    #[serde(rename = "transport")]
+    Transport,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// `engine.type`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The embedded durable engine (single node).
+    #[default]
+    Disk,
+    /// Everything in this process.
+    Memory,
+    /// Many nodes through Redis.
+    Redis,
+}
+
 /// `engine.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct EngineConfig {
     /// `disk` (durable, the default), `memory`, or `redis` (many nodes).
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: EngineKind,
     /// The disk engine.
     pub disk: DiskEngineConfig,
-    /// The Redis engine.
-    pub redis: RedisEngineConfig,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            kind: "disk".into(),
-            disk: DiskEngineConfig::default(),
-            redis: RedisEngineConfig::default(),
-        }
-    }
-}
-
-/// `engine.redis.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct RedisEngineConfig {
-    /// One address (`"redis://host:6379"`, `"redis+cluster://h1:7000,h2:7001"`) or a list of
-    /// independent instances that channels are spread over.
-    #[serde(deserialize_with = "one_or_many")]
-    pub address: Vec<String>,
-    /// Prefix of every key and pub/sub channel.
-    pub prefix: String,
-    /// Hash-tag partitions (changing it starts every stream over).
-    pub partitions: u32,
-    /// Pub/sub connections per instance.
-    pub pubsub_shards: usize,
-    /// Connect timeout.
-    #[serde(with = "duration")]
-    pub connect_timeout: Duration,
-    /// A command (publish, history read) against an unreachable Redis fails after this.
-    #[serde(with = "duration")]
-    pub command_timeout: Duration,
-    /// How often pub/sub connections are probed.
-    #[serde(with = "duration")]
-    pub ping_interval: Duration,
-    /// Presence entries of a node that stopped refreshing them expire after this.
-    #[serde(with = "duration")]
-    pub presence_ttl: Duration,
-}
-
-impl Default for RedisEngineConfig {
-    fn default() -> Self {
-        let d = holdfast_redis::RedisConfig::new(vec!["redis://127.0.0.1:6379".into()]);
-        Self {
-            address: d.addresses,
-            prefix: d.prefix,
-            partitions: d.partitions,
-            pubsub_shards: d.pubsub_shards,
-            connect_timeout: d.connect_timeout,
-            command_timeout: d.command_timeout,
-            ping_interval: d.ping_interval,
-            presence_ttl: d.presence_ttl,
-        }
-    }
-}
-
-impl RedisEngineConfig {
-    /// The engine's settings.
-    pub fn engine_config(&self) -> holdfast_redis::RedisConfig {
-        holdfast_redis::RedisConfig {
-            addresses: self.address.clone(),
-            prefix: self.prefix.clone(),
-            partitions: self.partitions,
-            pubsub_shards: self.pubsub_shards,
-            connect_timeout: self.connect_timeout,
-            command_timeout: self.command_timeout,
-            ping_interval: self.ping_interval,
-            presence_ttl: self.presence_ttl,
-        }
-    }
-}
-
-/// A string or a list of strings.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
+    /// The Redis engine (deserialised into the engine's own settings).
+    pub redis: holdfast_redis::RedisConfig,
 }
 
 /// `engine.disk.*`
@@ -362,14 +513,25 @@ pub struct DiskEngineConfig {
     pub path: String,
     /// `fsync` (acknowledged publications survive power loss) or `os` (they survive a crash of
     /// the process, not of the machine).
-    pub durability: String,
+    pub durability: DiskDurability,
+}
+
+/// `engine.disk.durability`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskDurability {
+    /// Acknowledged after fsync.
+    #[default]
+    Fsync,
+    /// Acknowledged once the write reached the operating system.
+    Os,
 }
 
 impl Default for DiskEngineConfig {
     fn default() -> Self {
         Self {
             path: "./holdfast-data".into(),
-            durability: "fsync".into(),
+            durability: DiskDurability::Fsync,
         }
     }
 }
@@ -381,14 +543,14 @@ pub struct LogConfig {
     /// `trace`, `debug`, `info`, `warn`, `error`, or a tracing filter (`holdfast_core=debug`).
     pub level: String,
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            format: "text".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -422,8 +584,8 @@ impl Config {
     /// The node's part.
     pub fn node_config(&self) -> NodeConfig {
         NodeConfig {
-            client: self.client.clone(),
-            channel: self.channel.clone(),
+            client: self.client.node.clone(),
+            channel: self.channel.node.clone(),
         }
     }
 
@@ -436,25 +598,21 @@ impl Config {
                 problem: problem.into(),
             })
         };
-        if !matches!(self.engine.kind.as_str(), "disk" | "memory" | "redis") {
-            e(
-                "engine.type",
-                "unsupported engine (supported: disk, memory, redis)",
-            );
-        }
-        if self.engine.kind == "redis" {
-            for (key, problem) in self.engine.redis.engine_config().validate() {
+        if self.engine.kind == EngineKind::Redis {
+            for (key, problem) in self.engine.redis.validate() {
                 e(key, &problem);
             }
         }
-        if !matches!(self.engine.disk.durability.as_str(), "fsync" | "os") {
-            e("engine.disk.durability", "must be \"fsync\" or \"os\"");
-        }
-        if self.engine.kind == "disk" && self.engine.disk.path.is_empty() {
+        if self.engine.kind == EngineKind::Disk && self.engine.disk.path.is_empty() {
             e("engine.disk.path", "must name a directory");
         }
-        if !matches!(self.http_api.error_mode.as_str(), "" | "transport") {
-            e("http_api.error_mode", "must be \"\" or \"transport\"");
+        for (i, o) in self.client.allowed_origins.iter().enumerate() {
+            if o.is_empty() || o.len() > 512 || o.chars().any(|ch| ch.is_whitespace()) {
+                e(
+                    &format!("client.allowed_origins[{i}]"),
+                    "must be an origin such as https://app.example.com, a pattern such as https://*.example.com, or *",
+                );
+            }
         }
         for (key, tls) in [
             ("http_server.tls", &self.http_server.tls),
@@ -474,9 +632,6 @@ impl Config {
         }
         if self.http_server.header_read_timeout.is_zero() {
             e("http_server.header_read_timeout", "must be positive");
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            e("log.format", "must be \"text\" or \"json\"");
         }
         if self.http_server.internal_port != 0
             && self.http_server.internal_port == self.http_server.port
@@ -769,9 +924,40 @@ pub fn load(
         };
         set_path(&mut tree, key, v)?;
     }
-    let config: Config = serde_ignored::deserialize(tree, |p| unknown.push(p.to_string()))
-        .context("invalid configuration")?;
+    let config: Config = serde_path_to_error::deserialize(tree.clone()).map_err(|e| {
+        let key = e.path().to_string();
+        anyhow::anyhow!("invalid configuration: {key}: {}", e.inner())
+    })?;
+    // A key is known when the configuration, written back out, has it: this sees through the
+    // sections that embed the node's own settings (`client`, `channel`).
+    let known = serde_json::to_value(&config).context("config conversion")?;
+    unknown_keys(&tree, &known, "", &mut unknown);
     Ok(Loaded { config, unknown })
+}
+
+/// The keys of `input` that `known` (the configuration as understood, written back out) lacks.
+fn unknown_keys(input: &Value, known: &Value, prefix: &str, out: &mut Vec<String>) {
+    match (input, known) {
+        (Value::Object(i), Value::Object(k)) => {
+            for (key, v) in i {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match k.get(key) {
+                    Some(kv) => unknown_keys(v, kv, &path, out),
+                    None => out.push(path),
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(k)) => {
+            for (n, (v, kv)) in i.iter().zip(k).enumerate() {
+                unknown_keys(v, kv, &format!("{prefix}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn read_file(path: &Path) -> anyhow::Result<Value> {
@@ -975,6 +1161,45 @@ mod tests {
                 "uni_websocket"
             ]
         );
+    }
+
+    #[test]
+    fn unknown_values_and_keys_are_named() {
+        let p = write("enum.toml", "[engine]\ntype = \"mongo\"\n");
+        let err = load(Some(&p), Vec::new(), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("engine.type") && err.contains("mongo"),
+            "{err}"
+        );
+        let p = write("fmt.toml", "[log]\nformat = \"xml\"\n");
+        let err = load(Some(&p), Vec::new(), &[]).unwrap_err().to_string();
+        assert!(err.contains("log.format"), "{err}");
+        let env = vec![(
+            "HOLDFAST_ENGINE_DISK_DURABILITY".to_string(),
+            "sometimes".to_string(),
+        )];
+        let err = load(None, env, &[]).unwrap_err().to_string();
+        assert!(err.contains("engine.disk.durability"), "{err}");
+        // Unknown keys inside the sections that embed the node's settings are still found.
+        let p = write(
+            "keys.toml",
+            "[client]\nping_interval = \"20s\"\nbogus = 1\n[client.token]\nhmac_secret_key = \"x\"\n\
+             [[channel.namespaces]]\nname = \"ab\"\nnot_an_option = true\n\
+             [engine.redis]\naddress = \"redis://h:1\"\nnope = 2\n",
+        );
+        let l = load(Some(&p), Vec::new(), &[]).expect("load");
+        let mut unknown = l.unknown.clone();
+        unknown.sort();
+        assert_eq!(
+            unknown,
+            [
+                "channel.namespaces[0].not_an_option",
+                "client.bogus",
+                "engine.redis.nope"
+            ]
+        );
+        assert_eq!(l.config.client.ping_interval, Duration::from_secs(20));
+        assert_eq!(l.config.engine.redis.addresses, ["redis://h:1"]);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! JWT verification of connection and subscription tokens (HS256/384/512, RS256/384/512,
 //! ES256/384, and keys from a JWKS endpoint looked up by `kid`).
 
+use crate::config::TokenConfig;
 use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
-use holdfast_core::config::TokenConfig;
 use holdfast_core::handler::{
     ChannelOverride, ConnectClaims, ServerSubOptions, SubscribeClaims, TokenError, TokenVerifier,
 };

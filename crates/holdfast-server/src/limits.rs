@@ -1,8 +1,8 @@
 //! Admission limits at the HTTP layer: allowed origins, connections per node and per IP address,
 //! upgrade attempts per IP per second, and the server API request rate.
 
+use crate::config::ClientConfig;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use holdfast_core::config::ClientConfig;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;

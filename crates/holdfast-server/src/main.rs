@@ -131,7 +131,7 @@ fn init_logging(cfg: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    if cfg.log.format == "json" {
+    if cfg.log.format == holdfast_server::config::LogFormat::Json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();

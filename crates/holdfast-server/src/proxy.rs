@@ -3,6 +3,7 @@
 //! backend fails only the command that needed it (error 100, temporary); in-flight requests per
 //! proxy are bounded (error 111 beyond).
 
+use crate::config::ProxyConfig;
 use crate::config::{Config, RpcConfig};
 use crate::jwt::overrides;
 use crate::webhook::Webhooks;
@@ -10,7 +11,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use holdfast_core::channel::{ChannelRules, USER_BOUNDARY, user_limited_allows};
-use holdfast_core::config::{ChannelOptions, ProxyConfig};
+use holdfast_core::config::ChannelOptions;
 use holdfast_core::handler::{
     ChannelEvent, ChannelPolicy, ClientContext, ConnectDecision, ConnectEvent, ConnectHook,
     HandlerError, Hooks, PublishDecision, RefreshDecision, RefreshHook, RpcHook, ServerRefresh,

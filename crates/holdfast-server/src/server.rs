@@ -93,20 +93,20 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
 
 /// Opens the configured engine (replaying the disk engine's log).
 pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
-    match config.engine.kind.as_str() {
-        "memory" => Ok(Engine::from_one(MemoryEngine::new())),
-        "redis" => {
-            let cfg = config.engine.redis.engine_config();
+    use crate::config::{DiskDurability, EngineKind};
+    match config.engine.kind {
+        EngineKind::Memory => Ok(Engine::from_one(MemoryEngine::new())),
+        EngineKind::Redis => {
+            let cfg = config.engine.redis.clone();
             tracing::info!(addresses = ?cfg.addresses, prefix = %cfg.prefix, "redis engine");
             let engine = holdfast_redis::RedisEngine::new(cfg).map_err(anyhow::Error::msg)?;
             Ok(Engine::from_one(engine))
         }
-        _ => {
+        EngineKind::Disk => {
             let d = &config.engine.disk;
-            let durability = if d.durability == "os" {
-                holdfast_disk::Durability::Os
-            } else {
-                holdfast_disk::Durability::Fsync
+            let durability = match d.durability {
+                DiskDurability::Os => holdfast_disk::Durability::Os,
+                DiskDurability::Fsync => holdfast_disk::Durability::Fsync,
             };
             let started = std::time::Instant::now();
             let (engine, report) = holdfast_disk::DiskEngine::open(holdfast_disk::DiskConfig::new(
@@ -115,7 +115,7 @@ pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
             .with_context(|| format!("opening the disk engine in {}", d.path))?;
             tracing::info!(
                 path = %d.path,
-                durability = %d.durability,
+                durability = ?d.durability,
                 records = report.records,
                 streams = report.streams,
                 torn_bytes = report.torn_bytes,

@@ -157,7 +157,7 @@ async fn publish_results_and_errors() {
 #[tokio::test]
 async fn transport_error_mode_from_config() {
     let mut cfg = config_from(CFG);
-    cfg.http_api.error_mode = "transport".into();
+    cfg.http_api.error_mode = holdfast_server::config::ErrorMode::Transport;
     let srv = TestServer::start(cfg).await;
     let (s, v) = post(
         &srv,

@@ -406,7 +406,7 @@ fn readme_config() -> holdfast_server::config::Config {
         .expect("a toml block");
     let mut c = config_from(block);
     c.client.token.hmac_secret_key = SECRET.into();
-    c.engine.kind = "memory".into();
+    c.engine.kind = holdfast_server::config::EngineKind::Memory;
     c
 }
 

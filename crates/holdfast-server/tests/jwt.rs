@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use holdfast_core::config::TokenConfig;
 use holdfast_core::handler::{TokenError, TokenVerifier};
+use holdfast_server::config::TokenConfig;
 use holdfast_server::jwt::JwtVerifier;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -153,7 +153,7 @@ async fn server_accepts_rsa_tokens_end_to_end() {
 
 #[tokio::test]
 async fn hmac_key_rotation_for_connection_and_subscription_tokens() {
-    use holdfast_core::config::SubscriptionTokenConfig;
+    use holdfast_server::config::SubscriptionTokenConfig;
     let now = holdfast_core::time::unix_secs();
     let conn = TokenConfig {
         hmac_secret_key: "new-secret".into(),

@@ -48,7 +48,7 @@ pub fn build() -> anyhow::Result<(Router, Node, Arc<RpcMethods>)> {
     let mut config = holdfast_server::config::Config::default();
     // A demo: anonymous connections may do everything. A real application sets token keys.
     config.client.insecure = true;
-    config.engine.kind = "memory".into();
+    config.engine.kind = holdfast_server::config::EngineKind::Memory;
     config
         .channel
         .namespaces

@@ -34,7 +34,7 @@ pub fn base_config() -> Config {
     c.client.token.hmac_secret_key = SECRET.into();
     c.http_api.key = API_KEY.into();
     c.shutdown.timeout = Duration::from_secs(5);
-    c.engine.kind = "memory".into();
+    c.engine.kind = holdfast_server::config::EngineKind::Memory;
     c
 }
 
@@ -58,7 +58,7 @@ pub fn config_from(toml_text: &str) -> Config {
         c.http_api.key = API_KEY.into();
     }
     if !toml_text.contains("[engine") {
-        c.engine.kind = "memory".into();
+        c.engine.kind = holdfast_server::config::EngineKind::Memory;
     }
     c.shutdown.timeout = Duration::from_secs(5);
     c
