@@ -3,7 +3,6 @@
 //! error mode, batches.
 
 use crate::server::AppState;
-use crate::ws::json_error;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -19,6 +18,7 @@ use holdfast_protocol::json::{
     raw_to_bytes, write_client_info, write_error, write_publication, write_str,
 };
 use holdfast_protocol::{Disconnect, ErrorReply};
+use holdfast_transport::json_error;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;

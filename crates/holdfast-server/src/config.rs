@@ -22,7 +22,7 @@ pub struct Config {
     /// Channels and namespaces.
     pub channel: ChannelConfig,
     /// WebSocket transport.
-    pub websocket: WebsocketConfig,
+    pub websocket: holdfast_transport::WebsocketConfig,
     /// Server HTTP API.
     pub http_api: HttpApiConfig,
     /// Engine selection.
@@ -394,32 +394,6 @@ impl Default for HttpServerConfig {
     }
 }
 
-/// `websocket.*`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct WebsocketConfig {
-    /// Largest incoming message in bytes; bigger closes with 1009.
-    pub message_size_limit: usize,
-    /// A write that takes longer closes the connection.
-    #[serde(with = "duration")]
-    pub write_timeout: Duration,
-    /// Per-connection read buffer (allocated for every connection).
-    pub read_buffer_size: usize,
-    /// Write buffer target before bytes go to the socket (flushes always write through).
-    pub write_buffer_size: usize,
-}
-
-impl Default for WebsocketConfig {
-    fn default() -> Self {
-        Self {
-            message_size_limit: 65536,
-            write_timeout: Duration::from_secs(1),
-            read_buffer_size: 1024,
-            write_buffer_size: 16 * 1024,
-        }
-    }
-}
-
 /// `http_api.*`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -656,7 +630,9 @@ impl Config {
         if self.http_api.body_read_timeout.is_zero() {
             e("http_api.body_read_timeout", "must be positive");
         }
-        if let Err(why) = crate::limits::TrustedProxies::parse(&self.http_server.trusted_proxies) {
+        if let Err(why) =
+            holdfast_transport::admission::TrustedProxies::parse(&self.http_server.trusted_proxies)
+        {
             e("http_server.trusted_proxies", &why);
         }
         for (key, p) in [

@@ -1,5 +1,6 @@
-//! The standalone Holdfast server: configuration, WebSocket transport, JWT verification and the
-//! operator endpoints over a [`holdfast_core::Node`].
+//! The standalone Holdfast server: configuration, JWT verification, HTTP proxies, the server API
+//! and the operator endpoints over a [`holdfast_core::Node`], with the transports of
+//! `holdfast-transport`.
 //!
 //! `main.rs` only parses arguments; [`server::run`] takes the listeners and a shutdown future, so
 //! tests start a real server on `127.0.0.1:0` without signals.
@@ -7,9 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod jwt;
-pub mod limits;
 pub mod listen;
 pub mod proxy;
 pub mod server;
 pub mod webhook;
-pub mod ws;

@@ -27,33 +27,39 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Prometheus renderer.
     pub metrics: PrometheusHandle,
-    /// Lower-case names of the upgrade-request headers that proxies forward.
-    pub forwarded_headers: Vec<String>,
-    /// Connections per node and per IP, upgrade attempts per IP.
-    pub limits: Arc<crate::limits::ConnectionLimits>,
+    /// The client transports (WebSocket) and their admission state.
+    pub transport: Arc<holdfast_transport::Transport>,
     /// `http_api.rate_limit`, per API key.
     pub api_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
-    /// `http_server.trusted_proxies`: whose forwarding headers name the client's address.
-    pub trusted_proxies: crate::limits::TrustedProxies,
+}
+
+/// What the transports take from the server's configuration.
+pub fn transport_config(config: &Config) -> holdfast_transport::TransportConfig {
+    holdfast_transport::TransportConfig {
+        websocket: config.websocket.clone(),
+        allowed_origins: config.client.allowed_origins.clone(),
+        connection_limit: config.client.connection_limit,
+        connection_limit_per_ip: config.client.connection_limit_per_ip,
+        connection_rate_limit_per_ip: config.client.connection_rate_limit_per_ip,
+        trusted_proxies: holdfast_transport::admission::TrustedProxies::parse(
+            &config.http_server.trusted_proxies,
+        )
+        .unwrap_or_default(),
+        forwarded_headers: crate::proxy::ProxyHandler::forwarded_headers(config),
+    }
 }
 
 impl AppState {
     fn new(node: Node, config: Config, metrics: PrometheusHandle) -> Arc<Self> {
-        let forwarded_headers = crate::proxy::ProxyHandler::forwarded_headers(&config);
         Arc::new(Self {
-            limits: crate::limits::ConnectionLimits::new(&config.client),
-            api_rate: crate::limits::api_rate_limiter(
+            transport: holdfast_transport::Transport::new(node.clone(), transport_config(&config)),
+            api_rate: holdfast_transport::admission::api_rate_limiter(
                 config.http_api.rate_limit,
                 config.http_api.rate_burst,
             ),
-            trusted_proxies: crate::limits::TrustedProxies::parse(
-                &config.http_server.trusted_proxies,
-            )
-            .unwrap_or_default(),
             node,
             config: Arc::new(config),
             metrics,
-            forwarded_headers,
         })
     }
 }
@@ -178,11 +184,10 @@ pub fn embed(node: Node, config: Config) -> Arc<AppState> {
     AppState::new(node, config, metrics_handle())
 }
 
-/// The WebSocket endpoint alone (`/connection/websocket`), to merge into an application's router.
+/// The WebSocket endpoint alone (`/connection/websocket`), to merge into an application's router
+/// (`holdfast_transport::Transport::router` does the same without the server crate).
 pub fn websocket_routes(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/connection/websocket", get(crate::ws::upgrade))
-        .with_state(state)
+    state.transport.router()
 }
 
 /// The server API, health, readiness and metrics, to merge into an application's router.
@@ -192,11 +197,12 @@ pub fn operator_routes(state: Arc<AppState>) -> Router {
 
 /// Public routes (WebSocket) plus, when there is no internal port, the operator routes.
 pub fn router(state: Arc<AppState>, with_internal: bool) -> Router {
-    let mut r = Router::new().route("/connection/websocket", get(crate::ws::upgrade));
+    let transports = state.transport.router();
     if with_internal {
-        r = r.merge(internal_router());
+        transports.merge(internal_router().with_state(state))
+    } else {
+        transports
     }
-    r.with_state(state)
 }
 
 fn internal_router() -> Router<Arc<AppState>> {
@@ -254,7 +260,7 @@ pub async fn run_with_readiness(
     });
     let upkeep_handle = state.metrics.clone();
     let upkeep_stop = stop.clone();
-    let upkeep_limits = state.limits.clone();
+    let upkeep_transport = state.transport.clone();
     let upkeep_state = state.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -262,7 +268,7 @@ pub async fn run_with_readiness(
             tokio::select! {
                 _ = t.tick() => {
                     upkeep_handle.run_upkeep();
-                    upkeep_limits.upkeep();
+                    upkeep_transport.upkeep();
                     if let Some(rl) = &upkeep_state.api_rate {
                         rl.retain_recent();
                         rl.shrink_to_fit();

@@ -112,7 +112,10 @@ async fn connections_per_node_get_503_and_places_free_on_close() {
     assert_eq!(status, 503);
     assert!(body.contains("connections_per_node"), "{body}");
     drop(a);
-    eventually("a place is free", || srv.state.limits.active() < 2).await;
+    eventually("a place is free", || {
+        srv.state.transport.limits.active() < 2
+    })
+    .await;
     assert!(upgrade(&srv, &[]).await.is_ok());
     srv.stop().await;
 }

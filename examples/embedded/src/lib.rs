@@ -17,6 +17,7 @@ use holdfast_core::engine::{Engine, MemoryEngine};
 use holdfast_core::handler::{HandlerError, Hooks, RpcMethods, StandardHandler};
 use holdfast_core::node::PublishRequest;
 use holdfast_protocol::ErrorReply;
+use holdfast_transport::{Transport, TransportConfig};
 use std::sync::Arc;
 
 fn bad_request() -> HandlerError {
@@ -45,10 +46,9 @@ pub fn methods() -> RpcMethods {
 /// The application: its own routes plus Holdfast's WebSocket endpoint, the node and its RPC
 /// methods.
 pub fn build() -> anyhow::Result<(Router, Node, Arc<RpcMethods>)> {
-    let mut config = holdfast_server::config::Config::default();
+    let mut config = holdfast_core::NodeConfig::default();
     // A demo: anonymous connections may do everything. A real application sets token keys.
     config.client.insecure = true;
-    config.engine.kind = holdfast_server::config::EngineKind::Memory;
     config
         .channel
         .namespaces
@@ -64,13 +64,10 @@ pub fn build() -> anyhow::Result<(Router, Node, Arc<RpcMethods>)> {
     let methods = Arc::new(methods());
     let hooks =
         Hooks::standard(StandardHandler::new(&config.client, None)).with_rpc(methods.clone());
-    let node = Node::new(
-        config.node_config(),
-        Engine::from_one(MemoryEngine::new()),
-        hooks,
-    )
-    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let state = holdfast_server::server::embed(node.clone(), config);
+    let node = Node::new(config, Engine::from_one(MemoryEngine::new()), hooks)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The transports alone: no server crate, no engines or HTTP clients it would bring.
+    let transport = Transport::new(node.clone(), TransportConfig::default());
     node.start();
     let app = Router::new()
         .route(
@@ -79,7 +76,7 @@ pub fn build() -> anyhow::Result<(Router, Node, Arc<RpcMethods>)> {
         )
         .route("/announce", post(announce))
         .with_state(node.clone())
-        .merge(holdfast_server::server::websocket_routes(state));
+        .merge(transport.router());
     Ok((app, node, methods))
 }
 

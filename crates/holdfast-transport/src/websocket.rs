@@ -1,7 +1,7 @@
-//! The WebSocket transport: the upgrade (only when the node is ready) and the adapters that let
-//! `holdfast_core::transport::serve_connection` drive a tungstenite stream.
+//! The WebSocket transport: the upgrade (only when the node is ready and admission allows it) and
+//! the adapters that let `holdfast_core::transport::serve_connection` drive a tungstenite stream.
 
-use crate::server::AppState;
+use crate::Transport;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -40,7 +40,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 }
 
 /// `GET /connection/websocket`.
-pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Response {
+pub async fn upgrade(State(app): State<Arc<Transport>>, mut req: Request) -> Response {
     if !app.node.is_ready() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "node is not ready");
     }
@@ -63,7 +63,6 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
-    let client_cfg = &app.config.client;
     // The client's address: the TCP peer, or behind a trusted proxy the address it forwards.
     let peer = req
         .extensions()
@@ -73,7 +72,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
         .get(header::ORIGIN)
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    if !crate::limits::origin_allowed(&client_cfg.allowed_origins, origin, host) {
+    if !crate::admission::origin_allowed(&app.config.allowed_origins, origin, host) {
         metrics::counter!("holdfast_upgrades_refused_total", "reason" => "origin").increment(1);
         tracing::warn!(origin = origin.unwrap_or(""), host = host.unwrap_or(""), peer = ?peer, "WebSocket upgrade refused: origin not allowed (client.allowed_origins)");
         return json_error(StatusCode::FORBIDDEN, "origin not allowed");
@@ -85,7 +84,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
                 .increment(1);
             tracing::warn!(peer = ?peer, limit = r.label(), "WebSocket upgrade refused: limit reached");
             let status = match r {
-                crate::limits::Refusal::Node => StatusCode::SERVICE_UNAVAILABLE,
+                crate::admission::Refusal::Node => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::TOO_MANY_REQUESTS,
             };
             return json_error(status, &format!("connection limit reached ({})", r.label()));
@@ -114,6 +113,7 @@ pub async fn upgrade(State(app): State<Arc<AppState>>, mut req: Request) -> Resp
     };
     // Only the headers some proxy forwards are kept with the connection.
     let headers: holdfast_core::transport::Headers = app
+        .config
         .forwarded_headers
         .iter()
         .filter_map(|name| {

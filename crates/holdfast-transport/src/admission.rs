@@ -1,7 +1,7 @@
-//! Admission limits at the HTTP layer: allowed origins, connections per node and per IP address,
-//! upgrade attempts per IP per second, and the server API request rate.
+//! Admission at the HTTP layer, shared by every transport: allowed origins, connections per node
+//! and per IP address, upgrade attempts per IP per second, the client address behind trusted
+//! proxies, and a per-key request rate (the server API uses it).
 
-use crate::config::ClientConfig;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -59,13 +59,14 @@ pub struct ConnectionPermit {
 }
 
 impl ConnectionLimits {
-    /// Limits from `client.*`.
-    pub fn new(c: &ClientConfig) -> Arc<Self> {
-        let attempts = NonZeroU32::new(c.connection_rate_limit_per_ip)
-            .map(|n| RateLimiter::keyed(Quota::per_second(n)));
+    /// Connections on this node at most (`per_node`, 0 = unlimited), from one address
+    /// (`per_ip`), and upgrade attempts per address per second (`rate_per_ip`).
+    pub fn new(per_node: usize, per_ip: usize, rate_per_ip: u32) -> Arc<Self> {
+        let attempts =
+            NonZeroU32::new(rate_per_ip).map(|n| RateLimiter::keyed(Quota::per_second(n)));
         Arc::new(Self {
-            per_node: c.connection_limit,
-            per_ip: c.connection_limit_per_ip,
+            per_node,
+            per_ip,
             total: AtomicUsize::new(0),
             by_ip: Mutex::new(HashMap::new()),
             attempts,
@@ -403,12 +404,7 @@ mod tests {
 
     #[test]
     fn permits_count_and_free() {
-        let c = ClientConfig {
-            connection_limit: 3,
-            connection_limit_per_ip: 2,
-            ..ClientConfig::default()
-        };
-        let l = ConnectionLimits::new(&c);
+        let l = ConnectionLimits::new(3, 2, 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let b: IpAddr = "10.0.0.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let p1 = l.admit(Some(a)).ok();
