@@ -1,6 +1,9 @@
 //! `holdfast-bench report`: medians of the `bench` results as Markdown tables (written between
 //! the `load` markers of docs/BENCHMARKS.md) and PNG plots: latency CDF per server, deliveries/s
 //! against the offered rate, memory against connections.
+//!
+//! Long (≈850 lines) on purpose: the tables and every plot of docs/BENCHMARKS.md come from one
+//! pass over the results.
 
 use crate::load;
 use crate::scenario::{RunResult, Scenario, Step};

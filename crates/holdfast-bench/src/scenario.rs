@@ -1,6 +1,9 @@
 //! The coordinator of `holdfast-bench bench`: starts each server pinned to the server core, load
 //! workers on the other core (one process per ≤15,000 sockets, each from its own 127.0.0.x
 //! source address), runs the scenarios S1–S6 several times and writes one JSON result per run.
+//!
+//! Long (≈900 lines) on purpose: the six scenarios share their server start-up, worker steering
+//! and sampling, and read best side by side.
 
 use crate::load::{self, Connected, Layout, WorkerReport};
 use crate::peers::{self, Env, Running, Server};

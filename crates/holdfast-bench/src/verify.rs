@@ -6,6 +6,10 @@
 //! subscribe answered `recovered: false` (or a new epoch) closes the segment as *told*: what it
 //! misses is "lost, told". Anything else missing is "lost silently". Offsets that arrive twice
 //! are duplicates; offsets that skip ahead without the server saying so are out of order.
+//!
+//! Long (≈1,200 lines) on purpose: the verifier's model, its worker processes, fault injection and
+//! report are one program a reader follows top to bottom; the accounting it must get right is
+//! unit-tested at the end.
 
 use crate::client::{self, Ws};
 use anyhow::Context;
