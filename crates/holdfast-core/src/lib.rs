@@ -1,9 +1,9 @@
 //! The Holdfast node: sessions, hub, engines and hooks.
 //!
-//! This crate knows no HTTP. A transport (the WebSocket server in `holdfast-server`, or an
-//! in-memory pipe in tests) hands frames to [`transport::serve_connection`]; the [`Node`] owns
-//! the [`hub::Hub`] of local connections, the engine ([`engine::Broker`] +
-//! [`engine::PresenceStore`]) and the application [`handler::Handler`].
+//! This crate knows no HTTP. A transport (the WebSocket transport in `holdfast-transport`, or an
+//! in-memory pipe from [`testing`]) hands frames to [`transport::serve_connection`]; the [`Node`]
+//! owns the [`hub::Hub`] of local connections, the engine ([`engine::Broker`] +
+//! [`engine::PresenceStore`] + [`engine::CursorStore`]) and the application [`handler::Hooks`].
 
 pub mod channel;
 pub mod client;
