@@ -152,19 +152,24 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
     }
     Box::pin(session.close()).await;
     if !peer_gone {
-        // The server closed (its close frame goes out from the writer): read and drop what the
-        // client still sends until it answers, leaves or the time is up, so it reads the close
-        // frame rather than a reset.
-        let deadline = Instant::now() + CLOSE_DRAIN;
-        let mut errors = 0;
-        while errors < CLOSE_DRAIN_ERRORS {
-            match tokio::time::timeout_at(deadline, source.next_frame()).await {
-                Ok(Some(Ok(_))) => errors = 0,
-                Ok(None) | Err(_) => break,
-                Ok(Some(Err(_))) => {
-                    errors += 1;
-                    tokio::task::yield_now().await;
-                }
+        // Boxed: it runs once, at the end, and would otherwise size every idle connection.
+        Box::pin(drain_input(&mut source)).await;
+    }
+}
+
+/// After the server closed a connection (its close frame goes out from the writer): reads and
+/// drops what the client still sends until it answers, leaves or the time is up, so the client
+/// reads the close frame rather than a reset.
+async fn drain_input<S: FrameSource>(source: &mut S) {
+    let deadline = Instant::now() + CLOSE_DRAIN;
+    let mut errors = 0;
+    while errors < CLOSE_DRAIN_ERRORS {
+        match tokio::time::timeout_at(deadline, source.next_frame()).await {
+            Ok(Some(Ok(_))) => errors = 0,
+            Ok(None) | Err(_) => break,
+            Ok(Some(Err(_))) => {
+                errors += 1;
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -287,8 +292,10 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
         let mut drained = client.drain();
         if !drained.is_empty() {
             let n = drained.len() as u64;
-            let Ok(bytes) = write_batch(&mut sink, drained.take_messages(), sep, binary).await
-            else {
+            // Boxed: the sink's write futures (a socket write with its timeout) would otherwise
+            // size every idle connection's task; one allocation per batch, not per frame.
+            let written = Box::pin(write_batch(&mut sink, drained.take_messages(), sep, binary));
+            let Ok(bytes) = written.await else {
                 client.close(Disconnect::WRITE_ERROR);
                 return;
             };
@@ -301,9 +308,9 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
         if let Some(d) = drained.close {
             if d.code == Disconnect::CONNECTION_CLOSED.code {
                 // The peer closed: the transport may owe it an answer (a WebSocket close reply).
-                let _ = sink.flush().await;
+                let _ = Box::pin(sink.flush()).await;
             } else if d.code != Disconnect::WRITE_ERROR.code {
-                let _ = sink.close(d.code, &d.reason).await;
+                let _ = Box::pin(sink.close(d.code, &d.reason)).await;
             }
             return;
         }
