@@ -140,6 +140,7 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
         });
         let meta = ConnectionMeta {
             transport: "fanout",
+            kind: holdfast_core::transport::ConnectionKind::Bidirectional,
             encoding: Encoding::Json,
             headers: Vec::new().into(),
         };

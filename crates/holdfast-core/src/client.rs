@@ -46,6 +46,9 @@ pub(crate) enum Control {
         expire_at: Option<i64>,
         info: Option<Bytes>,
     },
+    /// A unidirectional connection's ping was written out after the deliveries its snapshot
+    /// holds: save them to the delivery cursors (what a pong does on other transports).
+    ConfirmCursors,
 }
 
 const MAX_CONTROL: usize = 256;
@@ -107,6 +110,8 @@ pub struct ClientHandle {
     pub(crate) seq: u64,
     /// Frame encoding of this connection.
     pub(crate) encoding: Encoding,
+    /// The client sends nothing after connect (no pongs).
+    unidirectional: bool,
     /// Queue limit in bytes; overflow closes the connection with 3008.
     max_queue: usize,
     outbox: Mutex<Outbox>,
@@ -137,11 +142,18 @@ pub struct ClientHandle {
 }
 
 impl ClientHandle {
-    pub(crate) fn new(id: Arc<str>, seq: u64, encoding: Encoding, max_queue: usize) -> Arc<Self> {
+    pub(crate) fn new(
+        id: Arc<str>,
+        seq: u64,
+        encoding: Encoding,
+        unidirectional: bool,
+        max_queue: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id,
             seq,
             encoding,
+            unidirectional,
             max_queue,
             outbox: Mutex::new(Outbox {
                 first: None,
@@ -353,6 +365,17 @@ impl ClientHandle {
         std::mem::take(&mut *self.ping_snapshot.lock())
     }
 
+    /// Whether the client sends nothing after connect (a unidirectional transport).
+    pub fn is_unidirectional(&self) -> bool {
+        self.unidirectional
+    }
+
+    /// A unidirectional connection's ping went out: its snapshot's positions are delivered as
+    /// far as the server can tell.
+    pub(crate) fn ping_written(&self) {
+        self.push_control(Control::ConfirmCursors);
+    }
+
     /// Marks a ping as written; returns false when the previous one is still unanswered.
     pub fn ping_sent(&self) -> bool {
         !self.ping_outstanding.swap(true, Ordering::AcqRel)
@@ -385,7 +408,7 @@ mod tests {
 
     #[test]
     fn overflow_closes_with_slow_and_drops_queue() {
-        let c = ClientHandle::new("c".into(), 1, Encoding::Json, 10);
+        let c = ClientHandle::new("c".into(), 1, Encoding::Json, false, 10);
         assert!(c.send(Bytes::from_static(b"12345")));
         assert!(c.send(Bytes::from_static(b"12345")));
         assert_eq!(c.queued_bytes(), 10);
@@ -401,7 +424,7 @@ mod tests {
 
     #[test]
     fn close_flushes_queue_first() {
-        let c = ClientHandle::new("c".into(), 1, Encoding::Json, 100);
+        let c = ClientHandle::new("c".into(), 1, Encoding::Json, false, 100);
         c.send(Bytes::from_static(b"a"));
         c.close(Disconnect::SHUTDOWN);
         c.close(Disconnect::FORCE_DISCONNECT);
@@ -412,7 +435,7 @@ mod tests {
 
     #[test]
     fn pong_accounting() {
-        let c = ClientHandle::new("c".into(), 1, Encoding::Json, 100);
+        let c = ClientHandle::new("c".into(), 1, Encoding::Json, false, 100);
         assert!(!c.pong_received(), "pong without ping is unnecessary");
         assert!(c.ping_sent());
         assert!(c.pong_received());

@@ -67,6 +67,61 @@ pub struct ClientConfig {
     pub delivery_cursor_confirm_delay: Duration,
     /// Server-side subscription to the user's personal channel.
     pub subscribe_to_user_personal_channel: PersonalChannelConfig,
+    /// How a refused connect on a unidirectional transport (which reads no error replies)
+    /// becomes a disconnect.
+    pub connect_code_to_unidirectional_disconnect: UniDisconnectConfig,
+}
+
+/// `client.connect_code_to_unidirectional_disconnect.*`: a unidirectional client cannot read
+/// an error reply, so a connect refused with an error code closes the connection with a
+/// disconnect code. Built in, as on Centrifugo: 109 and 110 → 3005, 111 → 3013, 103 → 3507,
+/// any other → 3004. With `enabled`, `transforms` are looked at first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct UniDisconnectConfig {
+    /// Use `transforms`.
+    pub enabled: bool,
+    /// Error code → disconnect, first match wins.
+    pub transforms: Vec<UniDisconnectTransform>,
+}
+
+/// One `transforms` entry: `{code = 101, to = {code = 4501, reason = "unauthorized"}}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct UniDisconnectTransform {
+    /// The error code of the refused connect.
+    pub code: u32,
+    /// The disconnect to close with.
+    pub to: DisconnectTo,
+}
+
+/// A disconnect code and reason in configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct DisconnectTo {
+    /// Disconnect code (3000–4999).
+    pub code: u16,
+    /// Reason text (at most 123 bytes, the limit of a WebSocket close reason).
+    pub reason: String,
+}
+
+impl UniDisconnectConfig {
+    /// The disconnect for a connect refused with error `code`.
+    pub fn disconnect_for(&self, code: u32) -> holdfast_protocol::Disconnect {
+        use holdfast_protocol::Disconnect;
+        use holdfast_protocol::code::error_code as e;
+        if self.enabled
+            && let Some(t) = self.transforms.iter().find(|t| t.code == code)
+        {
+            return Disconnect::new(t.to.code, t.to.reason.clone());
+        }
+        match code {
+            e::TOKEN_EXPIRED | e::EXPIRED => Disconnect::EXPIRED,
+            e::TOO_MANY_REQUESTS => Disconnect::TOO_MANY_REQUESTS,
+            e::PERMISSION_DENIED => Disconnect::PERMISSION_DENIED,
+            _ => Disconnect::SERVER_ERROR,
+        }
+    }
 }
 
 impl Default for ClientConfig {
@@ -91,6 +146,7 @@ impl Default for ClientConfig {
             connect_include_server_time: false,
             delivery_cursor_confirm_delay: Duration::from_millis(500),
             subscribe_to_user_personal_channel: PersonalChannelConfig::default(),
+            connect_code_to_unidirectional_disconnect: UniDisconnectConfig::default(),
         }
     }
 }
@@ -237,6 +293,19 @@ impl NodeConfig {
                 "client.ping_interval".into(),
                 "must be greater than client.pong_timeout",
             );
+        }
+        for (i, t) in c
+            .connect_code_to_unidirectional_disconnect
+            .transforms
+            .iter()
+            .enumerate()
+        {
+            if !(3000..=4999).contains(&t.to.code) || t.to.reason.len() > 123 {
+                err(
+                    format!("client.connect_code_to_unidirectional_disconnect.transforms[{i}].to"),
+                    "code must be in 3000-4999 and reason at most 123 bytes",
+                );
+            }
         }
         if !c.delivery_cursor_confirm_delay.is_zero()
             && c.delivery_cursor_confirm_delay >= c.ping_interval

@@ -153,6 +153,7 @@ impl TestClient {
         let (to_client, from_server) = mpsc::channel(capacity.max(1));
         let meta = ConnectionMeta {
             transport: "test",
+            kind: crate::transport::ConnectionKind::Bidirectional,
             encoding: Encoding::Json,
             headers: Vec::new().into(),
         };

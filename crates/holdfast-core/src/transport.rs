@@ -52,11 +52,54 @@ pub trait FrameSink: Send {
     ) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
+/// How a connection's client talks to the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConnectionKind {
+    /// Both ways over one connection (WebSocket): disconnects travel in the transport's own
+    /// close (the WebSocket close frame).
+    #[default]
+    Bidirectional,
+    /// Server to client over a stream (HTTP-streaming, SSE), client to server through
+    /// `/emulation` requests naming `session`; the connect result names the session and the
+    /// node, and a disconnect is a `disconnect` push at the end of the stream.
+    Emulation {
+        /// The session id `/emulation` requests name.
+        session: Arc<str>,
+    },
+    /// Pushes only (uni_websocket, uni_sse, uni_http_stream): the connect request came with
+    /// the connection; the connect result is a `connect` push; a refused connect is a
+    /// disconnect; there are no pongs.
+    Unidirectional {
+        /// Session id reported in the connect push.
+        session: Arc<str>,
+    },
+}
+
+impl ConnectionKind {
+    /// Whether the client sends nothing after its connect request.
+    pub fn is_unidirectional(&self) -> bool {
+        matches!(self, ConnectionKind::Unidirectional { .. })
+    }
+
+    /// The session id of an emulated or unidirectional connection.
+    pub fn session(&self) -> Option<&Arc<str>> {
+        match self {
+            ConnectionKind::Bidirectional => None,
+            ConnectionKind::Emulation { session } | ConnectionKind::Unidirectional { session } => {
+                Some(session)
+            }
+        }
+    }
+}
+
 /// What the server knows about a connection before it speaks.
 #[derive(Debug, Clone)]
 pub struct ConnectionMeta {
-    /// Transport name (`websocket`).
+    /// Transport name (`websocket`, `http_stream`, `sse`, `uni_websocket`, `uni_sse`,
+    /// `uni_http_stream`): the `transport` label of metrics, told to hooks and proxies.
     pub transport: &'static str,
+    /// How the client talks to the server.
+    pub kind: ConnectionKind,
     /// Frame encoding.
     pub encoding: Encoding,
     /// HTTP headers of the upgrade request that hooks may forward (lower-case names; only
@@ -74,15 +117,17 @@ where
     S: FrameSource,
     K: FrameSink,
 {
-    let client = node.new_client(meta.encoding);
-    let session = Session::new(node.clone(), client.clone(), meta.transport, meta.headers);
-    metrics::gauge!("holdfast_connections_active").increment(1.0);
+    let client = node.new_client(meta.encoding, meta.kind.is_unidirectional());
+    let transport = meta.transport;
+    let session = Session::new(node.clone(), client.clone(), meta);
+    let active = metrics::gauge!("holdfast_connections_active", "transport" => transport);
+    active.increment(1.0);
     // Pinned here and lent to `run_halves`: an async fn that took them by value would hold
     // each twice in the connection's future (the argument and its pinned copy).
     let reader = std::pin::pin!(read_loop(session, source));
-    let writer = std::pin::pin!(write_loop(node.clone(), client.clone(), sink));
+    let writer = std::pin::pin!(write_loop(node.clone(), client.clone(), sink, transport));
     crate::wake::run_halves(&client, reader, writer).await;
-    metrics::gauge!("holdfast_connections_active").decrement(1.0);
+    active.decrement(1.0);
     let reason = client
         .closing_reason()
         .unwrap_or(Disconnect::CONNECTION_CLOSED);
@@ -98,6 +143,7 @@ where
 async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
     let client = session.client().clone();
     let shutdown = session.node().shutdown_token();
+    let metrics = session.node().transport_metrics(session.transport());
     let mut peer_gone = false;
     loop {
         let deadline = session.next_deadline();
@@ -137,9 +183,8 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
                 break;
             }
             Some(Ok(data)) => {
-                let m = session.node().transport_metrics();
-                m.messages_received.increment(1);
-                m.bytes_received.increment(data.len() as u64);
+                metrics.messages_received.increment(1);
+                metrics.bytes_received.increment(data.len() as u64);
                 if let Err(d) = Box::pin(session.handle_frame(&data)).await {
                     client.close(d);
                     break;
@@ -273,8 +318,19 @@ async fn write_batch<K: FrameSink>(
     Ok(bytes)
 }
 
-async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sink: K) {
+async fn write_loop<K: FrameSink>(
+    node: Node,
+    client: Arc<ClientHandle>,
+    mut sink: K,
+    transport: &'static str,
+) {
     let cfg = &node.config().client;
+    let metrics = node.transport_metrics(transport);
+    // A unidirectional client cannot answer pings: its pings only keep proxies and the
+    // client's own liveness check happy, and the delivery cursor advances once a ping was
+    // written out after the deliveries (there is no pong to wait for).
+    let uni = client.is_unidirectional();
+    let mut uni_ping_queued = false;
     let mut timers = Timers {
         stale_at: Instant::now() + cfg.stale_close_delay,
         next_ping: None,
@@ -301,9 +357,11 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
             };
             node.stats().messages_sent.fetch_add(n, Ordering::Relaxed);
             client.sent.fetch_add(n, Ordering::Relaxed);
-            let m = node.transport_metrics();
-            m.messages_sent.increment(n);
-            m.bytes_sent.increment(bytes);
+            metrics.messages_sent.increment(n);
+            metrics.bytes_sent.increment(bytes);
+            if std::mem::take(&mut uni_ping_queued) {
+                client.ping_written();
+            }
         }
         if let Some(d) = drained.close {
             if d.code == Disconnect::CONNECTION_CLOSED.code {
@@ -344,7 +402,7 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
                 // next regular ping (a pong proves every frame before its ping was read).
                 let confirm = cfg.delivery_cursor_confirm_delay;
                 if !confirm.is_zero()
-                    && !cfg.pong_timeout.is_zero()
+                    && (uni || !cfg.pong_timeout.is_zero())
                     && client.cursor_pending()
                     && !client.ping_outstanding()
                 {
@@ -355,10 +413,14 @@ async fn write_loop<K: FrameSink>(node: Node, client: Arc<ClientHandle>, mut sin
                 }
                 if timers.next_ping.is_some_and(|p| now >= p) {
                     client.snapshot_cursors();
-                    client.ping_sent();
                     client.send(Bytes::from_static(client.encoding().ping()));
-                    if !cfg.pong_timeout.is_zero() {
-                        timers.pong_deadline = Some(now + cfg.pong_timeout);
+                    if uni {
+                        uni_ping_queued = true;
+                    } else {
+                        client.ping_sent();
+                        if !cfg.pong_timeout.is_zero() {
+                            timers.pong_deadline = Some(now + cfg.pong_timeout);
+                        }
                     }
                     timers.next_ping = Some(now + cfg.ping_interval);
                     continue;

@@ -148,7 +148,7 @@ mod tests {
     use std::time::Duration;
 
     fn client() -> Arc<ClientHandle> {
-        ClientHandle::new("c".into(), 1, Encoding::Json, 1 << 20)
+        ClientHandle::new("c".into(), 1, Encoding::Json, false, 1 << 20)
     }
 
     /// A half that counts its polls and finishes on its first notification.

@@ -547,6 +547,8 @@ fn write_connect_result(out: &mut Vec<u8>, r: &ConnectResult) {
     }
     o.u64("ping", u64::from(r.ping));
     o.bool("pong", r.pong);
+    o.str("session", &r.session);
+    o.str("node", &r.node);
     o.i64("time", r.time);
     o.end();
 }
@@ -684,6 +686,18 @@ pub fn encode_push(out: &mut Vec<u8>, push: &Push<'_>) {
     }
     o.end();
     out.push(b'}');
+}
+
+/// A push as unidirectional transports send it: without the `{"push":…}` envelope
+/// (`{"channel":"c","pub":{…}}`). Anything else (a reply, the `{}` ping) is returned as it is.
+/// No copy: the result shares the message's buffer.
+pub fn unwrap_push(msg: &Bytes) -> Bytes {
+    const PREFIX: &[u8] = b"{\"push\":";
+    if msg.len() > PREFIX.len() && msg.starts_with(PREFIX) && msg.ends_with(b"}") {
+        msg.slice(PREFIX.len()..msg.len() - 1)
+    } else {
+        msg.clone()
+    }
 }
 
 /// Checks that a payload is one valid JSON value (what a JSON subscriber can receive).

@@ -29,6 +29,13 @@ pub mod pb {
     ));
 }
 
+/// Decodes a protobuf `/emulation` request body: (node, session, frame).
+pub fn decode_emulation(body: &[u8]) -> Result<(String, String, Bytes), DecodeError> {
+    let r =
+        pb::EmulationRequest::decode(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok((r.node, r.session, r.data))
+}
+
 /// Largest single message accepted inside a frame (the frame size limit applies first).
 const MAX_MESSAGE: u64 = 16 << 20;
 
@@ -221,8 +228,9 @@ fn connect_result(r: &ConnectResult) -> pb::ConnectResult {
             .collect(),
         ping: r.ping,
         pong: r.pong,
+        session: r.session.clone(),
+        node: r.node.clone(),
         time: r.time,
-        ..Default::default()
     }
 }
 

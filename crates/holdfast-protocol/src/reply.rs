@@ -55,6 +55,12 @@ pub struct ConnectResult {
     pub ping: u32,
     /// The server expects pongs.
     pub pong: bool,
+    /// Session id of an emulated (HTTP-streaming, SSE) or unidirectional connection: what the
+    /// client names in `/emulation` requests.
+    pub session: String,
+    /// Id of the node that owns an emulated connection (`/emulation` requests are forwarded to
+    /// it).
+    pub node: String,
     /// Server time in ms (only when configured).
     pub time: i64,
 }

@@ -37,6 +37,12 @@ pub struct AppState {
 pub fn transport_config(config: &Config) -> holdfast_transport::TransportConfig {
     holdfast_transport::TransportConfig {
         websocket: config.websocket.clone(),
+        http_stream: config.http_stream.clone(),
+        sse: config.sse.clone(),
+        emulation: config.emulation.clone(),
+        uni_websocket: config.uni_websocket.clone(),
+        uni_sse: config.uni_sse.clone(),
+        uni_http_stream: config.uni_http_stream.clone(),
         allowed_origins: config.client.allowed_origins.clone(),
         connection_limit: config.client.connection_limit,
         connection_limit_per_ip: config.client.connection_limit_per_ip,

@@ -14,6 +14,8 @@
 //! ```
 
 pub mod admission;
+mod gate;
+pub mod http;
 pub mod websocket;
 
 use admission::{ConnectionLimits, TrustedProxies};
@@ -22,7 +24,30 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use http::{EmulationConfig, HttpTransportConfig};
 pub use websocket::json_error;
+
+/// `uni_websocket.*`: unidirectional WebSocket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct UniWebsocketConfig {
+    /// Serve `/connection/uni_websocket` (off by default, as on Centrifugo).
+    pub enabled: bool,
+    /// Largest incoming message (the connect request) in bytes; bigger closes with 1009.
+    pub message_size_limit: usize,
+    /// Several pushes per WebSocket message, joined by `\n` (default: one per message).
+    pub join_push_messages: bool,
+}
+
+impl Default for UniWebsocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            message_size_limit: 65536,
+            join_push_messages: false,
+        }
+    }
+}
 
 /// `websocket.*`: the WebSocket transport's settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,8 +78,20 @@ impl Default for WebsocketConfig {
 /// What the transports need to know.
 #[derive(Debug, Clone, Default)]
 pub struct TransportConfig {
-    /// The WebSocket transport.
+    /// The WebSocket transport (its `write_timeout` applies to every transport).
     pub websocket: WebsocketConfig,
+    /// HTTP-streaming with bidirectional emulation.
+    pub http_stream: HttpTransportConfig,
+    /// SSE with bidirectional emulation.
+    pub sse: HttpTransportConfig,
+    /// The `/emulation` endpoint of `http_stream` and `sse`.
+    pub emulation: EmulationConfig,
+    /// Unidirectional WebSocket.
+    pub uni_websocket: UniWebsocketConfig,
+    /// Unidirectional SSE.
+    pub uni_sse: HttpTransportConfig,
+    /// Unidirectional HTTP-streaming.
+    pub uni_http_stream: HttpTransportConfig,
     /// Browser origins allowed to connect (`client.allowed_origins`; empty = same host only).
     pub allowed_origins: Vec<String>,
     /// Connections on this node at most (0 = unlimited).
@@ -98,14 +135,46 @@ impl Transport {
         })
     }
 
-    /// The connection endpoints: `/connection/websocket`.
+    /// The connection endpoints: `/connection/websocket`, and those enabled of
+    /// `/connection/http_stream`, `/connection/sse` (with `/emulation`),
+    /// `/connection/uni_websocket`, `/connection/uni_sse`, `/connection/uni_http_stream`.
     pub fn router(self: &Arc<Self>) -> axum::Router {
-        axum::Router::new()
-            .route(
-                "/connection/websocket",
-                axum::routing::get(websocket::upgrade),
-            )
-            .with_state(self.clone())
+        use axum::routing::{get, post};
+        let c = &self.config;
+        let mut r = axum::Router::new().route("/connection/websocket", get(websocket::upgrade));
+        if c.http_stream.enabled {
+            r = r.route(
+                "/connection/http_stream",
+                post(http::http_stream).options(http::http_stream),
+            );
+        }
+        if c.sse.enabled {
+            r = r.route(
+                "/connection/sse",
+                get(http::sse).post(http::sse).options(http::sse),
+            );
+        }
+        if c.http_stream.enabled || c.sse.enabled {
+            r = r.route("/emulation", post(http::emulation).options(http::emulation));
+        }
+        if c.uni_websocket.enabled {
+            r = r.route("/connection/uni_websocket", get(websocket::upgrade_uni));
+        }
+        if c.uni_sse.enabled {
+            r = r.route(
+                "/connection/uni_sse",
+                get(http::uni_sse)
+                    .post(http::uni_sse)
+                    .options(http::uni_sse),
+            );
+        }
+        if c.uni_http_stream.enabled {
+            r = r.route(
+                "/connection/uni_http_stream",
+                post(http::uni_http_stream).options(http::uni_http_stream),
+            );
+        }
+        r.with_state(self.clone())
     }
 
     /// Forgets idle per-IP rate state (call periodically so it stays bounded).

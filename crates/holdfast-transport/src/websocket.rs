@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use holdfast_core::transport::{ConnectionMeta, FrameSink, FrameSource, serve_connection};
+use holdfast_core::transport::{
+    ConnectionKind, ConnectionMeta, FrameSink, FrameSource, serve_connection,
+};
 use holdfast_protocol::{Disconnect, Encoding};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -40,7 +42,17 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 }
 
 /// `GET /connection/websocket`.
-pub async fn upgrade(State(app): State<Arc<Transport>>, mut req: Request) -> Response {
+pub async fn upgrade(State(app): State<Arc<Transport>>, req: Request) -> Response {
+    upgrade_as(app, req, false).await
+}
+
+/// `GET /connection/uni_websocket`: unidirectional WebSocket (`uni_websocket.enabled`).
+pub async fn upgrade_uni(State(app): State<Arc<Transport>>, req: Request) -> Response {
+    upgrade_as(app, req, true).await
+}
+
+async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Response {
+    let transport = if uni { "uni_websocket" } else { "websocket" };
     if !app.node.is_ready() {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "node is not ready");
     }
@@ -63,33 +75,16 @@ pub async fn upgrade(State(app): State<Arc<Transport>>, mut req: Request) -> Res
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
-    // The client's address: the TCP peer, or behind a trusted proxy the address it forwards.
-    let peer = req
+    let remote = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| app.trusted_proxies.client_ip(c.0.ip(), headers));
-    let origin = headers
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    if !crate::admission::origin_allowed(&app.config.allowed_origins, origin, host) {
-        metrics::counter!("holdfast_upgrades_refused_total", "reason" => "origin").increment(1);
-        tracing::warn!(origin = origin.unwrap_or(""), host = host.unwrap_or(""), peer = ?peer, "WebSocket upgrade refused: origin not allowed (client.allowed_origins)");
-        return json_error(StatusCode::FORBIDDEN, "origin not allowed");
-    }
-    let permit = match app.limits.admit(peer) {
-        Ok(p) => p,
-        Err(r) => {
-            metrics::counter!("holdfast_upgrades_refused_total", "reason" => r.label())
-                .increment(1);
-            tracing::warn!(peer = ?peer, limit = r.label(), "WebSocket upgrade refused: limit reached");
-            let status = match r {
-                crate::admission::Refusal::Node => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::TOO_MANY_REQUESTS,
-            };
-            return json_error(status, &format!("connection limit reached ({})", r.label()));
-        }
+        .map(|c| c.0);
+    let admitted = match crate::gate::admit(&app, transport, headers, remote) {
+        Ok(a) => a,
+        Err(refused) => return *refused,
     };
+    let permit = admitted.permit;
+    let headers = req.headers();
     let query = req.uri().query().unwrap_or("");
     let wants_protobuf = query
         .split('&')
@@ -102,39 +97,37 @@ pub async fn upgrade(State(app): State<Arc<Transport>>, mut req: Request) -> Res
         .filter(|p| !p.is_empty())
         .collect();
     let offers = |p: &str| offered.iter().any(|o| o == p);
-    let encoding = if wants_protobuf || (offers(PROTOBUF_PROTOCOL) && !offers(JSON_PROTOCOL)) {
-        Encoding::Protobuf
-    } else {
-        Encoding::Json
-    };
+    // Unidirectional WebSocket is JSON only.
+    let encoding =
+        if !uni && (wants_protobuf || (offers(PROTOBUF_PROTOCOL) && !offers(JSON_PROTOCOL))) {
+            Encoding::Protobuf
+        } else {
+            Encoding::Json
+        };
     let protocol = match encoding {
         Encoding::Protobuf => offers(PROTOBUF_PROTOCOL).then_some(PROTOBUF_PROTOCOL),
         Encoding::Json => offers(JSON_PROTOCOL).then_some(JSON_PROTOCOL),
     };
-    // Only the headers some proxy forwards are kept with the connection.
-    let headers: holdfast_core::transport::Headers = app
-        .config
-        .forwarded_headers
-        .iter()
-        .filter_map(|name| {
-            let v = req.headers().get(name.as_str())?.to_str().ok()?;
-            Some((name.clone(), v.to_owned()))
-        })
-        .collect::<Vec<_>>()
-        .into();
+    let headers = admitted.headers;
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
     let ws_cfg = &app.config.websocket;
+    let read_limit = if uni {
+        app.config.uni_websocket.message_size_limit
+    } else {
+        ws_cfg.message_size_limit
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(ws_cfg.read_buffer_size)
         .write_buffer_size(ws_cfg.write_buffer_size)
         .max_write_buffer_size(
             ws_cfg.write_buffer_size + 2 * ws_cfg.message_size_limit.max(1 << 20),
         )
-        .max_message_size(Some(ws_cfg.message_size_limit))
-        .max_frame_size(Some(ws_cfg.message_size_limit));
+        .max_message_size(Some(read_limit))
+        .max_frame_size(Some(read_limit));
     let write_timeout = ws_cfg.write_timeout;
+    let join = app.config.uni_websocket.join_push_messages;
     let node = app.node.clone();
     app.node.tracker().spawn(async move {
         let _permit = permit;
@@ -149,21 +142,34 @@ pub async fn upgrade(State(app): State<Arc<Transport>>, mut req: Request) -> Res
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         let (sink, stream) = ws.split();
-        let meta = ConnectionMeta {
-            transport: "websocket",
-            encoding,
-            headers,
+        let sink = WsSink {
+            inner: sink,
+            write_timeout,
+            uni: uni.then_some(UniFraming { join }),
         };
-        serve_connection(
-            node,
-            meta,
-            WsSource(stream),
-            WsSink {
-                inner: sink,
-                write_timeout,
-            },
-        )
-        .await;
+        if uni {
+            let meta = ConnectionMeta {
+                transport,
+                kind: ConnectionKind::Unidirectional {
+                    session: crate::http::new_session_id(),
+                },
+                encoding,
+                headers,
+            };
+            let source = UniWsSource {
+                inner: WsSource(stream),
+                connected: false,
+            };
+            serve_connection(node, meta, source, sink).await;
+        } else {
+            let meta = ConnectionMeta {
+                transport,
+                kind: ConnectionKind::Bidirectional,
+                encoding,
+                headers,
+            };
+            serve_connection(node, meta, WsSource(stream), sink).await;
+        }
     });
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut resp = Response::new(Body::empty());
@@ -211,9 +217,44 @@ impl FrameSource for WsSource {
     }
 }
 
+/// A unidirectional WebSocket: the first message is the connect request (a JSON object, the
+/// `connect` command's body); later messages are read and dropped.
+struct UniWsSource {
+    inner: WsSource,
+    connected: bool,
+}
+
+impl FrameSource for UniWsSource {
+    async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
+        loop {
+            let frame = match self.inner.next_frame().await? {
+                Ok(f) => f,
+                Err(d) => return Some(Err(d)),
+            };
+            if self.connected {
+                continue;
+            }
+            self.connected = true;
+            return Some(crate::http::uni_connect_frame(&frame).map_err(|e| {
+                tracing::info!(error = %e, "uni_websocket: bad connect request");
+                Disconnect::BAD_REQUEST
+            }));
+        }
+    }
+}
+
+/// How a unidirectional WebSocket writes: bare pushes, one per message unless
+/// `uni_websocket.join_push_messages` (then newline-joined, as the frame came).
+#[derive(Debug, Clone, Copy)]
+struct UniFraming {
+    join: bool,
+}
+
 struct WsSink {
     inner: SplitSink<Ws, Message>,
     write_timeout: Duration,
+    /// Unidirectional framing, or None for the bidirectional protocol.
+    uni: Option<UniFraming>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
@@ -237,8 +278,27 @@ where
     result.map_err(io_err)
 }
 
+impl WsSink {
+    async fn send_text(&mut self, text: Bytes) -> std::io::Result<()> {
+        let msg = Message::Text(Utf8Bytes::try_from(text).map_err(io_err)?);
+        within(self.write_timeout, self.inner.feed(msg)).await
+    }
+}
+
 impl FrameSink for WsSink {
     async fn send_frame(&mut self, frame: Bytes, binary: bool) -> std::io::Result<()> {
+        if let Some(uni) = self.uni {
+            let messages = crate::http::json_messages(&frame);
+            if uni.join {
+                let joined = crate::http::join_uni(messages);
+                return self.send_text(joined).await;
+            }
+            for m in messages {
+                self.send_text(holdfast_protocol::json::unwrap_push(&m))
+                    .await?;
+            }
+            return Ok(());
+        }
         let msg = if binary {
             Message::Binary(frame)
         } else {
@@ -252,6 +312,12 @@ impl FrameSink for WsSink {
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
+        if self.uni.is_some() {
+            // A unidirectional client reads the disconnect as a message, then the close frame.
+            let push =
+                crate::http::disconnect_push(holdfast_protocol::Encoding::Json, true, code, reason);
+            let _ = self.send_text(push).await;
+        }
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from(reason),

@@ -288,6 +288,18 @@ impl Node {
                         .await;
                 });
             }
+            NodeCommand::Emulation {
+                id,
+                origin,
+                target,
+                session,
+                data,
+            } => self.emulation_forwarded(id, origin, &target, session, data.0),
+            NodeCommand::EmulationReply {
+                id,
+                target,
+                outcome,
+            } => self.emulation_answered(id, &target, outcome),
             NodeCommand::SurveyReply {
                 id,
                 target,
@@ -404,6 +416,20 @@ pub struct NodeInfo {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub(super) enum NodeCommand {
+    /// An `/emulation` frame for a session of node `target`, received by node `origin`.
+    Emulation {
+        id: u64,
+        origin: String,
+        target: String,
+        session: String,
+        data: B64,
+    },
+    /// The owning node's answer to [`NodeCommand::Emulation`].
+    EmulationReply {
+        id: u64,
+        target: String,
+        outcome: super::EmulationOutcome,
+    },
     Disconnect {
         user: String,
         client: Option<String>,

@@ -3,9 +3,11 @@
 //! in [`control`].
 
 mod control;
+mod emulation;
 
 pub use control::NodeInfo;
 use control::{HEARTBEAT, NodeCommand, SurveyReplies};
+pub use emulation::{EmulationInbox, EmulationOutcome, EmulationRegistration};
 
 use crate::channel::{ChannelRules, ResolvedChannel};
 use crate::client::{ClientHandle, Control, ServerSubscribe};
@@ -60,12 +62,12 @@ pub(crate) struct TransportMetrics {
 }
 
 impl TransportMetrics {
-    fn register() -> Self {
+    fn register(transport: &'static str) -> Self {
         Self {
-            messages_sent: metrics::counter!("holdfast_transport_messages_sent_total"),
-            bytes_sent: metrics::counter!("holdfast_transport_bytes_sent_total"),
-            messages_received: metrics::counter!("holdfast_transport_messages_received_total"),
-            bytes_received: metrics::counter!("holdfast_transport_bytes_received_total"),
+            messages_sent: metrics::counter!("holdfast_transport_messages_sent_total", "transport" => transport),
+            bytes_sent: metrics::counter!("holdfast_transport_bytes_sent_total", "transport" => transport),
+            messages_received: metrics::counter!("holdfast_transport_messages_received_total", "transport" => transport),
+            bytes_received: metrics::counter!("holdfast_transport_bytes_received_total", "transport" => transport),
         }
     }
 }
@@ -120,9 +122,17 @@ struct NodeInner {
     seq: AtomicU64,
     started: std::time::Instant,
     stats: NodeStats,
-    /// Transport counters, looked up in the metrics recorder once (on first use, after the
-    /// embedding program installed its recorder), not on every frame.
-    transport_metrics: std::sync::OnceLock<TransportMetrics>,
+    /// Transport counters by transport name, looked up in the metrics recorder once per
+    /// transport (on first use, after the embedding program installed its recorder), not on
+    /// every frame.
+    transport_metrics: parking_lot::Mutex<Vec<(&'static str, Arc<TransportMetrics>)>>,
+    /// Emulated connections of this node (HTTP-streaming, SSE) by session: where their
+    /// `/emulation` frames go.
+    emulation: parking_lot::Mutex<std::collections::HashMap<Arc<str>, EmulationInbox>>,
+    /// `/emulation` requests forwarded to other nodes, waiting for their answer.
+    emulation_acks: parking_lot::Mutex<
+        std::collections::HashMap<u64, tokio::sync::oneshot::Sender<EmulationOutcome>>,
+    >,
     /// Serialise hub-first/last transitions with broker subscribe/unsubscribe per channel.
     sub_locks: Sharded<tokio::sync::Mutex<()>>,
     /// Other nodes heard from (distributed engines), with when.
@@ -167,7 +177,9 @@ impl Node {
                 seq: AtomicU64::new(1),
                 started: std::time::Instant::now(),
                 stats: NodeStats::default(),
-                transport_metrics: std::sync::OnceLock::new(),
+                transport_metrics: Default::default(),
+                emulation: Default::default(),
+                emulation_acks: Default::default(),
                 sub_locks: Sharded::new(SUB_LOCKS, || tokio::sync::Mutex::new(())),
                 peers: Default::default(),
                 surveys: Default::default(),
@@ -340,10 +352,14 @@ impl Node {
     }
 
     /// The transport counters (registered with the metrics recorder on first use).
-    pub(crate) fn transport_metrics(&self) -> &TransportMetrics {
-        self.inner
-            .transport_metrics
-            .get_or_init(TransportMetrics::register)
+    pub(crate) fn transport_metrics(&self, transport: &'static str) -> Arc<TransportMetrics> {
+        let mut all = self.inner.transport_metrics.lock();
+        if let Some((_, m)) = all.iter().find(|(t, _)| *t == transport) {
+            return m.clone();
+        }
+        let m = Arc::new(TransportMetrics::register(transport));
+        all.push((transport, m.clone()));
+        m
     }
 
     /// The application hooks.
@@ -363,7 +379,7 @@ impl Node {
         &*self.inner.cursors
     }
 
-    pub(crate) fn new_client(&self, encoding: Encoding) -> Arc<ClientHandle> {
+    pub(crate) fn new_client(&self, encoding: Encoding, unidirectional: bool) -> Arc<ClientHandle> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         self.inner
             .stats
@@ -374,6 +390,7 @@ impl Node {
             uuid::Uuid::new_v4().to_string().into(),
             seq,
             encoding,
+            unidirectional,
             self.inner.config.client.queue_max_size,
         )
     }

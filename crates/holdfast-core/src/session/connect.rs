@@ -142,7 +142,7 @@ impl Session {
         }
         let (ping, pong) = (
             cfg.client.ping_interval.as_secs() as u32,
-            !cfg.client.pong_timeout.is_zero(),
+            !cfg.client.pong_timeout.is_zero() && !self.kind.is_unidirectional(),
         );
         let mut result = ConnectResult {
             client: self.client.id.to_string(),
@@ -150,6 +150,15 @@ impl Session {
             data: decision.data,
             ping,
             pong,
+            session: self
+                .kind
+                .session()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            node: match self.kind {
+                crate::transport::ConnectionKind::Emulation { .. } => self.node.id().to_owned(),
+                _ => String::new(),
+            },
             time: if cfg.client.connect_include_server_time {
                 crate::time::unix_ms()
             } else {
@@ -177,7 +186,9 @@ impl Session {
             }
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }
-        self.reply(id, ReplyBody::Connect(Box::new(result)));
+        // A unidirectional client gets its result as a `connect` push (no id).
+        let reply_id = if self.kind.is_unidirectional() { 0 } else { id };
+        self.reply(reply_id, ReplyBody::Connect(Box::new(result)));
         if server_refresh {
             if let Ok(conn) = self.conn_mut() {
                 conn.refresh_at = decision.expire_at.map(at_unix);

@@ -96,8 +96,13 @@ pub struct Session {
     node: Node,
     client: Arc<ClientHandle>,
     transport: &'static str,
+    /// Bidirectional, emulated or unidirectional.
+    kind: crate::transport::ConnectionKind,
     /// Forwardable HTTP headers of the upgrade request.
     headers: crate::transport::Headers,
+    /// On a unidirectional connection, the error code that refused its connect (the client
+    /// gets a disconnect instead of an error reply); 0 = none.
+    uni_refusal: std::sync::atomic::AtomicU32,
     state: State,
     bucket: crate::limit::TokenBucket,
 }
@@ -124,17 +129,23 @@ impl Session {
     pub fn new(
         node: Node,
         client: Arc<ClientHandle>,
-        transport: &'static str,
-        headers: crate::transport::Headers,
+        meta: crate::transport::ConnectionMeta,
     ) -> Self {
         Self {
             client,
-            transport,
+            transport: meta.transport,
+            kind: meta.kind,
             bucket: crate::limit::TokenBucket::new(node.config().client.command_burst),
-            headers,
+            headers: meta.headers,
+            uni_refusal: std::sync::atomic::AtomicU32::new(0),
             state: State::New,
             node,
         }
+    }
+
+    /// The transport's name.
+    pub fn transport(&self) -> &'static str {
+        self.transport
     }
 
     /// The node this session belongs to.
@@ -237,6 +248,7 @@ impl Session {
                     }
                 }
                 Control::Subscribe(req) => self.server_subscribe(*req).await?,
+                Control::ConfirmCursors => self.confirm_cursors().await,
                 Control::Refresh { expire_at, info } => {
                     if let Some(info) = info {
                         conn.set_conn_info(info);
@@ -281,6 +293,12 @@ impl Session {
         self.node.stats().errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("holdfast_reply_errors_total", "code" => e.code.to_string()).increment(1);
         tracing::debug!(client = %self.client.id(), user = self.client.user(), code = e.code, "error reply");
+        if self.kind.is_unidirectional() {
+            // A unidirectional client reads no replies: its refused connect becomes a
+            // disconnect (see `connect_code_to_unidirectional_disconnect`).
+            self.uni_refusal.store(e.code.max(1), Ordering::Relaxed);
+            return;
+        }
         self.reply(id, ReplyBody::Error(e));
     }
 
@@ -312,7 +330,18 @@ impl Session {
     async fn handle_command(&mut self, cmd: Command) -> Result<(), Disconnect> {
         let id = cmd.id;
         match (&self.state, cmd.request) {
-            (State::New, Request::Connect(req)) => self.connect(id, req).await,
+            (State::New, Request::Connect(req)) => {
+                self.connect(id, req).await?;
+                match self.uni_refusal.load(Ordering::Relaxed) {
+                    0 => Ok(()),
+                    code => Err(self
+                        .node
+                        .config()
+                        .client
+                        .connect_code_to_unidirectional_disconnect
+                        .disconnect_for(code)),
+                }
+            }
             (State::New, _) => {
                 tracing::info!(client = %self.client.id(), "first command is not connect");
                 Err(Disconnect::BAD_REQUEST)

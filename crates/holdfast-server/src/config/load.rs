@@ -211,7 +211,7 @@ mod tests {
         let p = write(
             "config.json",
             r#"{"client":{"token":{"hmac_secret_key":"secret"},"insecure":true,"allowed_origins":["*"]},
-               "http_api":{"key":"k"},"admin":{"enabled":true},"uni_websocket":{"enabled":true},
+               "http_api":{"key":"k"},"admin":{"enabled":true},"uni_websocket":{"enabled":true},"uni_grpc":{"enabled":true},
                "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true}}}"#,
         );
         let l = load(Some(&p), Vec::new(), &[]).expect("load");
@@ -225,7 +225,7 @@ mod tests {
             [
                 "admin",
                 "channel.without_namespace.delta_publish",
-                "uni_websocket"
+                "uni_grpc"
             ]
         );
     }

@@ -26,6 +26,18 @@ pub struct Config {
     pub channel: ChannelConfig,
     /// WebSocket transport.
     pub websocket: holdfast_transport::WebsocketConfig,
+    /// HTTP-streaming transport with bidirectional emulation (off by default).
+    pub http_stream: holdfast_transport::HttpTransportConfig,
+    /// SSE transport with bidirectional emulation (off by default).
+    pub sse: holdfast_transport::HttpTransportConfig,
+    /// The `/emulation` endpoint (served when `http_stream` or `sse` is on).
+    pub emulation: holdfast_transport::EmulationConfig,
+    /// Unidirectional WebSocket (off by default).
+    pub uni_websocket: holdfast_transport::UniWebsocketConfig,
+    /// Unidirectional SSE (off by default).
+    pub uni_sse: holdfast_transport::HttpTransportConfig,
+    /// Unidirectional HTTP-streaming (off by default).
+    pub uni_http_stream: holdfast_transport::HttpTransportConfig,
     /// Server HTTP API.
     pub http_api: HttpApiConfig,
     /// Engine selection.
@@ -623,6 +635,33 @@ impl Config {
                 "websocket.message_size_limit",
                 "must be at least 1024 bytes",
             );
+        }
+        for (key, size) in [
+            (
+                "http_stream.max_request_body_size",
+                self.http_stream.max_request_body_size,
+            ),
+            ("sse.max_request_body_size", self.sse.max_request_body_size),
+            (
+                "emulation.max_request_body_size",
+                self.emulation.max_request_body_size,
+            ),
+            (
+                "uni_sse.max_request_body_size",
+                self.uni_sse.max_request_body_size,
+            ),
+            (
+                "uni_http_stream.max_request_body_size",
+                self.uni_http_stream.max_request_body_size,
+            ),
+            (
+                "uni_websocket.message_size_limit",
+                self.uni_websocket.message_size_limit,
+            ),
+        ] {
+            if size < 1024 {
+                e(key, "must be at least 1024 bytes");
+            }
         }
         if self.websocket.read_buffer_size < 512 {
             e("websocket.read_buffer_size", "must be at least 512 bytes");
