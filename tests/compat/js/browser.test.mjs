@@ -52,20 +52,45 @@ after(async () => {
   await srv?.stop();
 });
 
-for (const encoding of ['json', 'protobuf']) {
-test(`browser (${encoding}): missed publications arrive exactly once, in order, after going offline`, async () => {
+// Each case: the bundle's encoding, the client's transport list (none = WebSocket alone), whether
+// the test blocks WebSocket (as a proxy that refuses upgrades would), the transport that must
+// end up carrying the session, and the report's column.
+const CASES = [
+  { encoding: 'json', transports: null, blockWs: false, expect: 'websocket', column: 'json' },
+  { encoding: 'protobuf', transports: null, blockWs: false, expect: 'websocket', column: 'protobuf' },
+  {
+    encoding: 'json',
+    transports: 'websocket,http_stream,sse',
+    blockWs: true,
+    expect: 'http_stream',
+    column: 'http_stream (json)',
+  },
+  { encoding: 'json', transports: 'sse', blockWs: false, expect: 'sse', column: 'sse (json)' },
+];
+
+for (const { encoding, transports, blockWs, expect, column } of CASES) {
+test(`browser (${column}): missed publications arrive exactly once, in order, after going offline`, async () => {
+  const user = `web-${column.replace(/\W+/g, '-')}`;
   try {
-    const channel = `browser_${encoding}_${process.pid}`;
+    const channel = `browser_${user}_${process.pid}`;
     const context = await browser.newContext({ viewport: { width: 900, height: 520 } });
+    if (blockWs) {
+      // The WebSocket endpoint is refused before it reaches the server.
+      await context.routeWebSocket(/\/connection\/websocket/, (ws) => ws.close());
+    }
     const page = await context.newPage();
-    const url = `http://127.0.0.1:${web.address().port}/?ws=${encodeURIComponent(srv.ws)}&token=${token(`web-${encoding}`)}&channel=${channel}&enc=${encoding}`;
+    const list = transports ? `&transports=${transports}` : '';
+    const url = `http://127.0.0.1:${web.address().port}/?ws=${encodeURIComponent(srv.ws)}&token=${token(user)}&channel=${channel}&enc=${encoding}${list}`;
     await page.goto(url);
     await page.waitForFunction(() => window.events.some((e) => e.subscribed), null, { timeout: 10000 });
+    const connected = await page.evaluate(() => window.events.filter((e) => e.connected).map((e) => e.connected));
+    assert.deepEqual(connected, [expect], `the session runs over ${expect}`);
+    if (blockWs) rec.add('falls back by itself when WebSocket is blocked', column, 'pass');
     for (let i = 1; i <= 3; i++) await srv.api('publish', { channel, data: { i } });
     await page.waitForFunction(() => window.received.length === 3, null, { timeout: 10000 });
-    // Offline: the browser cannot reach the server, and the server drops the socket.
+    // Offline: the browser cannot reach the server, and the server drops the connection.
     await context.setOffline(true);
-    await srv.api('disconnect', { user: `web-${encoding}`, disconnect: { code: 3011, reason: 'force reconnect' } });
+    await srv.api('disconnect', { user, disconnect: { code: 3011, reason: 'force reconnect' } });
     await page.waitForFunction(() => window.events.some((e) => e.subscribing), null, { timeout: 10000 });
     for (let i = 4; i <= 8; i++) await srv.api('publish', { channel, data: { i } });
     assert.equal(await page.evaluate(() => window.received.length), 3, 'nothing reaches an offline browser');
@@ -79,11 +104,13 @@ test(`browser (${encoding}): missed publications arrive exactly once, in order, 
     const resub = events.filter((e) => e.subscribed).at(-1);
     assert.deepEqual(resub, { subscribed: true, wasRecovering: true, recovered: true });
     mkdirSync(join(ROOT, 'artifacts'), { recursive: true });
-    await page.screenshot({ path: join(ROOT, 'artifacts', `browser-recovery-${encoding}.png`) });
+    const shot = column.replace(/\W+/g, '-').replace(/-$/, '');
+    await page.screenshot({ path: join(ROOT, 'artifacts', `browser-recovery-${shot}.png`) });
     await context.close();
-    rec.add('recovery after going offline', encoding, 'pass');
+    rec.add('recovery after going offline', column, 'pass');
   } catch (e) {
-    rec.add('recovery after going offline', encoding, 'fail');
+    if (blockWs) rec.add('falls back by itself when WebSocket is blocked', column, 'fail');
+    rec.add('recovery after going offline', column, 'fail');
     throw e;
   }
 });

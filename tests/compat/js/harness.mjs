@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import WebSocket from 'ws';
+import { EventSource } from 'eventsource';
 
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
 export const BIN = process.env.HOLDFAST_BINARY_PATH || join(ROOT, 'target', 'debug', 'holdfast');
@@ -27,6 +28,13 @@ enabled = true
 
 [http_api]
 key = "${API_KEY}"
+
+# The centrifuge client's fallbacks when WebSocket is blocked.
+[http_stream]
+enabled = true
+
+[sse]
+enabled = true
 
 [engine]
 type = "memory"
@@ -128,11 +136,14 @@ export function token(user, ttl, extra = {}) {
 }
 
 /**
- * A WebSocket constructor the test controls like a network: `offline` refuses new connections,
- * `drop()` cuts every open socket without a close frame (the transport is lost).
+ * A network the test controls, for every transport the client uses (a WebSocket constructor,
+ * `fetch` for HTTP-streaming and `/emulation`, an EventSource for SSE): `offline` refuses new
+ * connections and requests, `drop()` cuts everything open (the transport is lost, no close
+ * frame, streams end with a network error).
  */
 export function controlledNetwork() {
   const sockets = new Set();
+  const requests = new Set();
   const net = { offline: false };
   class ControlledWebSocket extends WebSocket {
     constructor(url, protocols) {
@@ -142,8 +153,35 @@ export function controlledNetwork() {
     }
   }
   net.WebSocket = ControlledWebSocket;
+  // The client fires `/emulation` requests and forgets them (their failure is not handled), so a
+  // lost one resolves as a 503 here instead of an unhandled rejection that would fail the test.
+  net.fetch = (url, opts = {}) => {
+    const req = net.request(url, opts);
+    return String(url).endsWith('/emulation') ? req.catch(() => new Response(null, { status: 503 })) : req;
+  };
+  net.request = async (url, opts = {}) => {
+    if (net.offline) throw new TypeError('fetch failed: network offline');
+    const ctl = new AbortController();
+    opts.signal?.addEventListener('abort', () => ctl.abort(opts.signal.reason));
+    requests.add(ctl);
+    try {
+      const resp = await fetch(url, { ...opts, signal: ctl.signal });
+      if (!resp.body) requests.delete(ctl);
+      return resp;
+    } catch (e) {
+      requests.delete(ctl);
+      throw e;
+    }
+  };
+  net.EventSource = class extends EventSource {
+    constructor(url, opts = {}) {
+      super(url, { ...opts, fetch: net.fetch });
+    }
+  };
   net.drop = () => {
     for (const s of sockets) s.terminate();
+    for (const r of requests) r.abort(new TypeError('network dropped'));
+    requests.clear();
   };
   return net;
 }

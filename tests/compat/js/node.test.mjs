@@ -1,7 +1,9 @@
-// centrifuge (npm) in Node against the real holdfast binary, JSON and protobuf.
+// centrifuge (npm) in Node against the real holdfast binary: JSON and protobuf over WebSocket,
+// and the client's fallbacks forced alone: HTTP-streaming (JSON and protobuf) and SSE (JSON).
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
+import { EventSource } from 'eventsource';
 import * as jsonSdk from 'centrifuge';
 import * as protoSdk from 'centrifuge/build/protobuf';
 import { Recorder, controlledNetwork, once, startServer, token } from './harness.mjs';
@@ -24,51 +26,73 @@ after(async () => {
 let n = 0;
 const uniq = (p) => `${p}_${process.pid}_${++n}`;
 
-for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
+// [transport, encoding, SDK build]; the report's column is the encoding over WebSocket, or
+// "<transport> (<encoding>)" for the emulated transports.
+const MATRIX = [
+  ['websocket', 'json', jsonSdk],
+  ['websocket', 'protobuf', protoSdk],
+  ['http_stream', 'json', jsonSdk],
+  ['http_stream', 'protobuf', protoSdk],
+  ['sse', 'json', jsonSdk],
+];
+
+for (const [transport, encoding, sdk] of MATRIX) {
   const { Centrifuge, UnauthorizedError } = sdk;
+  const column = transport === 'websocket' ? encoding : `${transport} (${encoding})`;
   const clients = [];
   // Protobuf clients carry payloads as bytes; these JSON payloads travel as their UTF-8 text.
   const toData = (o) => (encoding === 'json' ? o : new TextEncoder().encode(JSON.stringify(o)));
   const fromData = (d) => (encoding === 'json' ? d : JSON.parse(new TextDecoder().decode(d)));
   // Protobuf clients give uint64 offsets as Long objects.
   const num = (x) => (x && typeof x.toNumber === 'function' ? x.toNumber() : x);
-  const make = (url, opts = {}) => {
-    const c = new Centrifuge(url, { websocket: WebSocket, ...opts });
+  // A client of `server` on this transport only; `net` (controlledNetwork) carries it.
+  const make = (server, { net, ...opts } = {}) => {
+    const endpoint =
+      transport === 'websocket'
+        ? server.ws
+        : [{ transport, endpoint: `${server.http}/connection/${transport}` }];
+    const c = new Centrifuge(endpoint, {
+      websocket: net ? net.WebSocket : WebSocket,
+      eventsource: net ? net.EventSource : EventSource,
+      ...(net ? { fetch: net.fetch } : {}),
+      emulationEndpoint: `${server.http}/emulation`,
+      ...opts,
+    });
     clients.push(c);
     return c;
   };
   // A test that also records a row of the compatibility matrix.
   const feature = (name, fn) =>
-    test(`${name} [${encoding}]`, async () => {
+    test(`${name} [${column}]`, async () => {
       try {
         await fn();
-        rec.add(name, encoding, 'pass');
+        rec.add(name, column, 'pass');
       } catch (e) {
-        rec.add(name, encoding, 'fail');
+        rec.add(name, column, 'fail');
         throw e;
       } finally {
         for (const c of clients.splice(0)) c.disconnect();
       }
     });
 
-  describe(`centrifuge-js ${encoding}`, () => {
+  describe(`centrifuge-js ${column}`, () => {
     feature('connect with token', async () => {
-      const c = make(srv.ws, { token: token('42', 600) });
+      const c = make(srv, { token: token('42', 600) });
       c.connect();
       const ctx = await once(c, 'connected');
       assert.equal(ctx.client.length, 36);
-      assert.equal(ctx.transport, 'websocket');
+      assert.equal(ctx.transport, transport);
     });
 
     feature('anonymous connect (insecure mode)', async () => {
-      const c = make(insecure.ws);
+      const c = make(insecure);
       c.connect();
       const ctx = await once(c, 'connected');
       assert.ok(ctx.client);
     });
 
     feature('subscribe and unsubscribe', async () => {
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const sub = c.newSubscription(uniq('sub'));
       const subscribed = once(sub, 'subscribed');
       sub.subscribe();
@@ -83,7 +107,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
 
     feature('publish and receive', async () => {
       const ch = uniq('pub');
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const sub = c.newSubscription(ch);
       sub.subscribe();
       c.connect();
@@ -101,7 +125,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
 
     feature('presence and presence stats', async () => {
       const ch = uniq('presence');
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const sub = c.newSubscription(ch);
       sub.subscribe();
       c.connect();
@@ -117,7 +141,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     feature('history', async () => {
       const ch = uniq('history');
       for (let i = 1; i <= 5; i++) await srv.api('publish', { channel: ch, data: { i } });
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const sub = c.newSubscription(ch);
       sub.subscribe();
       c.connect();
@@ -132,7 +156,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     });
 
     feature('rpc without handler is 108', async () => {
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       c.connect();
       await c.ready(10000);
       await assert.rejects(c.rpc('getPrice', { id: 1 }), (e) => e.code === 108);
@@ -140,7 +164,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
 
     feature('subscription token', async () => {
       const ch = `private:${uniq('tok')}`;
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const sub = c.newSubscription(`$${ch}`, { token: token('42', 600, { channel: `$${ch}` }) });
       sub.subscribe();
       c.connect();
@@ -150,7 +174,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
 
     feature('token refresh via getToken (109)', async () => {
       let calls = 0;
-      const c = make(srv.ws, {
+      const c = make(srv, {
         token: token('42', -5),
         getToken: async () => {
           calls++;
@@ -164,7 +188,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
       let refreshed;
       const refreshedCall = new Promise((r) => (refreshed = r));
       let n2 = 0;
-      const d = make(srv.ws, {
+      const d = make(srv, {
         token: token('43', 2),
         getToken: async () => {
           n2++;
@@ -187,7 +211,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     });
 
     feature('connection unauthorized', async () => {
-      const c = make(srv.ws, {
+      const c = make(srv, {
         getToken: async () => {
           throw new UnauthorizedError('no');
         },
@@ -199,7 +223,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     });
 
     feature('subscription unauthorized', async () => {
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const sub = c.newSubscription(`$private:${uniq('u')}`, {
         getToken: async () => {
           throw new UnauthorizedError('no');
@@ -212,7 +236,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     });
 
     feature('invalid subscription token is 103', async () => {
-      const c = make(srv.ws, { token: token('42') });
+      const c = make(srv, { token: token('42') });
       const ch = `$private:${uniq('bad')}`;
       const sub = c.newSubscription(ch, { token: 'not-a-token' });
       sub.subscribe();
@@ -224,7 +248,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     feature('recovery after the transport is dropped', async () => {
       const ch = uniq('recover');
       const net = controlledNetwork();
-      const c = make(srv.ws, { token: token('42'), websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
+      const c = make(srv, { token: token('42'), net, minReconnectDelay: 50, maxReconnectDelay: 200 });
       const sub = c.newSubscription(ch);
       const got = [];
       sub.on('publication', (p) => got.push(fromData(p.data).i));
@@ -252,7 +276,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
     feature('unrecoverable position', async () => {
       const ch = `smallhistory:${uniq('small')}`;
       const net = controlledNetwork();
-      const c = make(srv.ws, { token: token('42'), websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
+      const c = make(srv, { token: token('42'), net, minReconnectDelay: 50, maxReconnectDelay: 200 });
       const sub = c.newSubscription(ch);
       sub.subscribe();
       c.connect();
@@ -274,7 +298,7 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
 
     feature('server-side subscriptions and personal channel', async () => {
       const ch = uniq('server');
-      const c = make(srv.ws, { token: token('77', undefined, { channels: [ch] }) });
+      const c = make(srv, { token: token('77', undefined, { channels: [ch] }) });
       const subscribed = [];
       c.on('subscribed', (ctx) => subscribed.push(ctx.channel));
       c.connect();
@@ -290,12 +314,12 @@ for (const [encoding, sdk] of [['json', jsonSdk], ['protobuf', protoSdk]]) {
 
     feature('join and leave', async () => {
       const ch = uniq('jl');
-      const a = make(srv.ws, { token: token('a') });
+      const a = make(srv, { token: token('a') });
       const sa = a.newSubscription(ch, { joinLeave: true });
       sa.subscribe();
       a.connect();
       await sa.ready(10000);
-      const b = make(srv.ws, { token: token('b') });
+      const b = make(srv, { token: token('b') });
       const sb = b.newSubscription(ch);
       const joined = once(sa, 'join', (j) => j.info.user === 'b');
       sb.subscribe();
