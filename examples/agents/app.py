@@ -21,6 +21,7 @@ import uuid
 
 from cent import PublishRequest
 from fastapi import Request
+from fastapi.responses import HTMLResponse
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -63,6 +64,12 @@ async def run_agents(user: str, turn: str, text: str) -> None:
             await post(user, kind="error", turn=turn, text=f"The agents could not finish: {e}. Ask again.")
         except Exception:
             log.exception("could not report the failure of turn %s", turn)
+
+
+@app.get("/follow")
+async def follow():
+    """A read-only page that follows the conversation with a plain EventSource (uni_sse)."""
+    return HTMLResponse((HERE / "follow.html").read_text())
 
 
 @app.post("/holdfast/rpc")

@@ -46,9 +46,6 @@ pub(crate) enum Control {
         expire_at: Option<i64>,
         info: Option<Bytes>,
     },
-    /// A unidirectional connection's ping was written out after the deliveries its snapshot
-    /// holds: save them to the delivery cursors (what a pong does on other transports).
-    ConfirmCursors,
 }
 
 const MAX_CONTROL: usize = 256;
@@ -368,12 +365,6 @@ impl ClientHandle {
     /// Whether the client sends nothing after connect (a unidirectional transport).
     pub fn is_unidirectional(&self) -> bool {
         self.unidirectional
-    }
-
-    /// A unidirectional connection's ping went out: its snapshot's positions are delivered as
-    /// far as the server can tell.
-    pub(crate) fn ping_written(&self) {
-        self.push_control(Control::ConfirmCursors);
     }
 
     /// Marks a ping as written; returns false when the previous one is still unanswered.

@@ -327,10 +327,9 @@ async fn write_loop<K: FrameSink>(
     let cfg = &node.config().client;
     let metrics = node.transport_metrics(transport);
     // A unidirectional client cannot answer pings: its pings only keep proxies and the
-    // client's own liveness check happy, and the delivery cursor advances once a ping was
-    // written out after the deliveries (there is no pong to wait for).
+    // client's own liveness check happy. With no pong, nothing it received is confirmed to the
+    // delivery cursors (a duplicate on the user's next positionless connect, never a loss).
     let uni = client.is_unidirectional();
-    let mut uni_ping_queued = false;
     let mut timers = Timers {
         stale_at: Instant::now() + cfg.stale_close_delay,
         next_ping: None,
@@ -359,9 +358,6 @@ async fn write_loop<K: FrameSink>(
             client.sent.fetch_add(n, Ordering::Relaxed);
             metrics.messages_sent.increment(n);
             metrics.bytes_sent.increment(bytes);
-            if std::mem::take(&mut uni_ping_queued) {
-                client.ping_written();
-            }
         }
         if let Some(d) = drained.close {
             if d.code == Disconnect::CONNECTION_CLOSED.code {
@@ -402,7 +398,8 @@ async fn write_loop<K: FrameSink>(
                 // next regular ping (a pong proves every frame before its ping was read).
                 let confirm = cfg.delivery_cursor_confirm_delay;
                 if !confirm.is_zero()
-                    && (uni || !cfg.pong_timeout.is_zero())
+                    && !uni
+                    && !cfg.pong_timeout.is_zero()
                     && client.cursor_pending()
                     && !client.ping_outstanding()
                 {
@@ -412,16 +409,15 @@ async fn write_loop<K: FrameSink>(
                     }
                 }
                 if timers.next_ping.is_some_and(|p| now >= p) {
-                    client.snapshot_cursors();
-                    client.send(Bytes::from_static(client.encoding().ping()));
-                    if uni {
-                        uni_ping_queued = true;
-                    } else {
+                    if !uni {
+                        // Before the ping is queued: the snapshot claims only what precedes it.
+                        client.snapshot_cursors();
                         client.ping_sent();
                         if !cfg.pong_timeout.is_zero() {
                             timers.pong_deadline = Some(now + cfg.pong_timeout);
                         }
                     }
+                    client.send(Bytes::from_static(client.encoding().ping()));
                     timers.next_ping = Some(now + cfg.ping_interval);
                     continue;
                 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -73,7 +73,9 @@ impl CertStore {
         let mut cfg = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 first (a browser multiplexes its SSE and HTTP-streaming connections over one
+        // TLS connection), HTTP/1.1 for everything else.
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         TlsAcceptor::from(Arc::new(cfg))
     }
 }
@@ -105,11 +107,21 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let acceptor = how.tls.as_ref().map(CertStore::acceptor);
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    // HTTP/1.1, and HTTP/2 (h2 by ALPN over TLS, h2c with prior knowledge in plain text),
+    // with RFC 8441 extended CONNECT so WebSocket runs over an HTTP/2 stream too.
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(how.http.header_read_timeout)
         .max_buf_size(how.http.max_header_size)
         .keep_alive(how.http.keep_alive);
+    http.http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(how.http.http2_max_concurrent_streams)
+        .max_header_list_size(how.http.max_header_size as u32)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let http = Arc::new(http);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -155,7 +167,7 @@ pub async fn serve(
 }
 
 async fn serve_conn<IO>(
-    http: &hyper::server::conn::http1::Builder,
+    http: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
     io: IO,
     peer: SocketAddr,
     app: Router,
@@ -167,7 +179,7 @@ async fn serve_conn<IO>(
         req.extensions_mut().insert(ConnectInfo(peer));
         app.clone().oneshot(req.map(axum::body::Body::new))
     });
-    let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let res = tokio::select! {
         r = conn.as_mut() => r,
@@ -177,7 +189,9 @@ async fn serve_conn<IO>(
         }
     };
     if let Err(e) = res {
-        if e.is_timeout() {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
             metrics::counter!("holdfast_http_header_timeouts_total").increment(1);
         }
         tracing::debug!(peer = %peer, error = %e, "HTTP connection ended with an error");

@@ -594,3 +594,83 @@ async fn emulation_reaches_the_owning_node_over_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn http2_multiplexes_sse_streams_and_websocket_over_one_connection() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let srv = TestServer::start(config_from(ALL)).await;
+    let tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    // h2c with prior knowledge: one TCP connection for everything below.
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut bodies = Vec::new();
+    for user in ["h2a", "h2b", "h2c"] {
+        let req = json!({"token": token(user, None, json!({}))}).to_string();
+        let uri = with_connect(srv.http("/connection/uni_sse"), &req);
+        let resp = send
+            .send_request(
+                hyper::Request::get(uri)
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        bodies.push(resp.into_body());
+    }
+    // Reads SSE events from an HTTP/2 body until one holds `want`.
+    async fn event_with(body: &mut hyper::body::Incoming, want: &str) -> String {
+        let mut text = String::new();
+        loop {
+            if let Some(e) = text.split("\n\n").find(|e| e.contains(want)) {
+                return e.to_owned();
+            }
+            let f = tokio::time::timeout(WAIT, body.frame()).await.unwrap();
+            let f = f.expect("stream ended").unwrap();
+            if let Ok(d) = f.into_data() {
+                text.push_str(std::str::from_utf8(&d).unwrap());
+            }
+        }
+    }
+    for (body, user) in bodies.iter_mut().zip(["h2a", "h2b", "h2c"]) {
+        event_with(body, &format!("\"#{user}\"")).await;
+    }
+    publish(&srv, "#h2b", json!("only b")).await;
+    let e = event_with(&mut bodies[1], "only b").await;
+    assert_eq!(
+        e,
+        r##"data: {"channel":"#h2b","pub":{"data":"only b","offset":1}}"##
+    );
+    // WebSocket over a stream of the same connection (RFC 8441 extended CONNECT).
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(srv.http("/connection/websocket"))
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "extended CONNECT accepted");
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let connect = json!({"id": 1, "connect": {"token": token("h2ws", None, json!({}))}});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    let m = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let r: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+    assert!(r["connect"]["client"].is_string(), "{r}");
+    srv.stop().await;
+}

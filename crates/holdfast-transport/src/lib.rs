@@ -141,7 +141,12 @@ impl Transport {
     pub fn router(self: &Arc<Self>) -> axum::Router {
         use axum::routing::{get, post};
         let c = &self.config;
-        let mut r = axum::Router::new().route("/connection/websocket", get(websocket::upgrade));
+        // CONNECT: WebSocket over HTTP/2 (RFC 8441 extended CONNECT).
+        let connect = axum::routing::MethodFilter::CONNECT;
+        let mut r = axum::Router::new().route(
+            "/connection/websocket",
+            get(websocket::upgrade).on(connect, websocket::upgrade),
+        );
         if c.http_stream.enabled {
             r = r.route(
                 "/connection/http_stream",
@@ -158,7 +163,10 @@ impl Transport {
             r = r.route("/emulation", post(http::emulation).options(http::emulation));
         }
         if c.uni_websocket.enabled {
-            r = r.route("/connection/uni_websocket", get(websocket::upgrade_uni));
+            r = r.route(
+                "/connection/uni_websocket",
+                get(websocket::upgrade_uni).on(connect, websocket::upgrade_uni),
+            );
         }
         if c.uni_sse.enabled {
             r = r.route(

@@ -57,8 +57,16 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "node is not ready");
     }
     let headers = req.headers();
-    if !header_has_token(headers, header::UPGRADE, "websocket")
-        || !header_has_token(headers, header::CONNECTION, "upgrade")
+    // WebSocket over an HTTP/2 stream (RFC 8441): an extended CONNECT with `:protocol`
+    // websocket, answered 200; over HTTP/1.1 the Upgrade handshake, answered 101.
+    let h2 = req.method() == axum::http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !h2
+        && (!header_has_token(headers, header::UPGRADE, "websocket")
+            || !header_has_token(headers, header::CONNECTION, "upgrade"))
     {
         return json_error(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade");
     }
@@ -72,9 +80,10 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
             "unsupported WebSocket version (need 13)",
         );
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    if key.is_none() && !h2 {
         return json_error(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
-    };
+    }
     let remote = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
@@ -171,15 +180,18 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
             serve_connection(node, meta, WsSource(stream), sink).await;
         }
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    if let Some(key) = key.filter(|_| !h2) {
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
+    let h = resp.headers_mut();
     if let Some(p) = protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }

@@ -386,6 +386,27 @@ test('agents: browsers opened during an answer show the same conversation; error
     for (const p of pages) assert.deepEqual(await conversation(p), conv);
     assert.deepEqual(conv.map((e) => e.offset), Array.from({ length: conv.length }, (_, i) => i + 1));
 
+    // A second page follows the conversation with a plain EventSource on uni_sse (no SDK): it
+    // shows the conversation so far, follows an answer live, and after its stream is cut in the
+    // middle of the answer reconnects with its position: every entry once, in order.
+    const ctxF = await browser.newContext({ viewport: { width: 900, height: 700 } });
+    contexts.push(ctxF);
+    const follow = await ctxF.newPage();
+    await follow.goto(`${app.url}/follow?user=${user}`);
+    await follow.waitForSelector('body[data-connected="1"]', { timeout: 15000 });
+    await follow.waitForFunction((n) => window.offsets.length >= n, conv.length, { timeout: 15000 });
+    const followed = ask(first, 'Followed by an EventSource');
+    await follow.waitForFunction((n) => window.offsets.length >= n + 3, conv.length, { timeout: 15000 });
+    await follow.evaluate(() => window.dropFollow());
+    await followed;
+    await Promise.all(pages.map((p) => finished(p, 6)));
+    conv = await conversation(first);
+    await follow.waitForFunction((n) => window.offsets.length >= n, conv.length, { timeout: 15000 });
+    assert.deepEqual(await follow.evaluate(() => window.offsets), conv.map((e) => e.offset), 'EventSource page: every entry once, in order');
+    assert.ok((await follow.evaluate(() => window.reconnects)) >= 1, 'the stream was cut and reopened');
+    assert.equal(await follow.$$eval('#conv .e', (els) => els.length), conv.length);
+    await shot(follow, 'agents-follow-eventsource');
+
     // /health answers 50 concurrent requests with the live counters.
     const health = await Promise.all(Array.from({ length: 50 }, () => fetch(`${srv.http}/health`).then(async (r) => [r.status, await r.json()])));
     for (const [status, body] of health) {

@@ -248,7 +248,6 @@ impl Session {
                     }
                 }
                 Control::Subscribe(req) => self.server_subscribe(*req).await?,
-                Control::ConfirmCursors => self.confirm_cursors().await,
                 Control::Refresh { expire_at, info } => {
                     if let Some(info) = info {
                         conn.set_conn_info(info);

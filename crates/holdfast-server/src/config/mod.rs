@@ -369,6 +369,9 @@ pub struct HttpServerConfig {
     pub max_header_size: usize,
     /// HTTP/1.1 keep-alive (several requests per connection).
     pub keep_alive: bool,
+    /// Streams one HTTP/2 connection may have open at once (SSE, HTTP-streaming, WebSocket
+    /// over HTTP/2 and ordinary requests); more are refused by the HTTP/2 layer.
+    pub http2_max_concurrent_streams: u32,
     /// A TLS handshake must finish within this time.
     #[serde(with = "duration")]
     pub tls_handshake_timeout: Duration,
@@ -403,6 +406,7 @@ impl Default for HttpServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_size: 16 * 1024,
             keep_alive: true,
+            http2_max_concurrent_streams: 250,
             tls_handshake_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
         }
@@ -618,6 +622,12 @@ impl Config {
         }
         if self.http_server.max_header_size < 8192 {
             e("http_server.max_header_size", "must be at least 8192 bytes");
+        }
+        if self.http_server.http2_max_concurrent_streams == 0 {
+            e(
+                "http_server.http2_max_concurrent_streams",
+                "must be positive",
+            );
         }
         if self.http_server.header_read_timeout.is_zero() {
             e("http_server.header_read_timeout", "must be positive");
