@@ -29,6 +29,14 @@ fi
 if ! command -v chromium >/dev/null; then
   apt_install chromium
 fi
+# The reverse-proxy suite runs the HTTP transports through Debian's nginx; the unidirectional
+# suite reads a stream with curl.
+if ! command -v nginx >/dev/null; then
+  apt_install nginx-light
+fi
+if ! command -v curl >/dev/null; then
+  apt_install curl
+fi
 # The benchmark report's plots label axes with DejaVu Sans.
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   apt_install fonts-dejavu-core
@@ -52,9 +60,9 @@ py="$(tests/compat/setup.sh)"
 (cd tests/compat/js && npm ci --no-audit --no-fund --loglevel=error)
 (cd examples && npm ci --no-audit --no-fund --loglevel=error)
 
-step "compatibility: centrifuge-js in Node and in Chromium"
+step "compatibility: centrifuge-js in Node and in Chromium, and behind nginx over two nodes"
 rm -rf artifacts/compat
-(cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs browser.test.mjs)
+(cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs browser.test.mjs proxy.test.mjs)
 
 step "example apps in Chromium (examples/*, screenshots in artifacts/examples)"
 (cd tests/compat/js && PYTHON="$py" node --test --test-concurrency=1 --test-reporter=spec examples.test.mjs)

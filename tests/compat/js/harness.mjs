@@ -76,9 +76,9 @@ export async function freePort() {
   });
 }
 
-export async function startServer(config = CONFIG, extraArgs = []) {
+export async function startServer(config = CONFIG, extraArgs = [], fixedPort = undefined) {
   if (!existsSync(BIN)) throw new Error(`${BIN} not found: cargo build --bin holdfast`);
-  const port = await freePort();
+  const port = fixedPort ?? (await freePort());
   const dir = mkdtempSync(join(tmpdir(), 'holdfast-js-'));
   const cfg = join(dir, 'config.toml');
   writeFileSync(cfg, config);

@@ -95,6 +95,7 @@ impl Node {
             }
         };
         self.inner.emulation_acks.lock().remove(&id);
+        metrics::counter!("holdfast_emulation_forwarded_total").increment(1);
         outcome
     }
 
