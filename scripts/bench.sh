@@ -14,7 +14,7 @@ if [ -n "${QUICK:-}" ]; then
   out=target/bench-quick
   rm -rf "$out"
   "$bin/holdfast-bench" bench --quick --runs 1 --bin-dir "$bin" --out "$out/results" \
-    --servers "${SERVERS:-holdfast,holdfast-protobuf,raw,socketio,fastapi}" "$@"
+    --servers "${SERVERS:-holdfast,holdfast-protobuf,holdfast-sse,raw,socketio,fastapi}" "$@"
   "$bin/holdfast-bench" report --results "$out/results" --out "$out/BENCHMARKS.md" \
     --plots "$out/plots" --command "QUICK=1 scripts/bench.sh"
   for p in s1-memory s2-throughput s2-latency-cdf s3-throughput s3-latency-cdf; do

@@ -17,6 +17,8 @@ pub enum Protocol {
     HoldfastJson,
     /// Centrifugo protocol, length-prefixed protobuf (Holdfast).
     HoldfastProtobuf,
+    /// Holdfast's unidirectional SSE (`uni_sse`): server-side subscriptions from the token.
+    HoldfastSse,
     /// Socket.IO v5 over Engine.IO v4, WebSocket transport.
     SocketIo,
     /// Pusher protocol 7 (Sockudo).
@@ -61,14 +63,16 @@ impl Protocol {
     /// which has history and recovery on).
     pub fn channel(self, base: &str) -> String {
         match self {
-            Protocol::HoldfastJson | Protocol::HoldfastProtobuf => format!("bench:{base}"),
+            Protocol::HoldfastJson | Protocol::HoldfastProtobuf | Protocol::HoldfastSse => {
+                format!("bench:{base}")
+            }
             _ => base.to_owned(),
         }
     }
 
     fn path(self, t: &Target, channels: &[String]) -> String {
         match self {
-            Protocol::HoldfastJson | Protocol::HoldfastProtobuf => {
+            Protocol::HoldfastJson | Protocol::HoldfastProtobuf | Protocol::HoldfastSse => {
                 "/connection/websocket".to_owned()
             }
             Protocol::SocketIo => "/socket.io/?EIO=4&transport=websocket".to_owned(),
@@ -97,9 +101,30 @@ impl Protocol {
         user: &str,
         channels: &[String],
     ) -> anyhow::Result<Conn> {
+        if self == Protocol::HoldfastSse {
+            let token = crate::client::token_with_channels(&t.secret, user, channels)?;
+            let connect = format!("{{\"token\":\"{token}\",\"name\":\"bench\"}}");
+            let mut query = String::new();
+            for b in connect.bytes() {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    query.push(b as char);
+                } else {
+                    let _ = write!(query, "%{b:02X}");
+                }
+            }
+            let path = format!("/connection/uni_sse?cf_connect={query}");
+            let mut c = Conn::event_stream(stream, &t.host, &path).await?;
+            // The connect push lists the server-side subscriptions.
+            let (_, p) = c.next().await?.context("closed before connect")?;
+            if !contains(p, b"{\"connect\"") {
+                bail!("refused: {}", String::from_utf8_lossy(p));
+            }
+            return Ok(c);
+        }
         let mut c =
             Conn::upgrade(stream, &t.host, &self.path(t, channels), self.subprotocol()).await?;
         match self {
+            Protocol::HoldfastSse => unreachable!("handled above"),
             Protocol::HoldfastJson => {
                 let mut frame = format!(
                     "{{\"id\":1,\"connect\":{{\"token\":\"{}\",\"name\":\"bench\"}}}}",

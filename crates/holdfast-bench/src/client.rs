@@ -153,7 +153,20 @@ pub fn parse(line: &str) -> anyhow::Result<ServerMsg<'_>> {
 
 /// Mints an HS256 connection token for `user`.
 pub fn token(secret: &str, user: &str) -> anyhow::Result<String> {
-    let claims = serde_json::json!({ "sub": user });
+    token_with_channels(secret, user, &[])
+}
+
+/// A connection token whose `channels` claim subscribes the connection to `channels` on the
+/// server side (what a unidirectional connection needs).
+pub fn token_with_channels(
+    secret: &str,
+    user: &str,
+    channels: &[String],
+) -> anyhow::Result<String> {
+    let mut claims = serde_json::json!({ "sub": user });
+    if !channels.is_empty() {
+        claims["channels"] = serde_json::json!(channels);
+    }
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,

@@ -316,7 +316,7 @@ async fn read_loop(
                 // Holdfast batches pings with publications; the others send them alone.
                 let batched = matches!(
                     protocol,
-                    Protocol::HoldfastJson | Protocol::HoldfastProtobuf
+                    Protocol::HoldfastJson | Protocol::HoldfastProtobuf | Protocol::HoldfastSse
                 );
                 if n == 0 || batched {
                     pong = protocol.pong(op, payload);

@@ -21,6 +21,8 @@ pub enum Server {
     Holdfast,
     /// Holdfast, protobuf protocol.
     HoldfastProtobuf,
+    /// Holdfast, unidirectional SSE subscribers (same server and configuration).
+    HoldfastSse,
     /// The raw tokio-tungstenite broadcast baseline (`holdfast-bench baseline`).
     Raw,
     /// Socket.IO 4.8 on Node (`bench/peers/socketio`).
@@ -39,6 +41,7 @@ impl Server {
         match self {
             Server::Holdfast => "holdfast",
             Server::HoldfastProtobuf => "holdfast-protobuf",
+            Server::HoldfastSse => "holdfast-sse",
             Server::Raw => "raw",
             Server::Socketio => "socketio",
             Server::Socketioxide => "socketioxide",
@@ -52,6 +55,9 @@ impl Server {
         match self {
             Server::Holdfast => "Holdfast, JSON, memory engine, history + recovery on, JWT auth",
             Server::HoldfastProtobuf => "Holdfast, protobuf, same configuration",
+            Server::HoldfastSse => {
+                "Holdfast, unidirectional SSE subscribers (uni_sse), same configuration"
+            }
             Server::Raw => {
                 "raw tokio-tungstenite broadcast (encode once, batched flush, no features)"
             }
@@ -67,6 +73,7 @@ impl Server {
         match self {
             Server::Holdfast => Protocol::HoldfastJson,
             Server::HoldfastProtobuf => Protocol::HoldfastProtobuf,
+            Server::HoldfastSse => Protocol::HoldfastSse,
             Server::Raw | Server::Fastapi => Protocol::Text,
             Server::Socketio | Server::Socketioxide => Protocol::SocketIo,
             Server::Sockudo => Protocol::Pusher,
@@ -135,6 +142,9 @@ key = "{API_KEY}"
 [log]
 level = "warn"
 
+[uni_sse]
+enabled = true
+
 {extra}
 
 [[channel.namespaces]]
@@ -197,7 +207,7 @@ pub async fn start(env: &Env, server: Server, holdfast_engine: &str) -> anyhow::
     cmd.arg("-c").arg(env.server_core.to_string());
     let root = &env.root;
     match server {
-        Server::Holdfast | Server::HoldfastProtobuf => {
+        Server::Holdfast | Server::HoldfastProtobuf | Server::HoldfastSse => {
             let cfg = holdfast_config(env, holdfast_engine)?;
             cmd.arg(env.bin_dir.join("holdfast"))
                 .args(["serve", "--config"])
@@ -295,11 +305,13 @@ impl Running {
                 .context("http client")
         };
         Ok(match self.server {
-            Server::Holdfast | Server::HoldfastProtobuf => Publisher::HoldfastApi {
-                http: http()?,
-                base,
-                key: API_KEY.to_owned(),
-            },
+            Server::Holdfast | Server::HoldfastProtobuf | Server::HoldfastSse => {
+                Publisher::HoldfastApi {
+                    http: http()?,
+                    base,
+                    key: API_KEY.to_owned(),
+                }
+            }
             Server::Sockudo => Publisher::PusherApi {
                 http: http()?,
                 base,
@@ -382,7 +394,9 @@ pub fn slab_kib() -> u64 {
 /// `scripts/bench-peers.sh`).
 pub fn available(root: &Path, bin_dir: &Path, server: Server) -> Result<(), String> {
     let need = match server {
-        Server::Holdfast | Server::HoldfastProtobuf => bin_dir.join("holdfast"),
+        Server::Holdfast | Server::HoldfastProtobuf | Server::HoldfastSse => {
+            bin_dir.join("holdfast")
+        }
         Server::Raw => return Ok(()),
         Server::Socketio => root.join("bench/peers/socketio/node_modules/socket.io"),
         Server::Socketioxide => {

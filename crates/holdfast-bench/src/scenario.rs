@@ -70,7 +70,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "holdfast,holdfast-protobuf,raw,socketio,socketioxide,fastapi,sockudo"
+        default_value = "holdfast,holdfast-protobuf,holdfast-sse,raw,socketio,socketioxide,fastapi,sockudo"
     )]
     pub servers: Vec<Server>,
     /// Runs of each scenario per server (the report takes medians).
@@ -335,6 +335,7 @@ fn protocol_arg(server: Server) -> &'static str {
     match server.protocol() {
         crate::adapter::Protocol::HoldfastJson => "holdfast-json",
         crate::adapter::Protocol::HoldfastProtobuf => "holdfast-protobuf",
+        crate::adapter::Protocol::HoldfastSse => "holdfast-sse",
         crate::adapter::Protocol::SocketIo => "socket-io",
         crate::adapter::Protocol::Pusher => "pusher",
         crate::adapter::Protocol::Text => "text",

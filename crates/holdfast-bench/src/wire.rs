@@ -40,6 +40,8 @@ pub struct Conn {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// A streamed HTTP response of SSE events instead of WebSocket frames.
+    events: bool,
 }
 
 /// Opens a TCP connection to `addr` from `source` (any port).
@@ -154,6 +156,47 @@ impl Conn {
             buf,
             start: head_end,
             end,
+            events: false,
+        })
+    }
+
+    /// Opens an SSE stream: `GET path` answered 200 with `text/event-stream`. [`Conn::next`] then
+    /// returns the bytes of whole events as they arrive (chunked-encoding lines between events
+    /// included: they hold no delivery marker).
+    pub async fn event_stream(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+    ) -> anyhow::Result<Conn> {
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = vec![0u8; READ_BUF];
+        let mut end = 0;
+        let head_end = loop {
+            if end == buf.len() {
+                bail!("response head too large");
+            }
+            let n = stream.read(&mut buf[end..]).await?;
+            if n == 0 {
+                bail!("closed before the response");
+            }
+            end += n;
+            if let Some(i) = buf[..end].windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]);
+        if head.split_whitespace().nth(1) != Some("200") {
+            let line = head.lines().next().unwrap_or("").to_owned();
+            bail!("event stream refused: {line}");
+        }
+        Ok(Conn {
+            stream,
+            buf,
+            start: head_end,
+            end,
+            events: true,
         })
     }
 
@@ -174,6 +217,9 @@ impl Conn {
     /// Reads the next data frame, answering pings on the way. `None` when the peer closed.
     /// The payload borrows the read buffer until the next call.
     pub async fn next(&mut self) -> anyhow::Result<Option<(Op, &[u8])>> {
+        if self.events {
+            return self.next_events().await;
+        }
         loop {
             if let Some((op, fin, hlen, plen)) = parse_head(&self.buf[self.start..self.end])? {
                 let total = hlen + plen;
@@ -212,6 +258,40 @@ impl Conn {
                 self.start = 0;
             }
             if self.end == self.buf.len() {
+                let len = self.buf.len() * 2;
+                self.buf.resize(len, 0);
+            }
+            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.end += n;
+        }
+    }
+}
+
+impl Conn {
+    /// The bytes of every whole SSE event received so far (at least one).
+    async fn next_events(&mut self) -> anyhow::Result<Option<(Op, &[u8])>> {
+        loop {
+            let have = &self.buf[self.start..self.end];
+            if let Some(i) = have.windows(2).rposition(|w| w == b"\n\n") {
+                let (ps, pe) = (self.start, self.start + i + 2);
+                self.start = pe;
+                if debug() {
+                    eprintln!("< {:?}", String::from_utf8_lossy(&self.buf[ps..pe]));
+                }
+                return Ok(Some((Op::Text, &self.buf[ps..pe])));
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                if self.buf.len() >= MAX_FRAME {
+                    bail!("event larger than {MAX_FRAME} bytes");
+                }
                 let len = self.buf.len() * 2;
                 self.buf.resize(len, 0);
             }
