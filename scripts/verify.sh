@@ -156,3 +156,25 @@ print(f"redis, rolling restart of 2 nodes: {r['delivered']} of {r['expected']} d
       f"{r['lost_silently']} lost silently, {r['lost_told']} lost told, {r['duplicated']} duplicated, "
       f"reconnects {r['reconnects']}, close codes {codes}")
 PY
+
+# The same rolling restart with subscribers on the emulated transports: streams on one node,
+# their /emulation requests (subscribes, pongs) sent to either node and forwarded through Redis.
+for transport in http-stream sse; do
+  echo "--- verify: two nodes over Redis, $transport subscribers, rolling restart"
+  "$bin/holdfast-bench" verify --transport "$transport" \
+    --url "ws://127.0.0.1:$port/connection/websocket,ws://127.0.0.1:$port1/connection/websocket" \
+    --api "http://127.0.0.1:$port,http://127.0.0.1:$port1" \
+    --api-key verify-api-key --secret verify-secret --quiet --check --check-none-lost \
+    --subscribers 100 --channels 5 --duration 8 --api-rate 40 --client-rate 0 --drop-every 4 \
+    --restart-cmd "$0 restart TERM 0" --restart-at 3 \
+    --restart-cmd "$0 restart TERM 1" --restart-at 5 \
+    --report "artifacts/verify-redis-rolling-$transport.json"
+  python3 - "$transport" <<'PY'
+import json, sys
+r = json.load(open(f"artifacts/verify-redis-rolling-{sys.argv[1]}.json"))
+codes = r["close_codes"]
+assert r["reconnects"] > 0 and any(str(c) == "3001" for c in codes), f"the nodes really restarted: {codes}"
+print(f"{sys.argv[1]}: {r['delivered']} of {r['expected']} delivered, {r['lost_silently']} lost silently, "
+      f"{r['duplicated']} duplicated, reconnects {r['reconnects']}, close codes {codes}")
+PY
+done

@@ -11,10 +11,9 @@
 //! report are one program a reader follows top to bottom; the accounting it must get right is
 //! unit-tested at the end.
 
-use crate::client::{self, Ws};
+use crate::client;
 use anyhow::Context;
 use clap::Args;
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -24,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Sockets one worker process opens at most (the machine allows 20,000 files per process).
 const MAX_PER_WORKER: usize = 15_000;
@@ -36,6 +34,10 @@ pub struct VerifyArgs {
     /// move to the next one on every reconnect, as behind a load balancer).
     #[arg(long, default_value = "ws://127.0.0.1:8000/connection/websocket")]
     pub url: String,
+    /// Transport of the subscribers: `websocket`, or the emulated `http-stream` / `sse` (their
+    /// commands and pongs go through `/emulation`; streams on the same hosts as `--url`).
+    #[arg(long, value_enum, default_value_t = client::Transport::Websocket)]
+    pub transport: client::Transport,
     /// Server HTTP base (for /api); several comma-separated (requests rotate over them).
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub api: String,
@@ -543,15 +545,15 @@ fn spawn_publishers(
                             id += 1;
                             let ch = channel_name(&args, &run, (seq as usize) % args.channels);
                             let cmd = serde_json::json!({"id": id, "publish": {"channel": ch, "data": {"p": "client", "s": seq, "t": unix_us()}}});
-                            if client::send(&mut ws, cmd.to_string()).await.is_err() {
+                            if ws.send(cmd.to_string()).await.is_err() {
                                 continue 'outer;
                             }
                         }
                         msg = ws.next() => match msg {
-                            Some(Ok(Message::Text(t))) => {
-                                for line in t.as_str().split('\n') {
+                            Some(Ok(client::Incoming::Text(t))) => {
+                                for line in t.split('\n') {
                                     if line == "{}" {
-                                        let _ = client::send(&mut ws, "{}".into()).await;
+                                        let _ = ws.send("{}".into()).await;
                                     } else if let Ok(m) = client::parse(line)
                                         && m.publish.is_some() {
                                             acks.lock().await.client_ok += 1;
@@ -559,7 +561,6 @@ fn spawn_publishers(
                                         }
                                 }
                             }
-                            Some(Ok(_)) => {}
                             _ => continue 'outer,
                         }
                     }
@@ -576,32 +577,36 @@ async fn connect(
     user: &str,
     source: Option<IpAddr>,
     turn: usize,
-) -> anyhow::Result<Ws> {
+) -> anyhow::Result<client::Conn> {
     let urls: Vec<&str> = args.url.split(',').collect();
-    let mut ws = client::open(urls[turn % urls.len()], source).await?;
     let connect = if args.secret.is_empty() {
         serde_json::json!({"id": 1, "connect": {"name": "holdfast-bench"}})
     } else {
         serde_json::json!({"id": 1, "connect": {"token": client::token(&args.secret, user)?, "name": "holdfast-bench"}})
     };
-    client::send(&mut ws, connect.to_string()).await?;
+    let mut conn = client::Conn::open(
+        args.transport,
+        urls[turn % urls.len()],
+        source,
+        connect.to_string(),
+    )
+    .await?;
     // Wait for the connect reply.
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                for line in t.as_str().split('\n') {
+        match tokio::time::timeout(Duration::from_secs(10), conn.next()).await {
+            Ok(Some(Ok(client::Incoming::Text(t)))) => {
+                for line in t.split('\n').filter(|l| !l.is_empty()) {
                     let m = client::parse(line)?;
                     if m.id == 1 {
                         if let Some(e) = m.error {
                             anyhow::bail!("connect error {} {}", e.code, e.message);
                         }
-                        return Ok(ws);
+                        return Ok(conn);
                     }
                 }
             }
-            Ok(Some(Ok(Message::Close(f)))) => anyhow::bail!("closed on connect: {f:?}"),
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(Some(Ok(client::Incoming::Close(c)))) => anyhow::bail!("closed on connect: {c:?}"),
+            Ok(Some(Err(e))) => return Err(e),
             Ok(None) => anyhow::bail!("closed on connect"),
             Err(_) => anyhow::bail!("connect timed out"),
         }
@@ -663,6 +668,13 @@ fn worker_args(args: &VerifyArgs) -> Vec<String> {
         args.source_ips.to_string(),
         "--run-id".into(),
         args.run_id.clone().unwrap_or_default(),
+        "--transport".into(),
+        match args.transport {
+            client::Transport::Websocket => "websocket",
+            client::Transport::HttpStream => "http-stream",
+            client::Transport::Sse => "sse",
+        }
+        .into(),
         "--quiet".into(),
     ];
     for s in &args.storm_at {
@@ -822,7 +834,7 @@ async fn subscriber(
             }
             None => serde_json::json!({"id": 2, "subscribe": {"channel": channel}}),
         };
-        if client::send(&mut ws, sub.to_string()).await.is_err() {
+        if ws.send(sub.to_string()).await.is_err() {
             continue;
         }
         let resubscribing = seg.is_some();
@@ -868,15 +880,14 @@ async fn subscriber(
                 }
             };
             let text = match msg {
-                Some(Ok(Message::Text(t))) => t,
-                Some(Ok(Message::Close(f))) => break Exit::Reconnect(f.map(|f| f.code.into())),
-                Some(Ok(_)) => continue,
+                Some(Ok(client::Incoming::Text(t))) => t,
+                Some(Ok(client::Incoming::Close(code))) => break Exit::Reconnect(code),
                 Some(Err(_)) | None => break Exit::Reconnect(None),
             };
             let mut resubscribe = false;
-            for line in text.as_str().split('\n') {
+            for line in text.split('\n').filter(|l| !l.is_empty()) {
                 if line == "{}" {
-                    let _ = client::send(&mut ws, "{}".into()).await;
+                    let _ = ws.send("{}".into()).await;
                     continue;
                 }
                 let Ok(m) = client::parse(line) else { continue };

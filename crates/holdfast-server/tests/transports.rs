@@ -674,3 +674,92 @@ async fn http2_multiplexes_sse_streams_and_websocket_over_one_connection() {
     assert!(r["connect"]["client"].is_string(), "{r}");
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn an_emulation_flood_is_refused_with_codes_and_disturbs_no_one_else() {
+    let mut cfg = config_from(ALL);
+    cfg.client.node.command_rate_limit = 50;
+    cfg.client.node.command_burst = 50;
+    cfg.client.node.command_excess_disconnect = 20;
+    cfg.http_stream.max_request_body_size = 4096;
+    cfg.uni_http_stream.max_request_body_size = 4096;
+    let srv = TestServer::start(cfg).await;
+    let (mut calm, _) = Emulated::connect(&srv, &token("calm", None, json!({}))).await;
+    let (flood, _) = Emulated::connect(&srv, &token("flood", None, json!({}))).await;
+    // 400 commands in 400 concurrent /emulation requests: each is taken (204), refused while
+    // the session's queue stays full (429), or finds the session already closed (404); the
+    // session ends with 3013 once its command rate is exceeded persistently.
+    let client = reqwest::Client::new();
+    let posts = (0..400).map(|i| {
+        let data = json!({"id": i + 2, "presence_stats": {"channel": "x"}}).to_string();
+        let body = json!({"session": flood.session, "node": flood.node, "data": data});
+        let req = client
+            .post(srv.http("/emulation"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send();
+        async move { req.await.unwrap().status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(posts).await;
+    assert!(
+        statuses.iter().all(|s| [204, 404, 429].contains(s)),
+        "{statuses:?}"
+    );
+    let mut flood = flood;
+    let last = flood.stream.end().await.unwrap();
+    assert_eq!(last["push"]["disconnect"]["code"], json!(3013), "{last}");
+    // Oversized connect bodies on the streaming endpoints.
+    let big = "x".repeat(8192);
+    assert_eq!(
+        post(&srv, "/connection/http_stream", big.clone())
+            .await
+            .status(),
+        413
+    );
+    assert_eq!(
+        post(&srv, "/connection/uni_http_stream", big)
+            .await
+            .status(),
+        413
+    );
+    // The other session never noticed.
+    let r = calm
+        .call(&srv, "subscribe", json!({"channel": "still-fine"}))
+        .await;
+    assert!(r.get("error").is_none(), "{r}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limits_apply_to_streamed_connections() {
+    let mut cfg = config_from(ALL);
+    cfg.client.connection_limit_per_ip = 2;
+    let srv = TestServer::start(cfg).await;
+    let open = |user: &'static str| {
+        let url = srv.http("/connection/uni_sse");
+        async move {
+            let req = json!({"token": token(user, None, json!({}))}).to_string();
+            reqwest::Client::new()
+                .get(with_connect(url, &req))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let a = open("l1").await;
+    let (b, _) = Emulated::connect(&srv, &token("l2", None, json!({}))).await;
+    let third = open("l3").await;
+    assert_eq!(
+        third.status(),
+        429,
+        "the per-IP limit counts SSE and HTTP-streaming"
+    );
+    drop(a);
+    drop(b);
+    eventually("the places are free again", || {
+        srv.state.transport.limits.active() == 0
+    })
+    .await;
+    assert_eq!(open("l4").await.status(), 200);
+    srv.stop().await;
+}
