@@ -80,8 +80,12 @@ def render(rows: list[dict]) -> str:
         out.append(f"| {client} | {feature} | " + " | ".join(MARK[c.get(e)] for e in used) + " |")
     out += [
         "",
-        "Clients: `centrifuge` 5.7.4 (npm) in Node with `ws` and bundled into a page in Debian's",
-        "Chromium (playwright-core), `centrifuge-python` 0.7.0 and `cent` 5.2.0 (PyPI).",
+        "Clients: `centrifuge` 5.7.4 (npm) in Node with `ws` and `eventsource` 4.1.0 and bundled into",
+        "a page in Debian's Chromium (playwright-core), `centrifuge-python` 0.7.0 and `cent` 5.2.0",
+        "(PyPI); `httpx` 0.28.1 and curl on the unidirectional endpoints. Behind Debian's nginx over",
+        "two nodes and Redis (`tests/compat/js/proxy.test.mjs`, not in this table): centrifuge-js on",
+        "HTTP-streaming and SSE with `/emulation` requests on either node, and a rolling restart of",
+        "both nodes under publications, every publication once, in order.",
         "",
         DIFFERENCES,
     ]
