@@ -134,3 +134,65 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[tokio::test]
+async fn https_negotiates_http2_by_alpn_and_serves_sse_over_it() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // Its own files: the other test rewrites its certificate and sends SIGHUP to the process.
+    let dir = tempdir().join("h2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = cert();
+    install(&dir, &c);
+    let mut cfg = base_config();
+    cfg.client.insecure = true;
+    cfg.uni_sse.enabled = true;
+    cfg.http_server.tls.enabled = true;
+    cfg.http_server.tls.server_cert_pem_file = dir.join("cert.pem").display().to_string();
+    cfg.http_server.tls.server_key_pem_file = dir.join("key.pem").display().to_string();
+    let srv = TestServer::start(cfg).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(c.der.clone()).unwrap();
+    let mut client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = TlsConnector::from(Arc::new(client));
+    let stream = handshake(&srv, &tls).await;
+    assert_eq!(
+        stream.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "h2 by ALPN"
+    );
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let url = format!("https://localhost:{}/connection/uni_sse", srv.addr.port());
+    let resp = send
+        .send_request(
+            hyper::Request::get(url)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    while !text.contains("\"connect\"") {
+        let f = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(d) = f.into_data() {
+            text.push_str(std::str::from_utf8(&d).unwrap());
+        }
+    }
+    assert!(text.starts_with("\r\ndata: {\"connect\":"), "{text:?}");
+    srv.stop().await;
+}
