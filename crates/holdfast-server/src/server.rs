@@ -99,9 +99,31 @@ pub async fn build(config: Config) -> anyhow::Result<Arc<AppState>> {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::bail!("invalid configuration:\n  {}", lines.join("\n  "));
     }
-    let engine = open_engine(&config)?;
+    // A data directory still locked by an engine that is shutting down (a restart within this
+    // process, or the previous process still exiting) is waited for, briefly.
+    let deadline = tokio::time::Instant::now() + ENGINE_LOCK_WAIT;
+    let engine = loop {
+        match open_engine(&config) {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<holdfast_disk::OpenError>(),
+                            Some(holdfast_disk::OpenError::Locked(_))
+                        )
+                    }) =>
+            {
+                tracing::info!(path = %config.engine.disk.path, "data directory still locked by an engine shutting down: waiting");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            r => break r?,
+        }
+    };
     build_with_engine(config, engine).await
 }
+
+/// How long [`build`] waits for a data directory locked by an engine that is shutting down.
+const ENGINE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens the configured engine (replaying the disk engine's log).
 pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
