@@ -11,7 +11,7 @@ use holdfast_core::testing::{CallbackSink, ScriptSource};
 use holdfast_core::transport::{ConnectionMeta, serve_connection};
 use holdfast_protocol::Encoding;
 use std::collections::VecDeque;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 /// Decodes every command of a frame, touching each one.
 pub fn decode_all(enc: Encoding, data: &[u8]) {
@@ -93,6 +93,7 @@ pub fn run_session(data: &[u8]) {
     let w = world();
     let meta = ConnectionMeta {
         transport: "fuzz",
+        kind: Default::default(),
         encoding: enc,
         headers: Vec::new().into(),
     };
