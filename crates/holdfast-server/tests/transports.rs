@@ -115,6 +115,12 @@ fn with_connect(url: String, value: &str) -> String {
     out
 }
 
+/// `GET /connection/uni_sse` with `req` as the connect request (the response, whatever status).
+async fn uni_sse_get(srv: &TestServer, req: &Value) -> reqwest::Response {
+    let url = with_connect(srv.http("/connection/uni_sse"), &req.to_string());
+    reqwest::Client::new().get(url).send().await.unwrap()
+}
+
 async fn post(srv: &TestServer, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
     reqwest::Client::new()
         .post(srv.http(path))
@@ -360,17 +366,7 @@ async fn uni_http_stream_sends_bare_pushes_and_recovers_from_positions() {
 #[tokio::test]
 async fn uni_sse_works_from_a_get_and_refuses_with_disconnects() {
     let srv = TestServer::start(config_from(ALL)).await;
-    let get = |req: Value| {
-        let url = srv.http("/connection/uni_sse");
-        async move {
-            let resp = reqwest::Client::new()
-                .get(with_connect(url, &req.to_string()))
-                .send()
-                .await
-                .unwrap();
-            Stream::open(resp, true).await
-        }
-    };
+    let get = async |req: Value| Stream::open(uni_sse_get(&srv, &req).await, true).await;
     let mut s = get(json!({"token": token("9", None, json!({}))})).await;
     assert!(s.next().await["connect"]["subs"]["#9"].is_object());
     publish(&srv, "#9", json!("hi")).await;
@@ -516,17 +512,9 @@ async fn a_slow_sse_reader_is_disconnected_without_slowing_others() {
     cfg.client.node.queue_max_size = 256 * 1024;
     let srv = TestServer::start(cfg).await;
     // Both users follow one channel through a server-side subscription (token `channels`).
-    let sub = |user: &'static str| {
-        let url = srv.http("/connection/uni_sse");
-        async move {
-            let req = json!({"token": token(user, None, json!({"channels": ["feed"]}))});
-            let resp = reqwest::Client::new()
-                .get(with_connect(url, &req.to_string()))
-                .send()
-                .await
-                .unwrap();
-            Stream::open(resp, true).await
-        }
+    let sub = async |user: &str| {
+        let req = json!({"token": token(user, None, json!({"channels": ["feed"]}))});
+        Stream::open(uni_sse_get(&srv, &req).await, true).await
     };
     let mut reader = sub("r").await;
     let slow = sub("s").await; // never read
@@ -735,17 +723,8 @@ async fn connection_limits_apply_to_streamed_connections() {
     let mut cfg = config_from(ALL);
     cfg.client.connection_limit_per_ip = 2;
     let srv = TestServer::start(cfg).await;
-    let open = |user: &'static str| {
-        let url = srv.http("/connection/uni_sse");
-        async move {
-            let req = json!({"token": token(user, None, json!({}))}).to_string();
-            reqwest::Client::new()
-                .get(with_connect(url, &req))
-                .send()
-                .await
-                .unwrap()
-        }
-    };
+    let open =
+        async |user: &str| uni_sse_get(&srv, &json!({"token": token(user, None, json!({}))})).await;
     let a = open("l1").await;
     let (b, _) = Emulated::connect(&srv, &token("l2", None, json!({}))).await;
     let third = open("l3").await;
