@@ -60,9 +60,9 @@ py="$(tests/compat/setup.sh)"
 (cd tests/compat/js && npm ci --no-audit --no-fund --loglevel=error)
 (cd examples && npm ci --no-audit --no-fund --loglevel=error)
 
-step "compatibility: centrifuge-js in Node and in Chromium, and behind nginx over two nodes"
+step "compatibility: centrifuge-js in Node (plain and protocol features) and in Chromium, and behind nginx over two nodes"
 rm -rf artifacts/compat
-(cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs browser.test.mjs proxy.test.mjs)
+(cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs features.test.mjs browser.test.mjs proxy.test.mjs)
 
 step "example apps in Chromium (examples/*, screenshots in artifacts/examples)"
 (cd tests/compat/js && PYTHON="$py" node --test --test-concurrency=1 --test-reporter=spec examples.test.mjs)

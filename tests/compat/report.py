@@ -16,7 +16,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "artifacts" / "compat"
 DOC = ROOT / "docs" / "COMPAT.md"
-SUITES = ["js-node", "js-browser", "python"]
+SUITES = ["js-node", "js-features", "js-browser", "python"]
 ENCODINGS = ["json", "protobuf", "http_stream (json)", "http_stream (protobuf)", "sse (json)", "http"]
 MARK = {"pass": "✅ pass", "fail": "❌ fail", None: "— n/a"}
 
@@ -30,12 +30,13 @@ Each is deliberate (a Holdfast guarantee) or not built yet; none breaks the clie
 | In a namespace with `delivery_cursor = true` (a Holdfast extension; `holdfast genconfig` sets it where personal channels live), a server-side subscription whose client presents no position recovers from the user's delivery cursor, or else from the stream start, so messages sent before the user connected are delivered on connect. Without the option such a client starts at the current top, as on Centrifugo. | Send-to-user without application retries ([SEND-TO-USER.md](SEND-TO-USER.md)); a Centrifugo configuration behaves as on Centrifugo. |
 | Another user's personal channel (`#43` for user 42) is refused (103) for subscribe, history, presence and publish whatever the namespace's `allow_*` options say: the namespace holding personal channels is always user-limited. | A user's data is theirs under every configuration ([SECURITY.md](../SECURITY.md)). |
 | Transports: WebSocket, HTTP-streaming and SSE with bidirectional emulation (`/emulation`), `uni_websocket`, `uni_sse`, `uni_http_stream`; no WebTransport, SockJS or `uni_grpc`. `/emulation` answers 404 with a JSON error for an unknown session (Centrifugo: 204) and 429 when the session's queue stays full; a unidirectional WebSocket's disconnect is a `disconnect` message followed by a close frame carrying the code (Centrifugo: the message, then a TCP close). | WebTransport, SockJS and gRPC are not built; the rest are clearer answers. |
-| Map subscriptions, shared polls, tag filters, fossil deltas and channel-id compaction (subscribe `flag` 1) are parsed and ignored: subscriptions are plain streams, results never set `delta` or `id`. | Not built; clients fall back to plain streams. |
+| Map subscriptions and shared polls are parsed and ignored: such subscriptions are plain streams. | Not built yet; clients fall back to plain streams. |
+| Fossil deltas, tag filters (`allow_tags_filter`) and channel compaction (`allow_channel_compaction`, Centrifugo PRO) are built. Beyond open-source Centrifugo: deltas also in channels without history (each node chains the publications it fans out), a server-side tag filter per subscriber (subscription token or subscribe proxy `tf`) and-ed with the client's, filter bounds (depth 16, 128 nodes, 1,024 values: 107 beyond), API `unsubscribe` with `invalidate: true` (code 2502), and `suppressed: true` in the publish result of a stale `version`. The protobuf build of centrifuge-js is never given a compaction id (it compares int64 ids by identity and would drop every compacted push). | Stronger where it cannot surprise a Centrifugo client. |
 | Proxies are HTTP only (no gRPC proxies, no `subscribe_stream` proxies, no `binary_encoding` or `emulated_headers` options); without an RPC proxy or handler `rpc` answers 108 and `send` closes with 3508. RPC routing by method prefix (`rpc.routes`) and lifecycle webhooks are Holdfast additions. | Not built / additions. |
 | Engines: the embedded durable engine (default), memory, and Redis for many nodes (one instance, independent sharded instances, or a Redis Cluster with sharded pub/sub); no Redis Sentinel, no TLS to Redis, no Tarantool or NATS broker. | Sentinel and TLS are not built yet. The disk engine goes beyond Centrifugo's memory engine: history survives restarts. |
 | Server API: no `rpc` method, the `session` field is ignored; no gRPC API, no admin UI. `info` lists every live node (with the Redis engine, the nodes heard from in the last 7 s). | Not built. |
 | A binary publication (protobuf client, or API `b64data` that is not JSON) is shown by the server API's `history` as `b64data`. | JSON cannot carry raw bytes. |
-| Configuration keys Holdfast does not implement (e.g. `channel_regex`, `allowed_delta_types`) are reported by name (`holdfast checkconfig`) instead of taking effect. | No silent no-op settings. |
+| Configuration keys Holdfast does not implement (e.g. `channel_regex`, `map`) are reported by name (`holdfast checkconfig`) instead of taking effect. | No silent no-op settings. |
 """
 
 

@@ -189,6 +189,9 @@ impl Default for ChannelConfig {
     }
 }
 
+/// The one delta compression clients speak.
+pub const FOSSIL: &str = "fossil";
+
 /// Options of one namespace (§7.2 of the protocol reference).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -246,6 +249,14 @@ pub struct ChannelOptions {
     /// subscriptions (by pong or `holdfast.ack`), and recover a connection that presents no
     /// position from it. Needs history and `force_recovery`.
     pub delivery_cursor: bool,
+    /// Delta compressions subscribers may ask for (only `"fossil"` exists).
+    pub allowed_delta_types: Vec<String>,
+    /// Every publication in the namespace may go out as a delta (as API `delta: true`).
+    pub delta_publish: bool,
+    /// Subscribers may give a tag filter (`tf`).
+    pub allow_tags_filter: bool,
+    /// Subscribers may ask for channel compaction (pushes name the subscription by a number).
+    pub allow_channel_compaction: bool,
     /// Subscriptions are decided by the subscribe proxy.
     pub subscribe_proxy_enabled: bool,
     /// Named proxy for subscriptions (empty = `channel.proxy.subscribe`).
@@ -264,6 +275,11 @@ impl ChannelOptions {
     /// Whether channels of this namespace keep history.
     pub fn history_enabled(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+
+    /// Whether subscribers may negotiate fossil delta compression.
+    pub fn allows_fossil(&self) -> bool {
+        self.allowed_delta_types.iter().any(|t| t == FOSSIL)
     }
 }
 
@@ -366,6 +382,14 @@ impl NodeConfig {
                     "delivery_cursor",
                     "delivery cursors need history and force_recovery",
                 );
+            }
+            for t in &o.allowed_delta_types {
+                if t != FOSSIL {
+                    e(
+                        "allowed_delta_types",
+                        &format!("unknown delta type {t:?} (only \"fossil\" exists)"),
+                    );
+                }
             }
             if let Some(meta) = o.history_meta_ttl
                 && meta < o.history_ttl

@@ -1,18 +1,24 @@
 //! The registry of this node's connections: by client id, by user, and by channel, and the
 //! fan-out of deliveries to them.
 //!
-//! Fan-out encodes a publication once and pushes the same bytes into each subscriber's outbox
-//! with a non-blocking call; it never waits on a client.
+//! Fan-out encodes a publication once per form (encoding × plain, delta-full or delta-patch ×
+//! channel name or compaction id) and pushes the same bytes into each subscriber's outbox with a
+//! non-blocking call; it never waits on a client. A fossil delta is computed once per
+//! publication against the channel's previous one on this node (its delta chain) and shared by
+//! every subscriber whose base is that previous publication; a tag filter is evaluated once per
+//! publication per distinct filter in the channel.
 //!
 //! Lock order (every lock is a short, synchronous critical section; none is held across an
 //! await): a channel shard of the hub (`channels`, read for fan-out, written to add or remove a
-//! subscriber) → one subscription's state (`Subscription::state`) → that client's outbox
+//! subscriber) → that channel's delta chain (`ChannelEntry::chain`) → one subscription's state
+//! (`Subscription::state`) → that client's outbox
 //! (`ClientHandle::send`) → that client's control queue (`ClientHandle::push_control`, when a
 //! gap ends a subscription). The user and client maps (`users`, `clients`) are taken alone,
 //! never while any of the above is held.
 
 use crate::client::{ClientHandle, Control};
 use crate::engine::BrokerHandler;
+use crate::filter::Filter;
 use crate::shard::Sharded;
 use bytes::Bytes;
 use holdfast_protocol::code::unsubscribe;
@@ -20,7 +26,7 @@ use holdfast_protocol::{ClientInfo, Disconnect, Encoding, Publication, Push};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 const SHARDS: usize = 64;
 
@@ -29,7 +35,8 @@ const SHARDS: usize = 64;
 enum Phase {
     /// Subscribe in progress: deliveries are buffered until the reply is queued, then merged.
     Subscribing {
-        buffer: Vec<(Arc<Publication>, Arc<str>)>,
+        /// Publication, its epoch, and its number in the channel's delta chain.
+        buffer: Vec<(Arc<Publication>, Arc<str>, u64)>,
         bytes: usize,
     },
     /// Deliveries go straight to the outbox.
@@ -46,6 +53,22 @@ struct SubState {
     /// Offset of the last publication delivered (or the subscribe position).
     offset: u64,
     epoch: Arc<str>,
+    /// Delta subscriptions: the number (in the channel's delta chain) of the last publication
+    /// the client holds as its delta base; 0 = none the chain knows, so the next goes in full.
+    base_seq: u64,
+    /// Only publications whose tags match are sent (interned per channel by the hub).
+    filter: Option<Arc<Filter>>,
+}
+
+/// How one subscription receives publications, fixed at subscribe.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeliveryOptions {
+    /// Fossil delta compression was negotiated.
+    pub(crate) delta: bool,
+    /// Channel compaction was negotiated: pushes carry the channel's id on this node.
+    pub(crate) compact: bool,
+    /// Tag filter (the client's, and-ed with a server-side one).
+    pub(crate) filter: Option<Filter>,
 }
 
 /// One connection's subscription to one channel, shared between the session and the hub.
@@ -66,7 +89,27 @@ pub(crate) struct Subscription {
     /// The user's delivery cursor follows this subscription: each delivery asks for a prompt
     /// confirmation ([`ClientHandle::note_cursor_delivery`]).
     cursor: std::sync::atomic::AtomicBool,
+    /// Publications go in the delta decoder's form (see [`DeliveryOptions::delta`]).
+    delta: bool,
+    /// Channel compaction asked for; the id is set when the hub registers the subscription.
+    compact: bool,
+    /// Compaction id pushes carry instead of the channel (0 = the channel's name).
+    compact_id: AtomicI64,
+    /// The filter until the hub interns it into the state.
+    filter: Mutex<Option<Filter>>,
     state: Mutex<SubState>,
+}
+
+/// The form a publication takes for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// `data` as published.
+    Plain,
+    /// For a delta subscriber, in full (JSON: `data` as a string), `delta` unset.
+    Full,
+    /// For a delta subscriber whose base is the previous publication: a fossil delta (or in
+    /// full when the delta would not be smaller).
+    Patch,
 }
 
 /// What `Subscription::go_live` did.
@@ -89,6 +132,7 @@ impl Subscription {
         server_side: bool,
         push_join_leave: bool,
         max_buffer: usize,
+        delivery: DeliveryOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
             encoding: client.encoding(),
@@ -98,6 +142,10 @@ impl Subscription {
             push_join_leave,
             max_buffer,
             cursor: std::sync::atomic::AtomicBool::new(false),
+            delta: delivery.delta,
+            compact: delivery.compact,
+            compact_id: AtomicI64::new(0),
+            filter: Mutex::new(delivery.filter),
             state: Mutex::new(SubState {
                 phase: Phase::Subscribing {
                     buffer: Vec::new(),
@@ -106,14 +154,53 @@ impl Subscription {
                 positioned: false,
                 offset: 0,
                 epoch: Arc::from(""),
+                base_seq: 0,
+                filter: None,
             }),
         })
+    }
+
+    /// The compaction id of the subscription (0 = none), known once the hub registered it.
+    pub(crate) fn compact_id(&self) -> i64 {
+        self.compact_id.load(Ordering::Relaxed)
+    }
+
+    /// Whether a publication passes the subscription's filter.
+    pub(crate) fn accepts(&self, p: &Publication) -> bool {
+        self.state
+            .lock()
+            .filter
+            .as_ref()
+            .is_none_or(|f| f.matches(p.tags.as_deref()))
+    }
+
+    /// One publication encoded for this subscriber alone (replies, buffered deliveries).
+    fn encode_one(&self, p: &Publication, form: Form) -> Option<Bytes> {
+        Fanout::new(&self.channel, p, self.compact_id(), None, 0, 0).bytes(
+            self.encoding,
+            form,
+            self.compact,
+        )
     }
 
     /// Ends buffering: publications buffered during subscribe with offsets past `offset` (the
     /// last one the reply gave) are queued after the reply, in order. With `positioned`, later
     /// deliveries are checked for gaps.
-    pub(crate) fn go_live(&self, positioned: bool, offset: u64, epoch: &Arc<str>) -> GoLive {
+    ///
+    /// A delta subscription's base is then the last publication the client got (buffered, or
+    /// the last of `recovered`); it joins the channel's delta chain when that is the chain's
+    /// last publication, or seeds an empty chain with it.
+    pub(crate) fn go_live(
+        &self,
+        positioned: bool,
+        offset: u64,
+        epoch: &Arc<str>,
+        recovered: Option<&Arc<Publication>>,
+        hub: &Hub,
+    ) -> GoLive {
+        let shard = self.delta.then(|| hub.channels.get(&self.channel).read());
+        let entry = shard.as_ref().and_then(|s| s.get(&*self.channel));
+        let mut chain = entry.map(|e| e.chain.lock());
         let mut st = self.state.lock();
         let buffer = match std::mem::replace(&mut st.phase, Phase::Live) {
             Phase::Subscribing { buffer, .. } => buffer,
@@ -126,7 +213,8 @@ impl Subscription {
         st.positioned = positioned;
         st.offset = offset;
         st.epoch = epoch.clone();
-        for (p, p_epoch) in buffer {
+        let mut base = None;
+        for (p, p_epoch, seq) in buffer {
             if positioned && p.offset > 0 {
                 if !epoch.is_empty() && *p_epoch != **epoch {
                     st.phase = Phase::Dead;
@@ -141,9 +229,18 @@ impl Subscription {
                 }
                 st.offset = p.offset;
             }
-            match encode_pub(self.client.encoding(), &self.channel, &p) {
+            if st
+                .filter
+                .as_ref()
+                .is_some_and(|f| !f.matches(p.tags.as_deref()))
+            {
+                continue;
+            }
+            let form = if self.delta { Form::Full } else { Form::Plain };
+            match self.encode_one(&p, form) {
                 Some(b) => {
                     self.client.send(b);
+                    base = Some(seq);
                 }
                 None => {
                     st.phase = Phase::Dead;
@@ -151,6 +248,15 @@ impl Subscription {
                 }
             }
         }
+        if base.is_none()
+            && let (Some(chain), Some(r)) = (chain.as_deref_mut(), recovered)
+        {
+            base = Some(chain.adopt(r, epoch));
+        }
+        if self.delta {
+            st.base_seq = base.unwrap_or(0);
+        }
+        drop(chain);
         GoLive::Ok
     }
 
@@ -190,13 +296,19 @@ impl Subscription {
         !matches!(std::mem::replace(&mut st.phase, Phase::Dead), Phase::Dead)
     }
 
-    fn deliver(&self, p: &Arc<Publication>, epoch: &Arc<str>, encoded: &mut EncodedPush<'_>) {
+    fn deliver(
+        &self,
+        p: &Arc<Publication>,
+        epoch: &Arc<str>,
+        fan: &mut Fanout<'_>,
+        matched: &HashMap<usize, bool>,
+    ) {
         let mut st = self.state.lock();
         match &mut st.phase {
             Phase::Dead => return,
             Phase::Subscribing { buffer, bytes } => {
                 *bytes += p.data.len() + 64;
-                buffer.push((p.clone(), epoch.clone()));
+                buffer.push((p.clone(), epoch.clone(), fan.seq));
                 if *bytes > self.max_buffer {
                     st.phase = Phase::Dead;
                     drop(st);
@@ -226,7 +338,29 @@ impl Subscription {
             }
             st.offset = p.offset;
         }
-        match encoded.bytes(self.encoding) {
+        if let Some(f) = &st.filter {
+            // A filtered-out publication still moved the position above; it is not sent.
+            let key = Arc::as_ptr(f) as usize;
+            let pass = matched
+                .get(&key)
+                .copied()
+                .unwrap_or_else(|| f.matches(p.tags.as_deref()));
+            if !pass {
+                metrics::counter!("holdfast_tags_filter_dropped_total").increment(1);
+                return;
+            }
+        }
+        let form = if !self.delta {
+            Form::Plain
+        } else if st.base_seq != 0 && st.base_seq == fan.prev_seq {
+            Form::Patch
+        } else {
+            Form::Full
+        };
+        if self.delta {
+            st.base_seq = fan.seq;
+        }
+        match fan.bytes(self.encoding, form, self.compact) {
             Some(bytes) => {
                 if self.client.send(bytes) && self.cursor.load(Ordering::Relaxed) {
                     self.client.note_cursor_delivery();
@@ -266,67 +400,256 @@ impl Subscription {
     fn deliver_event(&self, encoded: &mut EncodedPush<'_>) {
         let st = self.state.lock();
         if matches!(st.phase, Phase::Live)
-            && let Some(b) = encoded.bytes(self.encoding)
+            && let Some(b) = encoded.bytes(self.encoding, self.compact)
         {
             self.client.send(b);
         }
     }
 }
 
-/// A publication push for one connection's encoding; `None` when the data is binary and the
-/// connection speaks JSON (it must be closed with 3506).
-pub(crate) fn encode_pub(enc: Encoding, channel: &str, p: &Publication) -> Option<Bytes> {
-    EncodedPush::new(
-        Push::Pub {
-            channel,
-            publication: p,
-        },
-        p.binary,
-    )
-    .bytes(enc)
+/// The fossil delta from `prev` to `p` when the publisher allows one and it is smaller than
+/// the payload. Inserts hold whole UTF-8 characters for JSON payloads, so the delta can travel
+/// in a JSON string.
+pub(crate) fn patch(prev: &Publication, p: &Publication) -> Option<Bytes> {
+    if !p.use_delta {
+        return None;
+    }
+    let d = crate::fossil::delta(&prev.data, &p.data, !p.binary);
+    (d.len() < p.data.len()).then(|| Bytes::from(d))
 }
 
-/// A push encoded at most once per encoding, shared by every receiver of that encoding.
+/// The per-subscriber form of a publication for a delta subscriber: `patch` (a delta) or the
+/// payload, as the client's delta decoder reads it (JSON: inside a string). `None` when it
+/// cannot be sent to a JSON connection (binary data).
+pub(crate) fn delta_form(
+    enc: Encoding,
+    p: &Publication,
+    patch: Option<&Bytes>,
+) -> Option<Publication> {
+    let (data, delta) = match patch {
+        Some(d) => (d.clone(), true),
+        None => (p.data.clone(), false),
+    };
+    let data = match enc {
+        Encoding::Protobuf => data,
+        Encoding::Json => {
+            if p.binary {
+                return None;
+            }
+            let text = std::str::from_utf8(&data).ok()?;
+            let mut out = Vec::with_capacity(text.len() + 16);
+            holdfast_protocol::json::write_str(&mut out, text);
+            Bytes::from(out)
+        }
+    };
+    Some(Publication {
+        data,
+        delta,
+        binary: false,
+        ..p.clone()
+    })
+}
+
+/// One publication's pushes, each form encoded at most once and shared by every receiver of
+/// that form; the delta against the chain's previous publication is computed at most once.
+pub(crate) struct Fanout<'a> {
+    channel: &'a str,
+    publication: &'a Publication,
+    /// The channel's compaction id on this node.
+    id: i64,
+    /// The chain's previous publication (delta base of subscribers at `prev_seq`).
+    prev: Option<Arc<Publication>>,
+    /// Chain number of `prev` (0 = none).
+    prev_seq: u64,
+    /// Chain number of this publication.
+    seq: u64,
+    /// The delta against `prev`, once computed (`Some(None)`: none applies).
+    patch: Option<Option<Bytes>>,
+    /// Encoded bytes by encoding × form × compaction (`Some(None)`: cannot be sent as JSON).
+    slots: [Option<Option<Bytes>>; 12],
+}
+
+impl<'a> Fanout<'a> {
+    fn new(
+        channel: &'a str,
+        publication: &'a Publication,
+        id: i64,
+        prev: Option<Arc<Publication>>,
+        prev_seq: u64,
+        seq: u64,
+    ) -> Self {
+        Self {
+            channel,
+            publication,
+            id,
+            prev,
+            prev_seq,
+            seq,
+            patch: None,
+            slots: Default::default(),
+        }
+    }
+
+    /// The encoded push (`None`: binary payload for a JSON connection).
+    fn bytes(&mut self, enc: Encoding, form: Form, compact: bool) -> Option<Bytes> {
+        let p = self.publication;
+        if enc == Encoding::Json && p.binary {
+            return None;
+        }
+        let form = if form == Form::Patch {
+            let prev = self.prev.as_deref();
+            let patch = self
+                .patch
+                .get_or_insert_with(|| prev.and_then(|prev| patch(prev, p)));
+            if patch.is_some() {
+                Form::Patch
+            } else {
+                Form::Full
+            }
+        } else {
+            form
+        };
+        // Protobuf carries a full payload the same way for every subscriber.
+        let form = match (enc, form) {
+            (Encoding::Protobuf, Form::Full) => Form::Plain,
+            _ => form,
+        };
+        let id = if compact { self.id } else { 0 };
+        let idx = usize::from(enc == Encoding::Protobuf) * 6
+            + match form {
+                Form::Plain => 0,
+                Form::Full => 2,
+                Form::Patch => 4,
+            }
+            + usize::from(id > 0);
+        if let Some(b) = &self.slots[idx] {
+            return b.clone();
+        }
+        let shaped;
+        let publication = match form {
+            Form::Plain => p,
+            Form::Full => match delta_form(enc, p, None) {
+                Some(x) => {
+                    shaped = x;
+                    &shaped
+                }
+                None => {
+                    self.slots[idx] = Some(None);
+                    return None;
+                }
+            },
+            Form::Patch => match delta_form(enc, p, self.patch.as_ref().and_then(Option::as_ref)) {
+                Some(x) => {
+                    shaped = x;
+                    &shaped
+                }
+                None => {
+                    self.slots[idx] = Some(None);
+                    return None;
+                }
+            },
+        };
+        let mut out = Vec::with_capacity(128 + publication.data.len());
+        enc.encode_push_id(
+            &mut out,
+            &Push::Pub {
+                channel: self.channel,
+                publication,
+            },
+            id,
+        );
+        let b = Some(Bytes::from(out));
+        self.slots[idx] = Some(b.clone());
+        b
+    }
+}
+
+/// A push encoded at most once per encoding and naming (channel or compaction id), shared by
+/// every receiver of that kind.
 pub(crate) struct EncodedPush<'a> {
     push: Push<'a>,
     /// The payload cannot be sent as JSON.
     binary: bool,
-    json: Option<Bytes>,
-    protobuf: Option<Bytes>,
+    /// The channel's compaction id on this node.
+    id: i64,
+    slots: [Option<Bytes>; 4],
 }
 
 impl<'a> EncodedPush<'a> {
-    pub(crate) fn new(push: Push<'a>, binary: bool) -> Self {
+    pub(crate) fn new(push: Push<'a>, binary: bool, id: i64) -> Self {
         Self {
             push,
             binary,
-            json: None,
-            protobuf: None,
+            id,
+            slots: Default::default(),
         }
     }
 
     /// The encoded bytes (`None`: binary payload for a JSON connection).
-    pub(crate) fn bytes(&mut self, enc: Encoding) -> Option<Bytes> {
+    pub(crate) fn bytes(&mut self, enc: Encoding, compact: bool) -> Option<Bytes> {
         if enc == Encoding::Json && self.binary {
             return None;
         }
-        let slot = match enc {
-            Encoding::Json => &mut self.json,
-            Encoding::Protobuf => &mut self.protobuf,
-        };
+        let id = if compact { self.id } else { 0 };
+        let idx = usize::from(enc == Encoding::Protobuf) * 2 + usize::from(id > 0);
         let push = &self.push;
         Some(
-            slot.get_or_insert_with(|| {
-                let mut out = Vec::with_capacity(128);
-                enc.encode_push(&mut out, push);
-                out.into()
-            })
-            .clone(),
+            self.slots[idx]
+                .get_or_insert_with(|| {
+                    let mut out = Vec::with_capacity(128);
+                    enc.encode_push_id(&mut out, push, id);
+                    out.into()
+                })
+                .clone(),
         )
     }
 }
 
-type ChannelSubs = HashMap<u64, Arc<Subscription>>;
+/// The delta chain of a channel on this node: the last publication fanned out here, so the
+/// next one's delta is computed once for every subscriber whose base it is.
+#[derive(Debug, Default)]
+struct Chain {
+    /// Kept only while the channel has delta subscribers.
+    last: Option<Arc<Publication>>,
+    /// Epoch of `last`.
+    epoch: Arc<str>,
+    /// Number of `last` (every publication fanned out here gets the next number).
+    seq: u64,
+    /// Delta subscribers of the channel here.
+    delta_subs: usize,
+}
+
+impl Chain {
+    /// A subscriber's client holds `p` (the last publication it recovered, of `epoch`) as its
+    /// base: the chain number of that base. When the chain's last publication is not `p`, `p`
+    /// becomes it (a recovered publication is the stream's newest at subscribe time: nothing
+    /// newer reached this node yet, or it would have been buffered and sent after it).
+    fn adopt(&mut self, p: &Arc<Publication>, epoch: &Arc<str>) -> u64 {
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|l| p.offset > 0 && l.offset == p.offset && *self.epoch == **epoch);
+        if !same {
+            self.seq += 1;
+            self.last = Some(p.clone());
+            self.epoch = epoch.clone();
+        }
+        self.seq
+    }
+}
+
+/// One channel's local subscribers and fan-out state.
+#[derive(Debug, Default)]
+struct ChannelEntry {
+    subs: HashMap<u64, Arc<Subscription>>,
+    /// Compaction id of the channel on this node (> 0, unique among its channels).
+    id: i64,
+    chain: Mutex<Chain>,
+    /// Distinct tag filters of the subscribers, with how many use each: evaluated once per
+    /// publication each.
+    filters: HashMap<Arc<Filter>, usize>,
+}
+
 type UserClients = Vec<Arc<ClientHandle>>;
 
 /// Live counters of the hub.
@@ -346,7 +669,9 @@ pub struct HubCounts {
 #[derive(Debug)]
 pub struct Hub {
     /// channel → subscribers, sharded by channel hash. Read-locked during fan-out.
-    channels: Sharded<RwLock<HashMap<Arc<str>, ChannelSubs>>>,
+    channels: Sharded<RwLock<HashMap<Arc<str>, ChannelEntry>>>,
+    /// Source of channel compaction ids.
+    next_channel_id: AtomicI64,
     /// client id → handle, for API calls that target one connection.
     clients: Sharded<Mutex<HashMap<Arc<str>, Arc<ClientHandle>>>>,
     /// user → that user's connections, for per-user limits and API calls.
@@ -372,6 +697,7 @@ impl Hub {
             channels: Sharded::new(SHARDS, || RwLock::new(HashMap::new())),
             clients: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
             users: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
+            next_channel_id: AtomicI64::new(1),
             counts: HubCounts::default(),
         }
     }
@@ -458,8 +784,30 @@ impl Hub {
     pub(crate) fn add_subscription(&self, sub: Arc<Subscription>) -> bool {
         let mut shard = self.channels.get(&sub.channel).write();
         let first = !shard.contains_key(&*sub.channel);
-        let subs = shard.entry(sub.channel.clone()).or_default();
-        if subs.insert(sub.client.seq, sub).is_none() {
+        let entry = shard
+            .entry(sub.channel.clone())
+            .or_insert_with(|| ChannelEntry {
+                id: self.next_channel_id.fetch_add(1, Ordering::Relaxed),
+                ..Default::default()
+            });
+        if sub.compact {
+            sub.compact_id.store(entry.id, Ordering::Relaxed);
+        }
+        if sub.delta {
+            entry.chain.lock().delta_subs += 1;
+        }
+        if let Some(f) = sub.filter.lock().take() {
+            let f = Arc::new(f);
+            let f = match entry.filters.get_key_value(&f) {
+                Some((k, _)) => k.clone(),
+                None => f,
+            };
+            *entry.filters.entry(f.clone()).or_insert(0) += 1;
+            sub.state.lock().filter = Some(f);
+        }
+        if let Some(old) = entry.subs.insert(sub.client.seq, sub) {
+            Self::release(entry, &old);
+        } else {
             self.counts.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
         if first {
@@ -471,18 +819,38 @@ impl Hub {
     /// Removes a subscription; true when the channel has no local subscriber left.
     pub(crate) fn remove_subscription(&self, channel: &str, client_seq: u64) -> bool {
         let mut shard = self.channels.get(channel).write();
-        let Some(subs) = shard.get_mut(channel) else {
+        let Some(entry) = shard.get_mut(channel) else {
             return false;
         };
-        if subs.remove(&client_seq).is_some() {
+        if let Some(old) = entry.subs.remove(&client_seq) {
+            Self::release(entry, &old);
             self.counts.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
-        if subs.is_empty() {
+        if entry.subs.is_empty() {
             shard.remove(channel);
             self.counts.channels.fetch_sub(1, Ordering::Relaxed);
             return true;
         }
         false
+    }
+
+    /// What a subscription held in its channel entry: its delta chain share and its filter.
+    fn release(entry: &mut ChannelEntry, sub: &Subscription) {
+        if sub.delta {
+            let mut chain = entry.chain.lock();
+            chain.delta_subs = chain.delta_subs.saturating_sub(1);
+            if chain.delta_subs == 0 {
+                chain.last = None;
+            }
+        }
+        if let Some(f) = sub.state.lock().filter.clone()
+            && let Some(n) = entry.filters.get_mut(&f)
+        {
+            *n -= 1;
+            if *n == 0 {
+                entry.filters.remove(&f);
+            }
+        }
     }
 
     /// Whether a channel has local subscribers.
@@ -494,9 +862,9 @@ impl Hub {
     pub fn channels(&self, filter: impl Fn(&str) -> bool) -> Vec<(String, usize)> {
         let mut out = Vec::new();
         for shard in self.channels.iter() {
-            for (ch, subs) in shard.read().iter() {
+            for (ch, entry) in shard.read().iter() {
                 if filter(ch) {
-                    out.push((ch.to_string(), subs.len()));
+                    out.push((ch.to_string(), entry.subs.len()));
                 }
             }
         }
@@ -505,9 +873,9 @@ impl Hub {
 
     fn broadcast_event(&self, channel: &str, push: Push<'_>) {
         let shard = self.channels.get(channel).read();
-        if let Some(subs) = shard.get(channel) {
-            let mut encoded = EncodedPush::new(push, false);
-            for sub in subs.values().filter(|s| s.push_join_leave) {
+        if let Some(entry) = shard.get(channel) {
+            let mut encoded = EncodedPush::new(push, false, entry.id);
+            for sub in entry.subs.values().filter(|s| s.push_join_leave) {
                 sub.deliver_event(&mut encoded);
             }
         }
@@ -517,16 +885,24 @@ impl Hub {
 impl BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, p: &Arc<Publication>, epoch: &Arc<str>) {
         let shard = self.channels.get(channel).read();
-        if let Some(subs) = shard.get(channel) {
-            let mut encoded = EncodedPush::new(
-                Push::Pub {
-                    channel,
-                    publication: p,
-                },
-                p.binary,
-            );
-            for sub in subs.values() {
-                sub.deliver(p, epoch, &mut encoded);
+        if let Some(entry) = shard.get(channel) {
+            let mut chain = entry.chain.lock();
+            let prev = chain.last.take();
+            let prev_seq = if prev.is_some() { chain.seq } else { 0 };
+            chain.seq += 1;
+            let mut fan = Fanout::new(channel, p, entry.id, prev, prev_seq, chain.seq);
+            if chain.delta_subs > 0 {
+                chain.last = Some(p.clone());
+                chain.epoch = epoch.clone();
+            }
+            // Each distinct filter once per publication, not once per subscriber.
+            let matched: HashMap<usize, bool> = entry
+                .filters
+                .keys()
+                .map(|f| (Arc::as_ptr(f) as usize, f.matches(p.tags.as_deref())))
+                .collect();
+            for sub in entry.subs.values() {
+                sub.deliver(p, epoch, &mut fan, &matched);
             }
         }
     }
@@ -541,8 +917,8 @@ impl BrokerHandler for Hub {
 
     fn check_position(&self, channel: &str, top: &crate::engine::StreamTop) {
         let shard = self.channels.get(channel).read();
-        if let Some(subs) = shard.get(channel) {
-            for sub in subs.values() {
+        if let Some(entry) = shard.get(channel) {
+            for sub in entry.subs.values() {
                 sub.check_behind(top, false);
             }
         }
@@ -550,8 +926,8 @@ impl BrokerHandler for Hub {
 
     fn on_rewind(&self, channel: &str, top: &crate::engine::StreamTop) {
         let shard = self.channels.get(channel).read();
-        if let Some(subs) = shard.get(channel) {
-            for sub in subs.values() {
+        if let Some(entry) = shard.get(channel) {
+            for sub in entry.subs.values() {
                 sub.check_behind(top, true);
             }
         }

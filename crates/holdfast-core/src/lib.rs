@@ -9,6 +9,8 @@ pub mod channel;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod filter;
+pub mod fossil;
 pub mod glob;
 pub mod handler;
 pub mod hub;

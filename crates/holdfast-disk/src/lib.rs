@@ -175,6 +175,8 @@ enum Req {
         publication: Arc<Publication>,
         history: Option<HistoryOptions>,
         idempotency: Option<(String, Duration)>,
+        /// Latest-state version (checked by the caller under the channel's order lock).
+        version: Option<(u64, Arc<str>)>,
         ack: oneshot::Sender<Result<Option<StreamTop>, EngineError>>,
     },
     Stream {
@@ -470,8 +472,46 @@ impl Broker for DiskEngine {
             publication,
             history: opts.history,
             idempotency,
+            version: (opts.version > 0 && opts.history.is_some())
+                .then(|| (opts.version, Arc::from(opts.version_epoch.as_str()))),
             ack,
         };
+        if let Req::Publish {
+            version: Some((v, ve)),
+            ..
+        } = &req
+        {
+            // Checked and stored in one step: the order lock keeps a second versioned
+            // publish of the channel out until this one is applied.
+            let chan = self.state.chan(channel);
+            let order = chan.order.lock().await;
+            {
+                let inner = chan.inner.lock();
+                if let Some(key) = &opts.idempotency_key
+                    && let Some((pos, exp)) = inner.idempotent.get(key)
+                    && *exp > Instant::now()
+                {
+                    return Ok(PublishOutcome {
+                        position: pos.clone(),
+                        suppressed: true,
+                    });
+                }
+                if let Some(w) = &inner.stream
+                    && !w.version_allows(*v, ve)
+                {
+                    return Ok(PublishOutcome {
+                        position: Some(w.top()),
+                        suppressed: true,
+                    });
+                }
+            }
+            let position = self.submit(req, rx).await?;
+            drop(order);
+            return Ok(PublishOutcome {
+                position,
+                suppressed: false,
+            });
+        }
         let Some(key) = &opts.idempotency_key else {
             // The writer hands out offsets in queue order: no lock needed here.
             let position = self.submit(req, rx).await?;

@@ -27,6 +27,9 @@ pub(crate) enum Record {
         top: u64,
         items_expire_ms: i64,
         meta_expire_ms: i64,
+        /// The stream's latest-state version and its epoch (written only when set, as a
+        /// trailing field older readers skip).
+        version: Option<(u64, String)>,
     },
     /// An appended publication (its offset is `top + 1` of the stream).
     Pub {
@@ -37,6 +40,8 @@ pub(crate) enum Record {
         meta_expire_ms: i64,
         idempotency: Option<(String, i64)>,
         publication: Arc<Publication>,
+        /// The publication's latest-state version (trailing, only when set).
+        version: Option<(u64, String)>,
     },
     /// History removed (position kept).
     RemoveHistory { channel: String },
@@ -149,6 +154,26 @@ impl R<'_> {
     }
 }
 
+/// A trailing latest-state version: nothing when unset, so records without one keep the
+/// format older versions write and read.
+fn write_version(w: &mut W<'_>, v: Option<&(u64, String)>) {
+    if let Some((version, epoch)) = v {
+        w.u8(1);
+        w.u64(*version);
+        w.bytes(epoch.as_bytes());
+    }
+}
+
+fn read_version(r: &mut R<'_>) -> Result<Option<(u64, String)>, DecodeError> {
+    if r.0.is_empty() {
+        return Ok(None);
+    }
+    match r.u8()? {
+        1 => Ok(Some((r.u64()?, r.string()?))),
+        _ => Err(DecodeError::Corrupt("bad version tag")),
+    }
+}
+
 fn write_publication(w: &mut W<'_>, p: &Publication) {
     w.u64(p.offset);
     w.i64(p.time);
@@ -208,6 +233,8 @@ fn read_publication(r: &mut R<'_>) -> Result<Publication, DecodeError> {
         tags,
         time,
         binary,
+        delta: false,
+        use_delta: false,
     })
 }
 
@@ -234,6 +261,7 @@ impl Record {
                 top,
                 items_expire_ms,
                 meta_expire_ms,
+                version,
             } => {
                 w.u8(T_STATE);
                 w.bytes(channel.as_bytes());
@@ -241,6 +269,7 @@ impl Record {
                 w.u64(*top);
                 w.i64(*items_expire_ms);
                 w.i64(*meta_expire_ms);
+                write_version(&mut w, version.as_ref());
             }
             Record::Pub {
                 channel,
@@ -250,6 +279,7 @@ impl Record {
                 meta_expire_ms,
                 idempotency,
                 publication,
+                version,
             } => {
                 w.u8(T_PUB);
                 w.bytes(channel.as_bytes());
@@ -266,6 +296,7 @@ impl Record {
                     None => w.u8(0),
                 }
                 write_publication(&mut w, publication);
+                write_version(&mut w, version.as_ref());
             }
             Record::RemoveHistory { channel } => {
                 w.u8(T_REMOVE);
@@ -341,6 +372,7 @@ impl Record {
                 top: r.u64()?,
                 items_expire_ms: r.i64()?,
                 meta_expire_ms: r.i64()?,
+                version: read_version(&mut r)?,
             },
             T_PUB => Record::Pub {
                 channel: r.string()?,
@@ -354,6 +386,7 @@ impl Record {
                     _ => return Err(DecodeError::Corrupt("bad idempotency tag")),
                 },
                 publication: Arc::new(read_publication(&mut r)?),
+                version: read_version(&mut r)?,
             },
             T_REMOVE => Record::RemoveHistory {
                 channel: r.string()?,
@@ -416,7 +449,10 @@ mod tests {
                     tags: Some(Arc::new(tags)),
                     time: 42,
                     binary: true,
+                    delta: false,
+                    use_delta: false,
                 }),
+                version: Some((5, "ve".into())),
             },
             Record::RemoveHistory {
                 channel: "c".into(),
@@ -446,6 +482,15 @@ mod tests {
                 top: 77,
                 items_expire_ms: 1,
                 meta_expire_ms: 2,
+                version: None,
+            },
+            Record::State {
+                channel: "c".into(),
+                epoch: "e".into(),
+                top: 78,
+                items_expire_ms: 1,
+                meta_expire_ms: 2,
+                version: Some((9, String::new())),
             },
         ]
     }

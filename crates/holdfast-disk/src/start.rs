@@ -143,11 +143,15 @@ pub(crate) fn apply_replayed(state: &State, r: Record, now: Instant, now_ms: i64
             top,
             items_expire_ms,
             meta_expire_ms,
+            version,
         } => {
             let chan = state.chan(&channel);
             let mut inner = chan.inner.lock();
             let mut w = StreamWindow::new(epoch.into(), now, Duration::ZERO);
             w.top = top;
+            if let Some((v, ve)) = version {
+                w.set_version(v, &ve);
+            }
             w.items_expire = from_wall(items_expire_ms, now, now_ms);
             w.meta_expire = from_wall(meta_expire_ms, now, now_ms);
             inner.reserved = top;
@@ -161,6 +165,7 @@ pub(crate) fn apply_replayed(state: &State, r: Record, now: Instant, now_ms: i64
             meta_expire_ms,
             idempotency,
             publication,
+            version,
         } => {
             let chan = state.chan(&channel);
             let mut inner = chan.inner.lock();
@@ -183,6 +188,9 @@ pub(crate) fn apply_replayed(state: &State, r: Record, now: Instant, now_ms: i64
                 }
                 w.items_expire = from_wall(items_expire_ms, now, now_ms);
                 w.meta_expire = w.meta_expire.max(from_wall(meta_expire_ms, now, now_ms));
+                if let Some((v, ve)) = &version {
+                    w.set_version(*v, ve);
+                }
                 inner.reserved = w.top;
             }
             if let Some((key, exp)) = idempotency {

@@ -133,6 +133,32 @@ async fn epochs_offsets_windows_idempotency_and_cursors_survive_a_restart() {
 }
 
 #[tokio::test]
+async fn a_latest_state_version_survives_a_restart() {
+    let dir = tempdir("version");
+    let e = open(&dir);
+    let mut o = hist();
+    o.version = 3;
+    assert!(
+        !e.publish("s", data(1), &o)
+            .await
+            .expect("publish")
+            .suppressed
+    );
+    drop(e);
+    let (e, _) = reopen(&dir).await;
+    let stale = e.publish("s", data(2), &o).await.expect("publish");
+    assert!(stale.suppressed, "version 3 is not newer after the restart");
+    assert_eq!(stale.position.map(|p| p.offset), Some(1));
+    o.version = 4;
+    assert!(
+        !e.publish("s", data(3), &o)
+            .await
+            .expect("publish")
+            .suppressed
+    );
+}
+
+#[tokio::test]
 async fn torn_tail_is_cut_and_corruption_refuses_to_start() {
     let dir = tempdir("torn");
     let paths = Paths::new(&dir);
@@ -186,6 +212,10 @@ async fn compaction_keeps_the_live_state_and_bounds_the_log() {
         }),
         ..Default::default()
     };
+    let mut versioned = small.clone();
+    versioned.version = 7;
+    versioned.version_epoch = "ve".into();
+    e.publish("v", data(1), &versioned).await.expect("publish");
     let payload = "x".repeat(500);
     for n in 1..=2000u64 {
         let p = Publication {
@@ -222,6 +252,16 @@ async fn compaction_keeps_the_live_state_and_bounds_the_log() {
         after.top, before.top,
         "position survives compaction and restart"
     );
+    // The latest-state version was rewritten into the compacted log's snapshot.
+    versioned.version = 7;
+    let again = e2.publish("v", data(2), &versioned).await.expect("publish");
+    assert!(
+        again.suppressed,
+        "a version survives compaction and restart"
+    );
+    versioned.version = 8;
+    let newer = e2.publish("v", data(3), &versioned).await.expect("publish");
+    assert!(!newer.suppressed);
     assert_eq!(
         after
             .publications

@@ -231,6 +231,7 @@ impl Writer {
                 publication,
                 history,
                 idempotency,
+                version,
                 ack,
             } => {
                 let chan = self.state.chan(&channel);
@@ -242,6 +243,9 @@ impl Writer {
                                 StreamWindow::new(epoch.clone(), now, h.meta_ttl)
                             });
                             w.push(publication.clone(), h, now);
+                            if let Some((v, ve)) = &version {
+                                w.set_version(*v, ve);
+                            }
                             Some(w.top())
                         }
                         None => None,
@@ -383,6 +387,7 @@ fn encode(r: &Req, buf: &mut Vec<u8>, now: Instant, now_ms: i64) {
             publication,
             history,
             idempotency,
+            version,
             ..
         } => {
             let (size, items, meta) = match history {
@@ -397,6 +402,7 @@ fn encode(r: &Req, buf: &mut Vec<u8>, now: Instant, now_ms: i64) {
                 meta_expire_ms: meta,
                 idempotency: idempotency.as_ref().map(|(k, ttl)| (k.clone(), wall(*ttl))),
                 publication: publication.clone(),
+                version: version.as_ref().map(|(v, ve)| (*v, ve.to_string())),
             }
             .encode(buf);
         }
@@ -455,6 +461,7 @@ pub(crate) fn snapshot(state: &State) -> Vec<Record> {
                     top: first - 1,
                     items_expire_ms,
                     meta_expire_ms,
+                    version: (w.version > 0).then(|| (w.version, w.version_epoch.to_string())),
                 });
                 for p in &w.items {
                     out.push(Record::Pub {
@@ -465,6 +472,7 @@ pub(crate) fn snapshot(state: &State) -> Vec<Record> {
                         meta_expire_ms,
                         idempotency: None,
                         publication: p.clone(),
+                        version: None,
                     });
                 }
             }

@@ -1,8 +1,8 @@
 //! Client → server commands, as decoded from the wire.
 //!
 //! Payloads (`data`) stay raw bytes: they are validated once at decode time and never parsed
-//! again. Fields that Holdfast does not implement (map subscriptions, tag filters, deltas,
-//! shared polls) are accepted and ignored so that newer clients keep working.
+//! again. Fields that Holdfast does not implement (map subscriptions, shared polls) are accepted
+//! and ignored so that newer clients keep working.
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -137,13 +137,44 @@ pub struct SubscribeRequest {
     pub recoverable: bool,
     /// The client asks for join/leave pushes.
     pub join_leave: bool,
-    /// Subscribe flags (bit 2: reject unrecovered with 112).
+    /// Subscribe flags (bit 1: channel compaction; bit 2: reject unrecovered with 112).
     pub flag: i64,
+    /// Delta compression asked for (`"fossil"`; empty = none).
+    pub delta: String,
+    /// Tag filter for the publications this subscription receives.
+    pub tf: Option<FilterNode>,
 }
 
 impl SubscribeRequest {
+    /// Flag bit asking for channel compaction: pushes carry a numeric id instead of the channel.
+    pub const FLAG_CHANNEL_COMPACTION: i64 = 1;
     /// Flag bit asking the server to answer 112 instead of `recovered:false`.
     pub const FLAG_REJECT_UNRECOVERED: i64 = 2;
+}
+
+/// A publication tag filter as sent by clients (`tf`): a leaf when `op` is empty (`key`, `cmp`
+/// and `val` or `vals`), else `and`, `or` or `not` over `nodes`. Validated by the server before
+/// use; decoding only bounds what serde and prost bound (the frame size).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct FilterNode {
+    /// `""` (leaf), `and`, `or`, `not`.
+    #[serde(default)]
+    pub op: String,
+    /// Tag name (leaf).
+    #[serde(default)]
+    pub key: String,
+    /// Comparison (leaf): eq, neq, in, nin, ex, nex, sw, ew, ct, lt, lte, gt, gte.
+    #[serde(default)]
+    pub cmp: String,
+    /// Operand of single-value comparisons.
+    #[serde(default)]
+    pub val: String,
+    /// Operands of `in` / `nin`.
+    #[serde(default)]
+    pub vals: Vec<String>,
+    /// Children of a logical node.
+    #[serde(default)]
+    pub nodes: Vec<FilterNode>,
 }
 
 /// `publish` request.

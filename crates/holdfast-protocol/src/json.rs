@@ -6,7 +6,7 @@
 
 use crate::code::ErrorReply;
 use crate::command::{
-    Command, ConnectRequest, HistoryRequest, PublishRequest, Request, StreamPosition,
+    Command, ConnectRequest, FilterNode, HistoryRequest, PublishRequest, Request, StreamPosition,
     SubscribeRequest,
 };
 use crate::reply::{ClientInfo, ConnectResult, Publication, Push, ReplyBody, SubscribeResult};
@@ -265,6 +265,10 @@ struct WireSubscribe<'a> {
     join_leave: bool,
     #[serde(default)]
     flag: i64,
+    #[serde(default)]
+    delta: String,
+    #[serde(default)]
+    tf: Option<FilterNode>,
 }
 
 impl WireSubscribe<'_> {
@@ -280,6 +284,8 @@ impl WireSubscribe<'_> {
             recoverable: self.recoverable,
             join_leave: self.join_leave,
             flag: self.flag,
+            delta: self.delta,
+            tf: self.tf,
         }
     }
 }
@@ -492,6 +498,7 @@ pub fn write_publication(out: &mut Vec<u8>, p: &Publication) {
         write_client_info(o.key("info"), info);
     }
     o.u64("offset", p.offset);
+    o.bool("delta", p.delta);
     if let Some(tags) = p.tags.as_ref().filter(|t| !t.is_empty()) {
         let out = o.key("tags");
         let mut t = Obj::new(out);
@@ -528,6 +535,8 @@ fn write_subscribe_result(out: &mut Vec<u8>, r: &SubscribeResult) {
     o.bool("positioned", r.positioned);
     o.raw("data", r.data.as_deref());
     o.bool("was_recovering", r.was_recovering);
+    o.bool("delta", r.delta);
+    o.i64("id", r.id);
     o.end();
 }
 
@@ -627,25 +636,39 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u32, body: &ReplyBody) {
 
 /// Appends one push: `{"push":{"channel":"c","pub":{...}}}`.
 pub fn encode_push(out: &mut Vec<u8>, push: &Push<'_>) {
+    encode_push_id(out, push, 0);
+}
+
+/// Appends one push; with `id` > 0 (channel compaction) a publication, join or leave names its
+/// subscription by `id` instead of `channel`. Other pushes always carry the channel (clients look
+/// them up by name).
+pub fn encode_push_id(out: &mut Vec<u8>, push: &Push<'_>, id: i64) {
     out.extend_from_slice(b"{\"push\":");
     let mut o = Obj::new(out);
+    let target = |o: &mut Obj<'_>, channel: &str| {
+        if id > 0 {
+            o.i64("id", id);
+        } else {
+            o.str("channel", channel);
+        }
+    };
     match push {
         Push::Pub {
             channel,
             publication,
         } => {
-            o.str("channel", channel);
+            target(&mut o, channel);
             write_publication(o.key("pub"), publication);
         }
         Push::Join { channel, info } => {
-            o.str("channel", channel);
+            target(&mut o, channel);
             let out = o.key("join");
             out.extend_from_slice(b"{\"info\":");
             write_client_info(out, info);
             out.push(b'}');
         }
         Push::Leave { channel, info } => {
-            o.str("channel", channel);
+            target(&mut o, channel);
             let out = o.key("leave");
             out.extend_from_slice(b"{\"info\":");
             write_client_info(out, info);

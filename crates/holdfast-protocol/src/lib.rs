@@ -11,7 +11,7 @@ pub mod proto;
 pub mod reply;
 
 pub use code::{Disconnect, ErrorReply};
-pub use command::{Command, Request, StreamPosition};
+pub use command::{Command, FilterNode, Request, StreamPosition};
 pub use reply::{ClientInfo, Publication, Push, ReplyBody};
 
 /// How a connection encodes its frames.
@@ -54,6 +54,15 @@ impl Encoding {
         match self {
             Encoding::Json => json::encode_push(out, push),
             Encoding::Protobuf => proto::encode_push(out, push),
+        }
+    }
+
+    /// Appends one encoded push naming its subscription by a compaction `id` (> 0) instead of
+    /// the channel where the push kind allows it (publication, join, leave).
+    pub fn encode_push_id(self, out: &mut Vec<u8>, push: &Push<'_>, id: i64) {
+        match self {
+            Encoding::Json => json::encode_push_id(out, push, id),
+            Encoding::Protobuf => proto::encode_push_id(out, push, id),
         }
     }
 

@@ -96,6 +96,19 @@ fn subscribe_request(s: pb::SubscribeRequest) -> SubscribeRequest {
         recoverable: s.recoverable,
         join_leave: s.join_leave,
         flag: s.flag,
+        delta: s.delta,
+        tf: s.tf.map(filter_node),
+    }
+}
+
+fn filter_node(n: pb::FilterNode) -> crate::command::FilterNode {
+    crate::command::FilterNode {
+        op: n.op,
+        key: n.key,
+        cmp: n.cmp,
+        val: n.val,
+        vals: n.vals,
+        nodes: n.nodes.into_iter().map(filter_node).collect(),
     }
 }
 
@@ -194,6 +207,7 @@ pub fn publication(p: &Publication) -> pb::Publication {
         info: p.info.as_deref().map(client_info),
         offset: p.offset,
         tags: p.tags.as_deref().cloned().unwrap_or_default(),
+        delta: p.delta,
         ..Default::default()
     }
 }
@@ -210,7 +224,8 @@ fn subscribe_result(r: &SubscribeResult) -> pb::SubscribeResult {
         positioned: r.positioned,
         data: r.data.clone().unwrap_or_default(),
         was_recovering: r.was_recovering,
-        ..Default::default()
+        delta: r.delta,
+        id: r.id,
     }
 }
 
@@ -304,23 +319,36 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u32, body: &ReplyBody) {
 
 /// Appends one length-prefixed push.
 pub fn encode_push(out: &mut Vec<u8>, push: &Push<'_>) {
+    encode_push_id(out, push, 0);
+}
+
+/// Appends one length-prefixed push; with `id` > 0 (channel compaction) a publication, join or
+/// leave names its subscription by `id` instead of `channel`.
+pub fn encode_push_id(out: &mut Vec<u8>, push: &Push<'_>, id: i64) {
     let mut p = pb::Push::default();
+    let target = |p: &mut pb::Push, channel: &str| {
+        if id > 0 {
+            p.id = id;
+        } else {
+            p.channel = channel.to_owned();
+        }
+    };
     match push {
         Push::Pub {
             channel,
             publication: pubn,
         } => {
-            p.channel = (*channel).to_owned();
+            target(&mut p, channel);
             p.r#pub = Some(publication(pubn));
         }
         Push::Join { channel, info } => {
-            p.channel = (*channel).to_owned();
+            target(&mut p, channel);
             p.join = Some(pb::Join {
                 info: Some(client_info(info)),
             });
         }
         Push::Leave { channel, info } => {
-            p.channel = (*channel).to_owned();
+            target(&mut p, channel);
             p.leave = Some(pb::Leave {
                 info: Some(client_info(info)),
             });

@@ -34,6 +34,12 @@ pub struct Publication {
     /// `data` is not known to be JSON (published by a protobuf client, or binary `b64data`):
     /// JSON connections cannot receive it and are closed with 3506 instead.
     pub binary: bool,
+    /// On the wire: `data` is a fossil delta against the previous publication this subscriber
+    /// received. Set only on the per-subscriber forms fan-out makes, never in an engine.
+    pub delta: bool,
+    /// The publisher allows sending this publication as a delta (API `delta`, namespace
+    /// `delta_publish`). Travels through engines; not sent to clients.
+    pub use_delta: bool,
 }
 
 /// `connect` result.
@@ -89,6 +95,12 @@ pub struct SubscribeResult {
     pub data: Option<Bytes>,
     /// The client asked to recover.
     pub was_recovering: bool,
+    /// Delta compression was negotiated: every publication of the subscription carries `data`
+    /// for the delta decoder (JSON: as a string), a delta where `delta` is set.
+    pub delta: bool,
+    /// Channel compaction: pushes of this subscription carry this id instead of the channel
+    /// (0 = not negotiated).
+    pub id: i64,
 }
 
 /// `history` result.

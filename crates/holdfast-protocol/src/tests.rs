@@ -358,6 +358,8 @@ fn encode_history() {
         tags: Some(Arc::new(tags)),
         time: 5,
         binary: false,
+        delta: false,
+        use_delta: false,
     };
     let h = HistoryResult {
         publications: vec![Arc::new(p)],

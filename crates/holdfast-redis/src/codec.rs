@@ -31,6 +31,9 @@ struct StoredPub {
     time: i64,
     #[prost(bool, tag = "5")]
     binary: bool,
+    /// The publisher allows a delta (other nodes' fan-out needs it too).
+    #[prost(bool, tag = "6")]
+    use_delta: bool,
 }
 
 fn stored_info(i: &ClientInfo) -> StoredInfo {
@@ -59,6 +62,7 @@ pub(crate) fn encode_pub(p: &Publication) -> Vec<u8> {
         tags: p.tags.as_deref().cloned().unwrap_or_default(),
         time: p.time,
         binary: p.binary,
+        use_delta: p.use_delta,
     }
     .encode_to_vec()
 }
@@ -73,6 +77,8 @@ pub(crate) fn decode_pub(buf: &[u8], offset: u64) -> Result<Publication, prost::
         tags: (!s.tags.is_empty()).then(|| Arc::new(s.tags)),
         time: s.time,
         binary: s.binary,
+        delta: false,
+        use_delta: s.use_delta,
     })
 }
 
@@ -149,6 +155,8 @@ mod tests {
             tags: Some(Arc::new(BTreeMap::from([("k".into(), "v".into())]))),
             time: 1234,
             binary: true,
+            delta: false,
+            use_delta: false,
         };
         let enc = encode_pub(&p);
         assert_eq!(decode_pub(&enc, 9).unwrap(), p);

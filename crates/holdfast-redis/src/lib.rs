@@ -442,6 +442,8 @@ impl Broker for RedisEngine {
             .arg(k.pubsub(channel))
             .arg(self.shared.publish_cmd())
             .arg(idem_ttl)
+            .arg(opts.version)
+            .arg(&opts.version_epoch)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
@@ -456,7 +458,7 @@ impl Broker for RedisEngine {
         };
         Ok(PublishOutcome {
             position,
-            suppressed: suppressed == 1,
+            suppressed: suppressed != 0,
         })
     }
 

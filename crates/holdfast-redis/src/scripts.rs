@@ -4,8 +4,10 @@
 /// Publish. KEYS: 1 stream, 2 meta, 3 idempotency key (the meta key again when none).
 /// ARGV: 1 encoded publication, 2 history size (0 = no history), 3 history ttl ms,
 /// 4 meta ttl ms, 5 epoch to use if the stream has none, 6 pub/sub channel,
-/// 7 publish command (`publish` or `spublish`), 8 idempotency ttl ms (0 = no key).
-/// Returns `{suppressed (0|1), "offset:epoch" or ""}`.
+/// 7 publish command (`publish` or `spublish`), 8 idempotency ttl ms (0 = no key),
+/// 9 version (0 = no check), 10 version epoch. The channel's latest version lives in the meta
+/// hash (`v`, `ve`), so it expires with the stream.
+/// Returns `{suppressed (0|1: idempotent repeat, 2: stale version), "offset:epoch" or ""}`.
 pub(crate) const PUBLISH: &str = r#"
 local idem = ARGV[8] ~= '0'
 if idem then
@@ -20,6 +22,13 @@ if size > 0 then
     epoch = ARGV[5]
     redis.call('del', KEYS[1])
     redis.call('hset', KEYS[2], 'e', epoch, 's', 0)
+  end
+  if ARGV[9] ~= '0' then
+    local cur = redis.call('hmget', KEYS[2], 'v', 've')
+    if cur[1] and (ARGV[10] == '' or ARGV[10] == (cur[2] or '')) and tonumber(ARGV[9]) <= tonumber(cur[1]) then
+      return {2, (redis.call('hget', KEYS[2], 's') or '0') .. ':' .. epoch}
+    end
+    redis.call('hset', KEYS[2], 'v', ARGV[9], 've', ARGV[10])
   end
   local offset = redis.call('hincrby', KEYS[2], 's', 1)
   local id = string.format('%d-0', offset)

@@ -337,7 +337,7 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             state.node.rules().resolve(&req.channel)?;
             state
                 .node
-                .unsubscribe_user(&req.user, &req.channel, opt(&req.client))
+                .unsubscribe_user(&req.user, &req.channel, opt(&req.client), req.invalidate)
                 .await?;
             Ok(b"{}".to_vec())
         }
@@ -534,6 +534,12 @@ struct PublishCommon<'a> {
     tags: BTreeMap<String, String>,
     #[serde(default)]
     idempotency_key: String,
+    #[serde(default)]
+    delta: bool,
+    #[serde(default)]
+    version: u64,
+    #[serde(default)]
+    version_epoch: String,
 }
 
 /// The payload and whether it is binary (not JSON).
@@ -557,6 +563,9 @@ async fn publish(state: &AppState, channel: &str, common: &PublishCommon<'_>) ->
     if common.idempotency_key.len() > 256 {
         return Err(bad("idempotency_key too long"));
     }
+    if common.version_epoch.len() > 64 {
+        return Err(bad("version_epoch too long"));
+    }
     let (data, binary) = payload(common)?;
     let req = PublishRequest {
         data,
@@ -565,15 +574,24 @@ async fn publish(state: &AppState, channel: &str, common: &PublishCommon<'_>) ->
         skip_history: common.skip_history,
         tags: (!common.tags.is_empty()).then(|| Arc::new(common.tags.clone())),
         idempotency_key: opt(&common.idempotency_key).map(str::to_owned),
+        delta: common.delta,
+        version: common.version,
+        version_epoch: common.version_epoch.clone(),
     };
     let out = state.node.publish(channel, req).await?;
+    // `suppressed` (a Holdfast addition) tells a latest-state publisher its version was stale
+    // or an idempotent repeat answered; the position is then the channel's current one.
     Ok(match out.position {
         Some(p) => {
             let mut o = format!("{{\"offset\":{},\"epoch\":", p.offset).into_bytes();
             write_str(&mut o, &p.epoch);
+            if out.suppressed {
+                o.extend_from_slice(b",\"suppressed\":true");
+            }
             o.push(b'}');
             o
         }
+        None if out.suppressed => b"{\"suppressed\":true}".to_vec(),
         None => b"{}".to_vec(),
     })
 }
@@ -701,6 +719,9 @@ struct UserChannelReq {
     channel: String,
     #[serde(default)]
     client: String,
+    /// Holdfast extension of `unsubscribe`: state invalidation (code 2502).
+    #[serde(default)]
+    invalidate: bool,
 }
 
 #[derive(Deserialize)]

@@ -385,6 +385,13 @@ impl TokenVerifier for JwtVerifier {
             info: info(&m, "info", "b64info")?,
             data: info(&m, "data", "b64data")?,
             overrides: overrides(m.get("override")),
+            filter: match m.get("tf").filter(|v| !v.is_null()) {
+                Some(v) => Some(
+                    serde_json::from_value(v.clone())
+                        .map_err(|e| TokenError::Invalid(format!("tf: {e}")))?,
+                ),
+                None => None,
+            },
         })
     }
 }

@@ -467,6 +467,13 @@ impl ChannelPolicy for ProxyHandler {
             data: get_raw(&r, "data", "b64data")?,
             expire_at: get_expire_at(&r),
             overrides: overrides(r.get("override")),
+            filter: match r.get("tf").filter(|v| !v.is_null()) {
+                Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                    tracing::warn!(error = %e, "subscribe proxy answered a malformed tf");
+                    HandlerError::Reply(ErrorReply::INTERNAL)
+                })?),
+                None => None,
+            },
         })
     }
 

@@ -132,6 +132,8 @@ where
     let (b, _, rec) = fresh().await;
     idempotent_publish(&*b, &rec).await;
     let (b, _, rec) = fresh().await;
+    versioned_publish(&*b, &rec).await;
+    let (b, _, rec) = fresh().await;
     publish_without_history(&*b, &rec).await;
     let (b, p, rec) = fresh().await;
     presence(&*b, &*p, &rec).await;
@@ -352,6 +354,75 @@ async fn idempotent_publish(b: &dyn Broker, rec: &Recorder) {
         vec![1, 2],
         "a suppressed publish is not stored"
     );
+}
+
+/// Latest-state publishing: a version not newer than the channel's (same or empty version
+/// epoch) is suppressed with the current position; another epoch starts versions over; version
+/// 0 is never checked. `use_delta` travels to the handler.
+async fn versioned_publish(b: &dyn Broker, rec: &Recorder) {
+    b.subscribe("v").await.expect("subscribe");
+    let at = |version: u64, epoch: &str| {
+        let mut o = hist(10, 60);
+        o.version = version;
+        o.version_epoch = epoch.into();
+        o
+    };
+    let publish = |n: u64, o: PublishOptions| async move {
+        let mut p = data(n);
+        p.use_delta = true;
+        b.publish("v", p, &o).await.expect("publish")
+    };
+    let first = publish(1, at(5, "")).await;
+    assert!(!first.suppressed);
+    let stale = publish(2, at(4, "")).await;
+    assert!(stale.suppressed, "an older version is suppressed");
+    assert_eq!(stale.position, first.position, "with the current position");
+    assert!(
+        publish(3, at(5, "")).await.suppressed,
+        "an equal version too"
+    );
+    assert!(
+        !publish(4, at(5, "e1")).await.suppressed,
+        "a version epoch other than the stored one starts over"
+    );
+    let newer = publish(5, at(6, "")).await;
+    assert_eq!(newer.position.map(|p| p.offset), Some(3));
+    let other = publish(6, at(1, "e2")).await;
+    assert!(!other.suppressed, "another epoch starts over");
+    assert!(publish(7, at(1, "e2")).await.suppressed);
+    assert!(
+        publish(8, at(1, "")).await.suppressed,
+        "an empty epoch compares versions"
+    );
+    assert!(
+        !publish(9, at(0, "")).await.suppressed,
+        "version 0 is not checked"
+    );
+    rec.wait_for("offset 5", |ev| {
+        ev.iter()
+            .any(|e| matches!(e, Event::Pub(c, 5, ..) if c == "v"))
+    })
+    .await;
+    let h = b
+        .history("v", &query(None, None, false))
+        .await
+        .expect("history");
+    let ns: Vec<String> = h
+        .publications
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+        .collect();
+    assert_eq!(
+        ns,
+        [
+            "{\"n\":1}",
+            "{\"n\":4}",
+            "{\"n\":5}",
+            "{\"n\":6}",
+            "{\"n\":9}"
+        ]
+    );
+    assert!(h.publications.iter().all(|p| p.offset > 0));
 }
 
 async fn publish_without_history(b: &dyn Broker, rec: &Recorder) {

@@ -167,6 +167,13 @@ impl Broker for MemoryEngine {
                     .stream
                     .get_or_insert_with(|| StreamWindow::new(new_epoch(), now, h.meta_ttl));
                 stream.expire(now);
+                if !stream.version_allows(opts.version, &opts.version_epoch) {
+                    return Ok(PublishOutcome {
+                        position: Some(stream.top()),
+                        suppressed: true,
+                    });
+                }
+                stream.set_version(opts.version, &opts.version_epoch);
                 publication.offset = stream.top + 1;
                 let p = Arc::new(publication);
                 stream.push(p.clone(), h, now);

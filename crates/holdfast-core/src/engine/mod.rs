@@ -47,6 +47,11 @@ pub struct PublishOptions {
     pub idempotency_key: Option<String>,
     /// How long an idempotency result is remembered.
     pub idempotency_ttl: Duration,
+    /// Latest-state publishing (with history only): a publication whose version is not newer
+    /// than the channel's latest (same or empty `version_epoch`) is suppressed. 0 = no check.
+    pub version: u64,
+    /// Epoch of `version`: a different one is accepted whatever its version.
+    pub version_epoch: String,
 }
 
 /// Result of a publish.
@@ -54,7 +59,8 @@ pub struct PublishOptions {
 pub struct PublishOutcome {
     /// Offset and epoch assigned (None without history).
     pub position: Option<StreamTop>,
-    /// An earlier publish with the same idempotency key answered; nothing was published.
+    /// Nothing was published: an earlier publish with the same idempotency key answered, or
+    /// (`position` is then the stream's top) the version was not newer than the channel's.
     pub suppressed: bool,
 }
 

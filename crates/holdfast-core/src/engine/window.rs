@@ -21,6 +21,11 @@ pub struct StreamWindow {
     pub items_expire: Instant,
     /// The whole stream (epoch and top) is dropped at this instant unless accessed.
     pub meta_expire: Instant,
+    /// Latest-state publishing: the newest publication version accepted (0 = none) and its
+    /// version epoch. Lives and expires with the stream.
+    pub version: u64,
+    /// Epoch of `version` (a different one starts versions over).
+    pub version_epoch: Arc<str>,
 }
 
 impl StreamWindow {
@@ -32,6 +37,28 @@ impl StreamWindow {
             items: VecDeque::new(),
             items_expire: now,
             meta_expire: now + meta_ttl,
+            version: 0,
+            version_epoch: Arc::from(""),
+        }
+    }
+
+    /// Whether a publication of `version` (in `version_epoch`) is newer than the stream's
+    /// latest state: version 0 is never checked; an empty or equal epoch compares versions; a
+    /// different epoch starts over.
+    pub fn version_allows(&self, version: u64, version_epoch: &str) -> bool {
+        version == 0
+            || self.version == 0
+            || !(version_epoch.is_empty() || version_epoch == &*self.version_epoch)
+            || version > self.version
+    }
+
+    /// Records an accepted publication's version (0 leaves it unchanged).
+    pub fn set_version(&mut self, version: u64, version_epoch: &str) {
+        if version > 0 {
+            self.version = version;
+            if *self.version_epoch != *version_epoch {
+                self.version_epoch = version_epoch.into();
+            }
         }
     }
 

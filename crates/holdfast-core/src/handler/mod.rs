@@ -182,6 +182,10 @@ pub struct SubscribeDecision {
     pub expire_at: Option<i64>,
     /// Option overrides.
     pub overrides: ChannelOverride,
+    /// Holdfast extension: a tag filter the server applies to this subscriber's publications
+    /// (token claim or proxy result `tf`), and-ed with the client's own so the client cannot
+    /// widen it.
+    pub filter: Option<holdfast_protocol::FilterNode>,
 }
 
 /// A client publish, presence or history call.

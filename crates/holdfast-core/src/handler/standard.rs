@@ -50,6 +50,9 @@ pub struct SubscribeClaims {
     pub data: Option<Bytes>,
     /// `override`
     pub overrides: ChannelOverride,
+    /// `tf` (Holdfast extension): a tag filter applied to this subscriber, and-ed with the
+    /// client's own.
+    pub filter: Option<holdfast_protocol::FilterNode>,
 }
 
 impl SubscribeClaims {
@@ -189,6 +192,7 @@ impl ChannelPolicy for StandardHandler {
                 info: claims.info,
                 data: claims.data,
                 overrides: claims.overrides,
+                filter: claims.filter,
             });
         }
         if ev.private {

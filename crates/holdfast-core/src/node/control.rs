@@ -44,17 +44,20 @@ impl Node {
     }
 
     /// Unsubscribes a user's connections (or one of them) from a channel, with an `unsubscribe`
-    /// push (code 2000), on every node.
+    /// push, on every node: code 2000 (the client stays unsubscribed), or with `invalidate`
+    /// 2502 (state invalidated: the client drops what it kept and subscribes afresh).
     pub async fn unsubscribe_user(
         &self,
         user: &str,
         channel: &str,
         client: Option<&str>,
+        invalidate: bool,
     ) -> Result<(), ErrorReply> {
         self.control(NodeCommand::Unsubscribe {
             user: user.into(),
             channel: channel.into(),
             client: client.map(Into::into),
+            invalidate,
         })
         .await
     }
@@ -195,8 +198,13 @@ impl Node {
                 user,
                 channel,
                 client,
+                invalidate,
             } => {
-                let (code, reason) = holdfast_protocol::code::unsubscribe::SERVER;
+                let (code, reason) = if invalidate {
+                    holdfast_protocol::code::unsubscribe::STATE_INVALIDATED
+                } else {
+                    holdfast_protocol::code::unsubscribe::SERVER
+                };
                 for c in self.target_clients(&user, client.as_deref()) {
                     c.push_control(Control::Unsubscribe {
                         channel: channel.clone(),
@@ -441,6 +449,10 @@ pub(super) enum NodeCommand {
         user: String,
         channel: String,
         client: Option<String>,
+        /// State invalidation: code 2502, the client drops its position, delta base and
+        /// token and subscribes afresh (nodes before it read the command without it: 2000).
+        #[serde(default)]
+        invalidate: bool,
     },
     Subscribe {
         user: String,

@@ -87,6 +87,14 @@ pub struct PublishRequest {
     pub tags: Option<Arc<BTreeMap<String, String>>>,
     /// Idempotency key (5-minute window).
     pub idempotency_key: Option<String>,
+    /// Subscribers that negotiated delta compression may get it as a delta (namespace
+    /// `delta_publish` sets it for every publish).
+    pub delta: bool,
+    /// Latest-state publishing: suppressed unless newer than the channel's latest version
+    /// (channels with history; 0 = no check).
+    pub version: u64,
+    /// Epoch of `version`.
+    pub version_epoch: String,
 }
 
 /// The Holdfast node. Cheap to clone.
@@ -453,11 +461,16 @@ impl Node {
             tags: req.tags,
             time: unix_ms(),
             binary: req.binary,
+            delta: false,
+            use_delta: req.delta || resolved.options.delta_publish,
         };
+        let versioned = history.is_some();
         let opts = PublishOptions {
             history,
             idempotency_key: req.idempotency_key,
             idempotency_ttl: IDEMPOTENCY_TTL,
+            version: if versioned { req.version } else { 0 },
+            version_epoch: req.version_epoch,
         };
         let out = self
             .inner
@@ -468,7 +481,9 @@ impl Node {
                 tracing::warn!(channel, error = %e, "publish failed");
                 engine_error(e)
             })?;
-        if !out.suppressed {
+        if out.suppressed {
+            metrics::counter!("holdfast_publications_suppressed_total").increment(1);
+        } else {
             self.inner
                 .stats
                 .publications

@@ -31,6 +31,8 @@ pub(super) struct Plan {
     pub(super) cursor: bool,
     /// Offset the user's cursor held when the subscription was planned (0 = none).
     pub(super) cursor_from: u64,
+    /// Delta compression, compaction and tag filter of a client-side subscription.
+    pub(super) delivery: DeliveryOptions,
 }
 
 impl Plan {
@@ -59,6 +61,7 @@ impl Plan {
             expire_at: None,
             cursor: false,
             cursor_from: 0,
+            delivery: DeliveryOptions::default(),
             options,
         }
     }
@@ -72,6 +75,8 @@ struct Attached {
     /// Position the client holds once the reply is applied.
     live_offset: u64,
     live_epoch: Arc<str>,
+    /// The last publication the reply recovers, as stored (the client's delta base after it).
+    recovered_last: Option<Arc<holdfast_protocol::Publication>>,
     plan: Plan,
 }
 
@@ -142,6 +147,47 @@ impl Drop for Attachment {
     }
 }
 
+/// What the reply of a client-side subscription carries beyond its position: only the recovered
+/// publications its tag filter passes, and with delta compression the recovered ones as a delta
+/// chain (the first in full, each next a delta of the one before), as the client's decoder
+/// reads them.
+fn shape_recovered(enc: Encoding, a: &mut Attached) {
+    let result = &mut a.result;
+    result.id = a.sub.compact_id();
+    result.delta = a.plan.delivery.delta;
+    if !result.publications.is_empty() && a.plan.delivery.filter.is_some() {
+        result.publications.retain(|p| a.sub.accepts(p));
+    }
+    // A JSON connection cannot take binary publications: left as they are, `sendable` refuses.
+    if !a.plan.delivery.delta
+        || (enc == Encoding::Json && result.publications.iter().any(|p| p.binary))
+    {
+        return;
+    }
+    if let Some(last) = result.publications.last() {
+        a.recovered_last = Some(last.clone());
+    }
+    let mut prev: Option<&Arc<holdfast_protocol::Publication>> = None;
+    let mut shaped = Vec::with_capacity(result.publications.len());
+    for p in &result.publications {
+        let patch = prev.and_then(|prev| crate::hub::patch(prev, &force_delta(p)));
+        // `sendable` refused binary publications for JSON before this point.
+        if let Some(x) = crate::hub::delta_form(enc, p, patch.as_ref()) {
+            shaped.push(Arc::new(x));
+        }
+        prev = Some(p);
+    }
+    result.publications = shaped;
+}
+
+/// Recovered publications chain as deltas whatever their publisher asked (as Centrifugo does).
+fn force_delta(p: &holdfast_protocol::Publication) -> holdfast_protocol::Publication {
+    holdfast_protocol::Publication {
+        use_delta: true,
+        ..p.clone()
+    }
+}
+
 impl Session {
     /// Registers the subscription (buffering deliveries) and reads the position or the
     /// publications to recover.
@@ -152,6 +198,7 @@ impl Session {
             plan.server_side,
             plan.push_join_leave,
             self.node.config().client.queue_max_size,
+            plan.delivery.clone(),
         );
         self.node.add_subscription(sub.clone()).await.map_err(|e| {
             tracing::warn!(channel = %plan.channel, error = %e, "broker subscribe failed");
@@ -165,12 +212,18 @@ impl Session {
                 result: SubscribeResult::default(),
                 live_offset: 0,
                 live_epoch: Arc::from(""),
+                recovered_last: None,
                 plan,
             }),
             node: self.node.clone(),
         };
         match self.read_position(&mut att).await {
-            Ok(()) => Ok(att),
+            Ok(()) => {
+                if let Some(a) = att.inner.as_mut() {
+                    shape_recovered(self.client.encoding(), a);
+                }
+                Ok(att)
+            }
             Err(e) => {
                 att.abandon().await;
                 Err(e)
@@ -236,6 +289,22 @@ impl Session {
                     result.recovered = true;
                     result.offset = plan.recover.as_ref().map_or(0, |r| r.0);
                     result.epoch = page.top.epoch.to_string();
+                    if page.publications.is_empty() && plan.delivery.delta && page.top.offset > 0 {
+                        // Nothing to recover: the client's delta base is the publication at its
+                        // position (it kept it across the reconnect), the chain's to continue.
+                        let q = HistoryQuery {
+                            since: Some((page.top.offset - 1, page.top.epoch.to_string())),
+                            limit: Some(1),
+                            reverse: false,
+                            meta_ttl,
+                        };
+                        if let Ok(p) = self.node.broker().history(&plan.channel, &q).await {
+                            a.recovered_last = p
+                                .publications
+                                .into_iter()
+                                .find(|p| p.offset == page.top.offset);
+                        }
+                    }
                     a.live_offset = page.top.offset;
                     a.live_epoch = page.top.epoch;
                     result.publications = page.publications;
@@ -282,10 +351,17 @@ impl Session {
             sub,
             live_offset,
             live_epoch,
+            recovered_last,
             plan,
             ..
         } = a.settle();
-        match sub.go_live(plan.positioned, live_offset, &live_epoch) {
+        match sub.go_live(
+            plan.positioned,
+            live_offset,
+            &live_epoch,
+            recovered_last.as_ref(),
+            self.node.hub(),
+        ) {
             GoLive::Ok => {}
             GoLive::Dead => {
                 self.node

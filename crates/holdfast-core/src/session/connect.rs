@@ -96,6 +96,9 @@ impl Session {
             info,
             subs: HashMap::new(),
             refresh_at: None,
+            // centrifuge-js decodes protobuf int64 as objects and compares them by identity,
+            // so it drops every push named by a compaction id: it never gets one.
+            no_compaction: self.client.encoding() == Encoding::Protobuf && req.name == "js",
         }));
         tracing::debug!(client = %self.client.id(), user = %user, "connected");
 

@@ -20,7 +20,7 @@ use crate::config::ChannelOptions;
 use crate::engine::HistoryQuery;
 use crate::engine::engine_error;
 use crate::handler::{ChannelEvent, ClientContext, ConnectEvent, HandlerError, SubscribeEvent};
-use crate::hub::{GoLive, Subscription};
+use crate::hub::{DeliveryOptions, GoLive, Subscription};
 use crate::node::{Node, PublishRequest};
 use crate::time::unix_secs;
 use attach::Plan;
@@ -59,6 +59,8 @@ struct Connected {
     subs: HashMap<Arc<str>, SessionSub>,
     /// When the server refreshes this connection's credentials (server-side refresh).
     refresh_at: Option<tokio::time::Instant>,
+    /// Channel compaction is never negotiated (a client known to mishandle it).
+    no_compaction: bool,
 }
 
 impl Connected {

@@ -51,7 +51,7 @@ impl Session {
             info: Some(info),
             skip_history: decision.skip_history,
             tags: None,
-            idempotency_key: None,
+            ..Default::default()
         };
         match self.node.publish(channel, req).await {
             Ok(_) => self.reply(id, ReplyBody::Publish),

@@ -1,6 +1,7 @@
 //! Client `subscribe` and `unsubscribe`, and server-side subscribe (API `subscribe`).
 
 use super::*;
+use crate::filter::{Filter, Limits as FilterLimits};
 
 impl Session {
     pub(super) async fn subscribe(
@@ -9,6 +10,11 @@ impl Session {
         req: SubscribeRequest,
     ) -> Result<(), Disconnect> {
         if req.channel.is_empty() {
+            return Err(Disconnect::BAD_REQUEST);
+        }
+        if !req.delta.is_empty() && req.delta != crate::config::FOSSIL {
+            // As Centrifugo: a delta type no server knows is a broken client.
+            tracing::info!(client = %self.client.id(), delta = %req.delta, "unknown delta type in subscribe");
             return Err(Disconnect::BAD_REQUEST);
         }
         let limit = self.node.config().client.channel_limit;
@@ -32,6 +38,31 @@ impl Session {
             return Ok(());
         }
         let ctx = conn.ctx.clone();
+        let no_compaction = conn.no_compaction;
+        let client_filter = match &req.tf {
+            None => None,
+            Some(_) if !resolved.options.allow_tags_filter => {
+                self.reply_error(
+                    id,
+                    ErrorReply::new(
+                        ErrorReply::BAD_REQUEST.code,
+                        "bad request: tags filter is not allowed in this namespace",
+                    ),
+                );
+                return Ok(());
+            }
+            Some(tf) => match Filter::compile(tf, &FilterLimits::default()) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::info!(client = %self.client.id(), channel = %req.channel, error = %e, "bad tags filter");
+                    self.reply_error(
+                        id,
+                        ErrorReply::new(ErrorReply::BAD_REQUEST.code, format!("bad request: {e}")),
+                    );
+                    return Ok(());
+                }
+            },
+        };
         let ev = SubscribeEvent {
             channel: &req.channel,
             token: &req.token,
@@ -48,6 +79,32 @@ impl Session {
             return Ok(());
         }
         let options = decision.overrides.apply(&resolved.options);
+        let server_filter = match &decision.filter {
+            None => None,
+            Some(tf) => match Filter::compile(tf, &FilterLimits::default()) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    // The application's own filter is broken: refuse rather than widen.
+                    tracing::warn!(channel = %req.channel, error = %e, "server-side tags filter from the token or proxy is invalid");
+                    self.reply_error(id, ErrorReply::INTERNAL);
+                    return Ok(());
+                }
+            },
+        };
+        let filter = match (server_filter, client_filter) {
+            (Some(s), Some(c)) => Some(s.and(c)),
+            (s, c) => s.or(c),
+        };
+        // As Centrifugo: delta and a filter exclude each other; delta is then not negotiated.
+        let delivery = DeliveryOptions {
+            delta: req.delta == crate::config::FOSSIL
+                && options.allows_fossil()
+                && filter.is_none(),
+            compact: req.flag & SubscribeRequest::FLAG_CHANNEL_COMPACTION != 0
+                && options.allow_channel_compaction
+                && !no_compaction,
+            filter,
+        };
         let history = options.history_enabled();
         let chan_ev = ChannelEvent {
             channel: &req.channel,
@@ -96,6 +153,7 @@ impl Session {
             expire_at: decision.expire_at,
             cursor: false,
             cursor_from: 0,
+            delivery,
             options,
         };
         let a = match self.attach(plan).await {
@@ -110,6 +168,9 @@ impl Session {
             return Err(Disconnect::INAPPROPRIATE_PROTOCOL);
         }
         metrics::counter!("holdfast_subscriptions_accepted_total").increment(1);
+        if a.result().delta {
+            metrics::counter!("holdfast_delta_subscriptions_total").increment(1);
+        }
         self.reply(id, ReplyBody::Subscribe(Box::new(a.result().clone())));
         self.go_live(a).await;
         Ok(())
