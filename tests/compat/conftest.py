@@ -36,6 +36,22 @@ allow_history_for_subscriber = true
 name = "private"
 
 [[channel.namespaces]]
+name = "delta"
+allowed_delta_types = ["fossil"]
+history_size = 100
+history_ttl = "300s"
+force_recovery = true
+allow_subscribe_for_client = true
+
+[[channel.namespaces]]
+name = "tags"
+allow_tags_filter = true
+history_size = 100
+history_ttl = "300s"
+force_recovery = true
+allow_subscribe_for_client = true
+
+[[channel.namespaces]]
 name = "smallhistory"
 history_size = 2
 history_ttl = "300s"

@@ -272,3 +272,71 @@ def test_invalid_subscription_token(server, encoding):
         await c.disconnect()
 
     run(scenario())
+
+
+def api(server, method, body):
+    """A server API call (cent has no `delta` field)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{server.api}/{method}",
+        data=json.dumps(body).encode(),
+        headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        out = json.loads(r.read())
+    assert "error" not in out, out
+    return out.get("result")
+
+
+@pytest.mark.compat(CLIENT, "fossil delta compression")
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_delta(server, encoding):
+    from centrifuge import DeltaType
+
+    async def scenario():
+        c, _ = client(server.ws, encoding)
+        rec = Recorder()
+        sub = c.new_subscription(f"delta:{chan('answer')}", events=rec, delta=DeltaType.FOSSIL)
+        await c.connect()
+        await sub.subscribe()
+        await sub.ready(10)
+        text = "An answer that grows, word by word, as a model writes it:"
+        want = []
+        for i in range(30):
+            text += f" wörd{i} ✓"
+            want.append({"i": i, "text": text})
+        for w in want:
+            await asyncio.to_thread(api, server, "publish", {"channel": sub.channel, "data": w, "delta": True})
+        await rec.wait(lambda: len(rec.pubs) == len(want))
+        assert [undata(encoding, p.data) for p in rec.pubs] == want
+        assert sum(1 for p in rec.pubs if p.delta) == len(want) - 1, "every publication after the first is a delta"
+        await c.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.compat(CLIENT, "tag filter")
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_tags_filter(server, encoding):
+    from centrifuge import Filter
+
+    async def scenario():
+        c, _ = client(server.ws, encoding)
+        rec = Recorder()
+        f = Filter.all(Filter.is_in("kind", ["a", "b"]), Filter.gt("price", "9.5"))
+        sub = c.new_subscription(f"tags:{chan('f')}", events=rec, tags_filter=f)
+        await c.connect()
+        await sub.subscribe()
+        await sub.ready(10)
+        cases = [("a", "10"), ("b", "9"), ("c", "100"), ("b", "9.75"), ("a", "abc")]
+        for n, (kind, price) in enumerate(cases):
+            body = {"channel": sub.channel, "data": {"n": n}, "tags": {"kind": kind, "price": price}}
+            await asyncio.to_thread(api, server, "publish", body)
+        await rec.wait(lambda: len(rec.pubs) >= 2)
+        await asyncio.to_thread(api, server, "publish", {"channel": sub.channel, "data": {"n": 9}, "tags": {"kind": "a", "price": "11"}})
+        await rec.wait(lambda: len(rec.pubs) >= 3)
+        assert [undata(encoding, p.data)["n"] for p in rec.pubs] == [0, 3, 9]
+        await c.disconnect()
+
+    run(scenario())
