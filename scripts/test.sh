@@ -62,10 +62,10 @@ py="$(tests/compat/setup.sh)"
 
 step "compatibility: centrifuge-js in Node (plain and protocol features) and in Chromium, and behind nginx over two nodes"
 rm -rf artifacts/compat
-(cd tests/compat/js && node --test --test-concurrency=1 --test-reporter=spec node.test.mjs features.test.mjs browser.test.mjs proxy.test.mjs)
+(cd tests/compat/js && node --test --test-concurrency=1 --test-force-exit --test-reporter=spec node.test.mjs features.test.mjs browser.test.mjs proxy.test.mjs)
 
 step "example apps in Chromium (examples/*, screenshots in artifacts/examples)"
-(cd tests/compat/js && PYTHON="$py" node --test --test-concurrency=1 --test-reporter=spec examples.test.mjs)
+(cd tests/compat/js && PYTHON="$py" node --test --test-concurrency=1 --test-force-exit --test-reporter=spec examples.test.mjs)
 
 step "compatibility: centrifuge-python, cent, examples"
 "$py" -m pytest -q tests/compat

@@ -8,6 +8,12 @@
 //! connection task and framing. Kernel time (the socket writes the S2 scenario pays) is left
 //! out, which makes this the measure for changes to that path: it varies far less between runs
 //! than a loopback benchmark on a shared machine.
+//!
+//! `--answer` shapes the publications like an AI answer streamed whole (each the previous plus a
+//! few words, 2–4 KiB); with `--delta` the subscribers negotiate fossil delta compression and the
+//! publisher allows deltas, so the bytes per delivery and the CPU per delivery compare side by
+//! side with and without it (`scripts/bench-delta.sh`). `--tags-filter` gives every subscriber a
+//! tag filter the publications pass: the cost of filtering.
 
 use bytes::Bytes;
 use clap::Args;
@@ -48,11 +54,23 @@ pub struct FanoutArgs {
     /// Print one JSON object per run instead of a line.
     #[arg(long)]
     pub json: bool,
+    /// Publications carry a growing answer (2–4 KiB, a few words more each time) instead of a
+    /// fixed payload.
+    #[arg(long)]
+    pub answer: bool,
+    /// Subscribers negotiate fossil delta compression and publications allow deltas.
+    #[arg(long)]
+    pub delta: bool,
+    /// Every subscriber has a tag filter (`kind eq token`) that every publication passes.
+    #[arg(long)]
+    pub tags_filter: bool,
 }
 
 /// Messages the sinks were given, and a wake-up when they reach the target.
 #[derive(Default)]
 struct Progress {
+    /// Bytes of the frames given to the sinks (what sockets would carry).
+    bytes: AtomicU64,
     messages: AtomicU64,
     target: AtomicU64,
     reached: Notify,
@@ -89,9 +107,55 @@ fn node_config() -> NodeConfig {
         history_size: 10_000,
         history_ttl: Duration::from_secs(600),
         force_recovery: true,
+        allowed_delta_types: vec!["fossil".into()],
+        allow_tags_filter: true,
         ..Default::default()
     };
     cfg
+}
+
+/// The answers of a run: each the previous plus one to four words, starting over at 2 KiB when
+/// it passes 4 KiB (a new answer).
+fn answers(count: usize) -> Vec<Bytes> {
+    const WORDS: &[&str] = &[
+        "the",
+        "model",
+        "writes",
+        "its",
+        "answer",
+        "token",
+        "by",
+        "token,",
+        "and",
+        "every",
+        "publication",
+        "carries",
+        "all",
+        "of",
+        "it",
+        "so",
+        "far.",
+    ];
+    let mut out = Vec::with_capacity(count);
+    let seed = "Here is a longer answer, as a model would stream it. ".repeat(40);
+    let mut text = seed.clone();
+    let mut w = 0usize;
+    for _ in 0..count {
+        for _ in 0..1 + w % 4 {
+            text.push(' ');
+            text.push_str(WORDS[w % WORDS.len()]);
+            w += 1;
+        }
+        if text.len() > 4096 {
+            text.clone_from(&seed);
+        }
+        let mut json = String::with_capacity(text.len() + 16);
+        json.push_str(r#"{"answer":""#);
+        json.push_str(&text);
+        json.push_str(r#""}"#);
+        out.push(Bytes::from(json));
+    }
+    out
 }
 
 /// One measured run.
@@ -105,6 +169,8 @@ pub struct FanoutRun {
     pub per_s: f64,
     /// Nanoseconds per delivery.
     pub ns_per_delivery: f64,
+    /// Bytes the sinks were given per delivery (frames as a socket would carry them).
+    pub bytes_per_delivery: f64,
 }
 
 /// Runs the benchmark on a one-worker runtime (the server's shape when pinned to one core).
@@ -124,7 +190,14 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
         .map_err(|e| anyhow::anyhow!("fanout node config: {e:?}"))?;
     node.start();
     let progress = Arc::new(Progress::default());
-    let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"}}}}"#);
+    let mut extra = String::new();
+    if args.delta {
+        extra.push_str(r#","delta":"fossil""#);
+    }
+    if args.tags_filter {
+        extra.push_str(r#","tf":{"key":"kind","cmp":"eq","val":"token"}"#);
+    }
+    let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"{extra}}}}}"#);
     let mut future_bytes = 0;
     for _ in 0..args.subscribers {
         // The connection's commands, then silence until the node shuts down.
@@ -136,6 +209,9 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
         // Counts the newline-separated JSON messages of each frame.
         let counted = progress.clone();
         let sink = CallbackSink(move |frame: Bytes| {
+            counted
+                .bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
             counted.add(1 + frame.iter().filter(|b| **b == b'\n').count() as u64);
         });
         let meta = ConnectionMeta {
@@ -157,16 +233,34 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     payload.extend(std::iter::repeat_n('x', args.payload.saturating_sub(8)));
     payload.push_str(r#""}"#);
     let payload = Bytes::from(payload);
+    let answers = if args.answer {
+        answers(args.publications)
+    } else {
+        Vec::new()
+    };
+    let tags = args.tags_filter.then(|| {
+        Arc::new(std::collections::BTreeMap::from([(
+            "kind".into(),
+            "token".into(),
+        )]))
+    });
     let mut out = Vec::new();
     for run in 0..=args.runs {
         let start_count = progress.messages.load(Ordering::Acquire);
+        let start_bytes = progress.bytes.load(Ordering::Acquire);
         let started = Instant::now();
         let mut published = 0u64;
         while published < args.publications as u64 {
             let round = (args.batch as u64).min(args.publications as u64 - published);
             for _ in 0..round {
+                let data = answers
+                    .get(published as usize)
+                    .cloned()
+                    .unwrap_or_else(|| payload.clone());
                 let req = PublishRequest {
-                    data: payload.clone(),
+                    data,
+                    delta: args.delta,
+                    tags: tags.clone(),
                     ..Default::default()
                 };
                 node.publish(CHANNEL, req)
@@ -178,11 +272,13 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
         }
         let seconds = started.elapsed().as_secs_f64();
         let deliveries = progress.messages.load(Ordering::Acquire) - start_count;
+        let bytes = progress.bytes.load(Ordering::Acquire) - start_bytes;
         let r = FanoutRun {
             deliveries,
             seconds,
             per_s: deliveries as f64 / seconds,
             ns_per_delivery: seconds * 1e9 / deliveries as f64,
+            bytes_per_delivery: bytes as f64 / deliveries as f64,
         };
         if run == 0 {
             continue; // warm-up
@@ -191,8 +287,8 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "run {run}: {deliveries} deliveries in {seconds:.3} s: {:.0} deliveries/s, {:.0} ns each",
-                r.per_s, r.ns_per_delivery
+                "run {run}: {deliveries} deliveries in {seconds:.3} s: {:.0} deliveries/s, {:.0} ns and {:.0} bytes each",
+                r.per_s, r.ns_per_delivery, r.bytes_per_delivery
             );
         }
         out.push(r);
@@ -225,6 +321,9 @@ mod tests {
             runs: 2,
             payload: 100,
             json: true,
+            answer: false,
+            delta: false,
+            tags_filter: false,
         };
         let runs = run(&args).unwrap();
         assert_eq!(runs.len(), 2);
@@ -235,5 +334,39 @@ mod tests {
                 "each subscriber got each publication once"
             );
         }
+    }
+
+    #[test]
+    fn deltas_carry_fewer_bytes_for_growing_answers() {
+        let base = FanoutArgs {
+            subscribers: 20,
+            publications: 60,
+            batch: 1,
+            runs: 1,
+            payload: 100,
+            json: true,
+            answer: true,
+            delta: false,
+            tags_filter: true,
+        };
+        let full = run(&base).unwrap();
+        let delta = run(&FanoutArgs {
+            delta: true,
+            tags_filter: false,
+            ..base
+        })
+        .unwrap();
+        assert_eq!(full[0].deliveries, 20 * 60);
+        assert_eq!(
+            delta[0].deliveries,
+            20 * 60,
+            "every delta subscriber got every publication"
+        );
+        assert!(
+            delta[0].bytes_per_delivery < full[0].bytes_per_delivery / 5.0,
+            "deltas: {} bytes per delivery, full: {}",
+            delta[0].bytes_per_delivery,
+            full[0].bytes_per_delivery
+        );
     }
 }

@@ -115,3 +115,34 @@ test(`browser (${column}): missed publications arrive exactly once, in order, af
   }
 });
 }
+
+for (const encoding of ['json', 'protobuf']) {
+  test(`browser (${encoding}): fossil delta compression, decoded by the page's client`, async () => {
+    try {
+      const user = `web-delta-${encoding}`;
+      const channel = `delta:browser_${encoding}_${process.pid}`;
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      const url = `http://127.0.0.1:${web.address().port}/?ws=${encodeURIComponent(srv.ws)}&token=${token(user)}&channel=${channel}&enc=${encoding}&delta=fossil`;
+      await page.goto(url);
+      await page.waitForFunction(() => window.events.some((e) => e.subscribed), null, { timeout: 10000 });
+      let text = 'A streamed answer, sent whole each time: ';
+      const want = [];
+      for (let i = 1; i <= 20; i++) {
+        text += ` wörd${i} ✓`;
+        want.push(text);
+        await srv.api('publish', { channel, data: { i, text }, delta: true });
+      }
+      await page.waitForFunction(() => window.received.length >= 20, null, { timeout: 10000 });
+      assert.deepEqual(await page.evaluate(() => window.texts), want);
+      const st = await page.evaluate(() => window.deltaStats());
+      assert.equal(st.numFullPayloads, 1, JSON.stringify(st));
+      assert.equal(st.numDeltaPayloads, 19, JSON.stringify(st));
+      await context.close();
+      rec.add('fossil delta compression', encoding, 'pass');
+    } catch (e) {
+      rec.add('fossil delta compression', encoding, 'fail');
+      throw e;
+    }
+  });
+}

@@ -63,6 +63,14 @@ allow_publish_for_subscriber = true
 
 [[channel.namespaces]]
 name = "private"
+
+[[channel.namespaces]]
+name = "delta"
+allowed_delta_types = ["fossil"]
+history_size = 100
+history_ttl = "300s"
+force_recovery = true
+allow_subscribe_for_client = true
 `;
 
 export async function freePort() {
@@ -88,6 +96,10 @@ export async function startServer(config = CONFIG, extraArgs = [], fixedPort = u
   let log = '';
   proc.stdout.on('data', (d) => (log += d));
   proc.stderr.on('data', (d) => (log += d));
+  // A server killed by a signal other than the test's own SIGTERM is a crash: show its log.
+  proc.on('exit', (code, sig) => {
+    if (sig && sig !== 'SIGTERM') console.error(`holdfast died (${sig}):\n${log.slice(-6000)}`);
+  });
   const http = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + 30000;
   for (;;) {
@@ -105,10 +117,22 @@ export async function startServer(config = CONFIG, extraArgs = [], fixedPort = u
     ws: `ws://127.0.0.1:${port}/connection/websocket`,
     log: () => log,
     async stop() {
-      if (proc.exitCode !== null) return proc.exitCode;
+      if (proc.exitCode !== null || proc.signalCode !== null) return proc.exitCode;
       const done = new Promise((r) => proc.once('exit', r));
       proc.kill('SIGTERM');
-      return done;
+      // A shutdown that hangs fails the suite with the server's log instead of hanging it.
+      let timer;
+      const late = new Promise((_, rej) => {
+        timer = setTimeout(() => {
+          proc.kill('SIGKILL');
+          rej(new Error(`holdfast did not stop within 20 s of SIGTERM:\n${log.slice(-6000)}`));
+        }, 20000);
+      });
+      try {
+        return await Promise.race([done, late]);
+      } finally {
+        clearTimeout(timer);
+      }
     },
     async api(method, body) {
       const r = await fetch(`${http}/api/${method}`, {

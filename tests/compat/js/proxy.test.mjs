@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EventSource } from 'eventsource';
 import { Centrifuge } from 'centrifuge';
+import WebSocket from 'ws';
 import { CONFIG, freePort, once, startServer, token } from './harness.mjs';
 
 let redis;
@@ -210,3 +211,60 @@ test('nginx, two nodes: a rolling restart under load loses nothing on HTTP-strea
 after(() => {
   for (const c of clients) c.disconnect();
 });
+
+test('two nodes on Redis: delta compression continues when a client moves to the other node', async () => {
+  const ch = `delta:${prefix}_moves`;
+  // The client's socket goes where `at` says: it starts on node 0 and moves to node 1.
+  let at = 0;
+  const open = new Set();
+  class Moving extends WebSocket {
+    constructor(_url, protocols) {
+      super(`ws://127.0.0.1:${ports[at]}/connection/websocket`, protocols);
+      open.add(this);
+      this.on('close', () => open.delete(this));
+    }
+  }
+  const c = new Centrifuge('ws://unused/connection/websocket', {
+    websocket: Moving,
+    token: token('42'),
+    minReconnectDelay: 50,
+    maxReconnectDelay: 200,
+  });
+  clients.push(c);
+  const sub = c.newSubscription(ch, { delta: 'fossil' });
+  const got = [];
+  sub.on('publication', (ctx) => got.push(ctx.data));
+  sub.subscribe();
+  c.connect();
+  await sub.ready(10000);
+  let text = 'An answer streamed whole, growing by a few words each time:';
+  const want = [];
+  const publish = async (node, k) => {
+    for (let i = 0; i < k; i++) {
+      text += ` word${want.length}`;
+      const data = { n: want.length, text };
+      want.push(data);
+      const r = await nodes[node].api('publish', { channel: ch, data, delta: true });
+      assert.ok(r.offset > 0);
+    }
+  };
+  // Published through node 1, delivered by node 0 (through Redis).
+  await publish(1, 10);
+  await waitFor('ten publications', async () => got.length >= 10);
+  // The client moves to node 1; what is published while it moves comes back recovered, and live
+  // publications on node 1 continue the chain from the last recovered one.
+  const back = once(sub, 'subscribed', (x) => x.wasRecovering, 20000);
+  at = 1;
+  for (const s of open) s.terminate();
+  await publish(0, 5);
+  const ctx = await back;
+  assert.equal(ctx.recovered, true);
+  await publish(0, 10);
+  await waitFor('every publication', async () => got.length >= want.length);
+  assert.deepEqual(got, want);
+  const st = sub.deltaStats();
+  assert.ok(st.numFullPayloads <= 2, JSON.stringify(st));
+  assert.ok(st.numDeltaPayloads >= want.length - 2, JSON.stringify(st));
+  c.disconnect();
+});
+
