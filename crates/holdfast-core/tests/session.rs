@@ -597,3 +597,174 @@ async fn shutdown_closes_every_connection_with_3001() {
             .contains(&EngineCall::Unsubscribe("rec:z".into()))
     );
 }
+
+fn delta_config() -> NodeConfig {
+    let mut c = config();
+    c.channel.namespaces.push(ChannelOptions {
+        force_recovery: true,
+        allowed_delta_types: vec!["fossil".into()],
+        ..history("delta")
+    });
+    c.channel.namespaces.push(ChannelOptions {
+        force_recovery: true,
+        allow_tags_filter: true,
+        ..history("tags")
+    });
+    c
+}
+
+/// The n-th answer of a stream: long enough that a delta pays, a few words more each time.
+fn answer(n: u64) -> Value {
+    let words: Vec<String> = (1..=n).map(|i| format!("wörd{i}")).collect();
+    json!({ "text": format!("An answer streamed whole, each time a bit longer: {}", words.join(" ")) })
+}
+
+async fn publish_answer(node: &Node, channel: &str, n: u64) {
+    let req = PublishRequest {
+        data: answer(n).to_string().into(),
+        delta: true,
+        ..Default::default()
+    };
+    node.publish(channel, req).await.unwrap();
+}
+
+/// What a client's delta decoder does with one publication: returns the payload and keeps it as
+/// the base (JSON: `data` is a string, the payload or a fossil delta of the base).
+fn decode(base: &mut Vec<u8>, p: &Value) -> Value {
+    let data = p["data"]
+        .as_str()
+        .expect("delta subscribers get data as a string");
+    let bytes = if p["delta"] == true {
+        holdfast_core::fossil::apply(base, data.as_bytes()).expect("a delta of the base")
+    } else {
+        data.as_bytes().to_vec()
+    };
+    *base = bytes;
+    serde_json::from_slice(base).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn delta_chains_survive_recovery_with_publications_during_the_read() {
+    let (node, engine) = testing::node(delta_config());
+    let mut c = user(&node, "u").await;
+    let r = c.call("subscribe", json!({"channel": "delta:a"})).await;
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    c.call("unsubscribe", json!({"channel": "delta:a"})).await;
+    for n in 1..=3 {
+        publish_answer(&node, "delta:a", n).await;
+    }
+    // Two publications land before the history read, two after it (buffered, sent after the
+    // reply): the chain must stay exact through both.
+    let hook_node = node.clone();
+    engine.on_history(move |ch, stage| {
+        if ch != "delta:a" {
+            return None;
+        }
+        let node = hook_node.clone();
+        Some(Box::pin(async move {
+            let range = if stage == Stage::Before { 4..=5 } else { 6..=7 };
+            for n in range {
+                publish_answer(&node, "delta:a", n).await;
+            }
+        }))
+    });
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "delta:a", "recover": true, "offset": 1, "epoch": epoch, "delta": "fossil"}),
+        )
+        .await;
+    engine.on_history(|_, _| None);
+    let s = &r["subscribe"];
+    assert_eq!(s["recovered"], true, "{r}");
+    assert_eq!(s["delta"], true, "{r}");
+    let mut base = Vec::new();
+    let recovered = s["publications"].as_array().unwrap();
+    assert_eq!(recovered.len(), 4, "{r}");
+    assert!(
+        recovered[0].get("delta").is_none(),
+        "the chain starts in full"
+    );
+    for (i, p) in recovered.iter().enumerate() {
+        assert_eq!(decode(&mut base, p), answer(i as u64 + 2));
+        if i > 0 {
+            assert_eq!(
+                p["delta"], true,
+                "recovered publications after the first are deltas"
+            );
+        }
+    }
+    for n in 6..=7 {
+        let p = c.push().await;
+        assert_eq!(decode(&mut base, &p["pub"]), answer(n));
+    }
+    // A second subscriber joins: its first publication is in full, the first one's a delta.
+    let mut d = user(&node, "v").await;
+    let r = d
+        .call(
+            "subscribe",
+            json!({"channel": "delta:a", "delta": "fossil"}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["delta"], true);
+    let mut d_base = Vec::new();
+    for n in 8..=10 {
+        publish_answer(&node, "delta:a", n).await;
+        let p = c.push().await;
+        assert_eq!(p["pub"]["delta"], true, "{p}");
+        assert_eq!(decode(&mut base, &p["pub"]), answer(n));
+        let q = d.push().await;
+        assert_eq!(q["pub"].get("delta").is_some(), n > 8, "{q}");
+        assert_eq!(decode(&mut d_base, &q["pub"]), answer(n));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_filtered_subscription_skips_without_a_gap_and_recovers_filtered() {
+    let (node, _) = testing::node(delta_config());
+    let mut c = user(&node, "u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "tags:t", "tf": {"key": "k", "cmp": "in", "vals": ["a", "c"]}}),
+        )
+        .await;
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    let tagged = |n: u64, k: &str| PublishRequest {
+        data: json!({ "n": n }).to_string().into(),
+        tags: Some(std::sync::Arc::new([("k".to_owned(), k.to_owned())].into())),
+        ..Default::default()
+    };
+    for (n, k) in [(1, "a"), (2, "b"), (3, "c"), (4, "b")] {
+        node.publish("tags:t", tagged(n, k)).await.unwrap();
+    }
+    node.publish("tags:t", tagged(5, "a")).await.unwrap();
+    // Positioned: 2 and 4 were skipped, not lost; no 2500.
+    let got: Vec<u64> = [c.push().await, c.push().await, c.push().await]
+        .iter()
+        .map(|p| p["pub"]["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, [1, 3, 5]);
+    c.call("unsubscribe", json!({"channel": "tags:t"})).await;
+    for (n, k) in [(6, "b"), (7, "c"), (8, "b")] {
+        node.publish("tags:t", tagged(n, k)).await.unwrap();
+    }
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "tags:t", "recover": true, "offset": 5, "epoch": epoch,
+                   "tf": {"key": "k", "cmp": "in", "vals": ["a", "c"]}}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
+    let recovered: Vec<u64> = r["subscribe"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(recovered, [7], "only what the filter passes is recovered");
+    assert_eq!(r["subscribe"]["offset"], 5);
+    node.publish("tags:t", tagged(9, "a")).await.unwrap();
+    assert_eq!(c.push().await["pub"]["offset"], 9);
+}

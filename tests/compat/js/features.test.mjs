@@ -301,7 +301,7 @@ for (const [encoding, sdk] of ENCODINGS) {
       }
     });
 
-    feature('tag filters: recovery and history filtered', async () => {
+    feature('tag filters: recovery filtered, position kept', async () => {
       const ch = `tags:${uniq('recover')}`;
       const net = controlledNetwork();
       const c = make(srv.ws, { token: token('42'), websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
