@@ -136,6 +136,10 @@ pub struct ClientHandle {
     /// A delivery on a cursor subscription was queued after the last ping's snapshot: the
     /// writer asks for a pong soon (`client.delivery_cursor_confirm_delay`).
     cursor_pending: AtomicBool,
+    /// Write one message per frame: centrifuge-js dispatches the messages of a frame on a
+    /// promise chain that the next frame's chain overtakes, so a joined frame followed closely
+    /// by another reaches the application out of order (and breaks its delta decoding).
+    single_message_frames: AtomicBool,
 }
 
 impl ClientHandle {
@@ -170,7 +174,18 @@ impl ClientHandle {
             cursor_subs: Mutex::new(Vec::new()),
             ping_snapshot: Mutex::new(Vec::new()),
             cursor_pending: AtomicBool::new(false),
+            single_message_frames: AtomicBool::new(false),
         })
+    }
+
+    /// From now on every frame carries one message (see the field's note).
+    pub(crate) fn set_single_message_frames(&self) {
+        self.single_message_frames.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether every frame carries one message.
+    pub fn single_message_frames(&self) -> bool {
+        self.single_message_frames.load(Ordering::Relaxed)
     }
 
     /// Connection id.

@@ -411,7 +411,10 @@ impl Subscription {
 /// the payload. Inserts hold whole UTF-8 characters for JSON payloads, so the delta can travel
 /// in a JSON string.
 pub(crate) fn patch(prev: &Publication, p: &Publication) -> Option<Bytes> {
-    if !p.use_delta {
+    // The delta is computed on the fan-out path: beyond this size the payload goes in full
+    // rather than holding the channel's fan-out for the encoder.
+    const MAX_DELTA_INPUT: usize = 1 << 20;
+    if !p.use_delta || p.data.len() > MAX_DELTA_INPUT || prev.data.len() > MAX_DELTA_INPUT {
         return None;
     }
     let d = crate::fossil::delta(&prev.data, &p.data, !p.binary);

@@ -239,6 +239,8 @@ struct Timers {
 /// ends up alone in its frame is passed on as it is, without a copy.
 struct FrameBuilder<'a> {
     sep: &'a [u8],
+    /// Messages per frame at most.
+    max: usize,
     /// The frame's only message so far.
     single: Option<Bytes>,
     /// The joined frame once it holds two or more messages.
@@ -247,9 +249,10 @@ struct FrameBuilder<'a> {
 }
 
 impl<'a> FrameBuilder<'a> {
-    fn new(sep: &'a [u8]) -> Self {
+    fn new(sep: &'a [u8], max: usize) -> Self {
         Self {
             sep,
+            max,
             single: None,
             joined: BytesMut::new(),
             count: 0,
@@ -267,7 +270,7 @@ impl<'a> FrameBuilder<'a> {
     /// message then starts the next frame).
     fn push(&mut self, msg: Bytes) -> Option<Bytes> {
         let full = self.count > 0
-            && (self.count >= MAX_MESSAGES_PER_FRAME
+            && (self.count >= self.max
                 || self.len() + self.sep.len() + msg.len() > MAX_FRAME_BYTES);
         let done = if full { self.finish() } else { None };
         match self.count {
@@ -301,8 +304,9 @@ async fn write_batch<K: FrameSink>(
     messages: impl Iterator<Item = Bytes>,
     sep: &[u8],
     binary: bool,
+    max_messages: usize,
 ) -> std::io::Result<u64> {
-    let mut frames = FrameBuilder::new(sep);
+    let mut frames = FrameBuilder::new(sep, max_messages);
     let mut bytes = 0u64;
     for msg in messages {
         if let Some(frame) = frames.push(msg) {
@@ -349,7 +353,18 @@ async fn write_loop<K: FrameSink>(
             let n = drained.len() as u64;
             // Boxed: the sink's write futures (a socket write with its timeout) would otherwise
             // size every idle connection's task; one allocation per batch, not per frame.
-            let written = Box::pin(write_batch(&mut sink, drained.take_messages(), sep, binary));
+            let max = if client.single_message_frames() {
+                1
+            } else {
+                MAX_MESSAGES_PER_FRAME
+            };
+            let written = Box::pin(write_batch(
+                &mut sink,
+                drained.take_messages(),
+                sep,
+                binary,
+                max,
+            ));
             let Ok(bytes) = written.await else {
                 client.close(Disconnect::WRITE_ERROR);
                 return;
@@ -459,7 +474,11 @@ mod tests {
     use super::*;
 
     fn frames(msgs: &[&'static [u8]]) -> Vec<Bytes> {
-        let mut b = FrameBuilder::new(b"\n");
+        frames_of(msgs, MAX_MESSAGES_PER_FRAME)
+    }
+
+    fn frames_of(msgs: &[&'static [u8]], max: usize) -> Vec<Bytes> {
+        let mut b = FrameBuilder::new(b"\n", max);
         let mut out: Vec<Bytes> = msgs
             .iter()
             .filter_map(|m| b.push(Bytes::from_static(m)))
@@ -471,7 +490,7 @@ mod tests {
     #[test]
     fn single_message_is_passed_without_copy() {
         let msg = Bytes::from_static(b"{\"push\":{}}");
-        let mut b = FrameBuilder::new(b"\n");
+        let mut b = FrameBuilder::new(b"\n", MAX_MESSAGES_PER_FRAME);
         assert!(b.push(msg.clone()).is_none());
         let frame = b.finish().unwrap();
         assert_eq!(frame.as_ptr(), msg.as_ptr(), "same buffer, not a copy");
@@ -485,6 +504,18 @@ mod tests {
             vec![Bytes::from_static(b"a\nb\nc")]
         );
         assert!(frames(&[]).is_empty());
+    }
+
+    #[test]
+    fn single_message_frames_carry_one_message_each() {
+        assert_eq!(
+            frames_of(&[b"a", b"b", b"c"], 1),
+            vec![
+                Bytes::from_static(b"a"),
+                Bytes::from_static(b"b"),
+                Bytes::from_static(b"c")
+            ]
+        );
     }
 
     #[test]

@@ -494,6 +494,7 @@ impl Broker for DiskEngine {
                     return Ok(PublishOutcome {
                         position: pos.clone(),
                         suppressed: true,
+                        stale: false,
                     });
                 }
                 if let Some(w) = &inner.stream
@@ -502,6 +503,7 @@ impl Broker for DiskEngine {
                     return Ok(PublishOutcome {
                         position: Some(w.top()),
                         suppressed: true,
+                        stale: true,
                     });
                 }
             }
@@ -510,6 +512,7 @@ impl Broker for DiskEngine {
             return Ok(PublishOutcome {
                 position,
                 suppressed: false,
+                stale: false,
             });
         }
         let Some(key) = &opts.idempotency_key else {
@@ -518,6 +521,7 @@ impl Broker for DiskEngine {
             return Ok(PublishOutcome {
                 position,
                 suppressed: false,
+                stale: false,
             });
         };
         // An idempotent publish holds the channel's order lock until stored, so a repeat waits
@@ -532,6 +536,7 @@ impl Broker for DiskEngine {
                 return Ok(PublishOutcome {
                     position: pos.clone(),
                     suppressed: true,
+                    stale: false,
                 });
             }
         }
@@ -540,6 +545,7 @@ impl Broker for DiskEngine {
         Ok(PublishOutcome {
             position,
             suppressed: false,
+            stale: false,
         })
     }
 

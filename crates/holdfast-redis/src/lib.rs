@@ -459,6 +459,7 @@ impl Broker for RedisEngine {
         Ok(PublishOutcome {
             position,
             suppressed: suppressed != 0,
+            stale: suppressed == 2,
         })
     }
 

@@ -579,19 +579,19 @@ async fn publish(state: &AppState, channel: &str, common: &PublishCommon<'_>) ->
         version_epoch: common.version_epoch.clone(),
     };
     let out = state.node.publish(channel, req).await?;
-    // `suppressed` (a Holdfast addition) tells a latest-state publisher its version was stale
-    // or an idempotent repeat answered; the position is then the channel's current one.
+    // `suppressed` (a Holdfast addition) tells a latest-state publisher its version was stale;
+    // the position is then the channel's current one. An idempotent repeat answers exactly as
+    // the first publish did (as Centrifugo).
     Ok(match out.position {
         Some(p) => {
             let mut o = format!("{{\"offset\":{},\"epoch\":", p.offset).into_bytes();
             write_str(&mut o, &p.epoch);
-            if out.suppressed {
+            if out.stale {
                 o.extend_from_slice(b",\"suppressed\":true");
             }
             o.push(b'}');
             o
         }
-        None if out.suppressed => b"{\"suppressed\":true}".to_vec(),
         None => b"{}".to_vec(),
     })
 }

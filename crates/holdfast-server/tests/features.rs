@@ -290,3 +290,40 @@ async fn a_binary_publication_closes_a_json_delta_subscriber_with_3506() {
     }
     srv.stop().await;
 }
+
+/// centrifuge-js reorders the messages of a joined frame when another frame follows closely (its
+/// per-frame dispatch chains overtake each other), which breaks delta decoding: a connection
+/// named `js` gets one message per frame; others keep joined frames.
+#[tokio::test]
+async fn centrifuge_js_gets_one_message_per_frame() {
+    let srv = server().await;
+    for (name, joined) in [("js", false), ("python", true)] {
+        let mut c = TestClient::connect(&srv.ws_url()).await;
+        let r = c
+            .call(
+                "connect",
+                json!({"token": token("42", None, json!({})), "name": name}),
+            )
+            .await;
+        assert!(r.get("connect").is_some(), "{r}");
+        let ch = format!("delta:frames_{name}");
+        c.call("subscribe", json!({"channel": ch, "delta": "fossil"}))
+            .await;
+        let before = c.frames;
+        // Queued faster than the writer runs (this test's runtime has one thread): the writer
+        // finds them together.
+        for n in 0..20 {
+            publish(&srv, &ch, json!({ "n": n })).await;
+        }
+        for n in 0..20 {
+            assert_eq!(c.push().await["pub"]["data"], format!("{{\"n\":{n}}}"));
+        }
+        let frames = c.frames - before;
+        if joined {
+            assert!(frames < 20, "{name}: {frames} frames for 20 messages");
+        } else {
+            assert_eq!(frames, 20, "{name}: one frame per message");
+        }
+    }
+    srv.stop().await;
+}

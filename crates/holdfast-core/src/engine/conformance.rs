@@ -375,7 +375,10 @@ async fn versioned_publish(b: &dyn Broker, rec: &Recorder) {
     let first = publish(1, at(5, "")).await;
     assert!(!first.suppressed);
     let stale = publish(2, at(4, "")).await;
-    assert!(stale.suppressed, "an older version is suppressed");
+    assert!(
+        stale.suppressed && stale.stale,
+        "an older version is suppressed"
+    );
     assert_eq!(stale.position, first.position, "with the current position");
     assert!(
         publish(3, at(5, "")).await.suppressed,

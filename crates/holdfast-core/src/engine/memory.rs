@@ -152,6 +152,7 @@ impl Broker for MemoryEngine {
                 return Ok(PublishOutcome {
                     position: pos.clone(),
                     suppressed: true,
+                    stale: false,
                 });
             }
             if st.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
@@ -171,6 +172,7 @@ impl Broker for MemoryEngine {
                     return Ok(PublishOutcome {
                         position: Some(stream.top()),
                         suppressed: true,
+                        stale: true,
                     });
                 }
                 stream.set_version(opts.version, &opts.version_epoch);
@@ -200,6 +202,7 @@ impl Broker for MemoryEngine {
         Ok(PublishOutcome {
             position,
             suppressed: false,
+            stale: false,
         })
     }
 

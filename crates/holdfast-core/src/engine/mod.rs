@@ -62,6 +62,9 @@ pub struct PublishOutcome {
     /// Nothing was published: an earlier publish with the same idempotency key answered, or
     /// (`position` is then the stream's top) the version was not newer than the channel's.
     pub suppressed: bool,
+    /// Suppressed for a stale version (not an idempotent repeat, which answers exactly as the
+    /// first publish did).
+    pub stale: bool,
 }
 
 /// A history read.

@@ -100,6 +100,10 @@ impl Session {
             // so it drops every push named by a compaction id: it never gets one.
             no_compaction: self.client.encoding() == Encoding::Protobuf && req.name == "js",
         }));
+        if req.name == "js" {
+            // centrifuge-js can reorder the messages of a joined frame (see the handle's note).
+            self.client.set_single_message_frames();
+        }
         tracing::debug!(client = %self.client.id(), user = %user, "connected");
 
         let mut attached = Vec::new();

@@ -212,11 +212,12 @@ mod tests {
             "config.json",
             r#"{"client":{"token":{"hmac_secret_key":"secret"},"insecure":true,"allowed_origins":["*"]},
                "http_api":{"key":"k"},"admin":{"enabled":true},"uni_websocket":{"enabled":true},"uni_grpc":{"enabled":true},
-               "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true}}}"#,
+               "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true,"subscription_type":"map"}}}"#,
         );
         let l = load(Some(&p), Vec::new(), &[]).expect("load");
         assert_eq!(l.config.client.token.hmac_secret_key, "secret");
         assert!(l.config.channel.without_namespace.force_recovery);
+        assert!(l.config.channel.without_namespace.delta_publish);
         assert_eq!(l.config.client.allowed_origins, ["*"]);
         let mut unknown = l.unknown.clone();
         unknown.sort();
@@ -224,7 +225,7 @@ mod tests {
             unknown,
             [
                 "admin",
-                "channel.without_namespace.delta_publish",
+                "channel.without_namespace.subscription_type",
                 "uni_grpc"
             ]
         );
