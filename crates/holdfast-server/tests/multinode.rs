@@ -316,18 +316,19 @@ async fn a_node_shutting_down_closes_with_3001_and_clients_recover_elsewhere() {
     node_loss_is_recovered(false).await;
 }
 
-/// Offsets a client ends up holding for `channel` up to `until`, whether they arrive live or
-/// through a recovery after the server told it to (unsubscribe 2500). Returns the offsets and
-/// how many times it was told.
+/// Offsets a client holding `channel` up to offset `from` ends up holding up to `until`,
+/// whether they arrive live or through a recovery after the server told it to (unsubscribe
+/// 2500). Returns the offsets and how many times it was told.
 async fn collect_until(
     c: &mut TestClient,
     channel: &str,
     epoch: &mut String,
+    from: u64,
     until: u64,
 ) -> (Vec<u64>, usize) {
     let mut got: Vec<u64> = Vec::new();
     let mut told = 0;
-    let mut last = 0;
+    let mut last = from;
     while last < until {
         let p = c.push().await;
         if p.get("join").is_some() || p.get("leave").is_some() {
@@ -399,7 +400,7 @@ async fn redis_restart_with_fsync_persistence_loses_nothing() {
             assert!(tokio::time::Instant::now() < deadline, "{r}");
         }
     }
-    let (got, _told) = collect_until(&mut c, "p", &mut epoch, 6).await;
+    let (got, _told) = collect_until(&mut c, "p", &mut epoch, 3, 6).await;
     assert_eq!(
         got,
         [4, 5, 6],
