@@ -26,6 +26,14 @@ step "system packages the suites use"
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   apt_install redis-server
 fi
+# The consumer suite runs a PostgreSQL outbox (initdb + pg_ctl in a temporary directory) and a
+# NATS JetStream server.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_install postgresql
+fi
+if ! command -v nats-server >/dev/null; then
+  apt_install nats-server
+fi
 if ! command -v chromium >/dev/null; then
   apt_install chromium
 fi

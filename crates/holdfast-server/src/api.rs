@@ -830,6 +830,105 @@ async fn batch_command(state: &AppState, cmd: &BTreeMap<String, &RawValue>) -> (
     }
 }
 
+/// What a consumer does with a command it ran.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// Stored (or nothing to store): acknowledge the source.
+    Done,
+    /// A temporary failure (engine unavailable, overloaded): try again later, do not skip.
+    Retry(String),
+    /// The command can never succeed (undecodable, unknown method or channel, refused).
+    Poison(String),
+}
+
+/// Runs one server API command from a consumer through the API's path. `key` names the
+/// command's source position (`<consumer>:<partition>:<row id>`, a stream id, a JetStream
+/// sequence): a publication without its own idempotency key gets it (a batch's `i`-th command
+/// `key:i`), so running the command again after a crash between storing and acknowledging
+/// stores nothing twice.
+pub(crate) async fn apply(state: &AppState, method: &str, payload: &[u8], key: &str) -> Applied {
+    if !KNOWN.contains(&method) || method == "info" {
+        return Applied::Poison(format!("unknown method {method:?}"));
+    }
+    let res = if method == "batch" {
+        match decode::<BatchReq<'_>>(payload, false) {
+            Ok(req) if req.commands.len() > MAX_BATCH => Err(bad("too many commands in batch")),
+            Ok(req) => {
+                let mut first_err = None;
+                for (i, cmd) in req.commands.iter().enumerate() {
+                    let mut it = cmd.iter();
+                    let r = match (it.next(), it.next()) {
+                        (Some((m, p)), None) if m != "batch" => {
+                            Box::pin(apply(state, m, p.get().as_bytes(), &format!("{key}:{i}")))
+                                .await
+                        }
+                        _ => Applied::Poison(format!("command {i}: not one method")),
+                    };
+                    // A retry wins over a poison: the batch is run again, its stored commands
+                    // answer from their idempotency keys.
+                    match r {
+                        Applied::Done => {}
+                        Applied::Retry(_) => return r,
+                        Applied::Poison(m) => {
+                            first_err.get_or_insert(format!("command {i}: {m}"));
+                        }
+                    }
+                }
+                return first_err.map_or(Applied::Done, Applied::Poison);
+            }
+            Err(e) => Err(e),
+        }
+    } else if method == "publish" || method == "broadcast" {
+        match decode::<PublishCommon<'_>>(payload, false) {
+            Ok(mut req) => {
+                if req.idempotency_key.is_empty() {
+                    req.idempotency_key = key.to_owned();
+                }
+                if method == "publish" {
+                    publish(state, &req.channel, &req).await
+                } else {
+                    broadcast_checked(state, &req).await
+                }
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        execute_one(state, method, payload, false).await
+    };
+    match res {
+        Ok(_) => Applied::Done,
+        Err(ApiError::Reply(e)) if e.temporary => {
+            Applied::Retry(format!("{} ({})", e.message, e.code))
+        }
+        Err(ApiError::Reply(e)) => Applied::Poison(format!("{} ({})", e.message, e.code)),
+        Err(ApiError::Decode(m)) => Applied::Poison(format!("cannot decode: {m}")),
+    }
+}
+
+/// A broadcast whose per-channel errors count: the first temporary one, else the first one.
+async fn broadcast_checked(state: &AppState, req: &PublishCommon<'_>) -> ApiResult {
+    if req.channels.is_empty() {
+        return Err(bad("channels required"));
+    }
+    if req.channels.len() > MAX_BROADCAST {
+        return Err(bad("too many channels"));
+    }
+    payload(req)?;
+    let mut failed = None;
+    for ch in &req.channels {
+        match publish(state, ch, req).await {
+            Ok(_) => {}
+            Err(ApiError::Reply(e)) if e.temporary => {
+                return Err(ApiError::Reply(e));
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    failed.map_or(Ok(Vec::new()), Err)
+}
+
 pub use holdfast_core::glob::glob_match;
 
 #[cfg(test)]

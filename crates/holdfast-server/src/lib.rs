@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod consumer;
 pub mod jwt;
 pub mod listen;
 pub mod proxy;

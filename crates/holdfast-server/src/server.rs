@@ -31,6 +31,8 @@ pub struct AppState {
     pub transport: Arc<holdfast_transport::Transport>,
     /// `http_api.rate_limit`, per API key.
     pub api_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
+    /// The enabled consumers' live state (they run once the node is ready).
+    pub consumers: Vec<Arc<crate::consumer::Status>>,
 }
 
 /// What the transports take from the server's configuration.
@@ -63,6 +65,7 @@ impl AppState {
                 config.http_api.rate_limit,
                 config.http_api.rate_burst,
             ),
+            consumers: crate::consumer::statuses(&config.consumers),
             node,
             config: Arc::new(config),
             metrics,
@@ -332,19 +335,31 @@ pub async fn run_with_readiness(
         tokio::spawn(crate::listen::serve(l, app, how, stop.clone(), drain))
     });
     tracing::info!(address = %public_addr, node = state.node.id(), version = state.node.version(), "holdfast listening");
-    let ready_node = state.node.clone();
+    let ready_state = state.clone();
     let ready_stop = stop.clone();
+    let consumers = Arc::new(parking_lot::Mutex::new(None));
+    let ready_consumers = consumers.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = ready => {
-                ready_node.start();
+                ready_state.node.start();
                 tracing::info!("node ready");
+                if !ready_state.consumers.is_empty() && !ready_stop.is_cancelled() {
+                    *ready_consumers.lock() = Some(crate::consumer::Consumers::start(&ready_state));
+                }
             }
             _ = ready_stop.cancelled() => {}
         }
     });
     stop.cancelled().await;
     tracing::info!("shutdown requested");
+    // Consumers first: a command they are running finishes and is acknowledged while the
+    // engine is still there.
+    let running = consumers.lock().take();
+    if let Some(c) = running {
+        c.stop(&state.consumers, state.config.shutdown.timeout)
+            .await;
+    }
     state.node.shutdown(state.config.shutdown.timeout).await;
     public_srv.await.context("public listener task")?;
     if let Some(h) = internal_srv {
@@ -385,6 +400,9 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     if let Some(p) = problem {
         body["engine_problem"] = serde_json::Value::String(p);
     }
+    if !app.consumers.is_empty() {
+        body["consumers"] = app.consumers.iter().map(|c| c.to_json()).collect();
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
@@ -401,9 +419,20 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
         )
             .into_response()
     } else if app.node.is_ready() {
+        // Consumers are reported, not gating: a node whose outbox database is down still
+        // serves its clients.
+        let mut body = serde_json::json!({ "status": "ready" });
+        if !app.consumers.is_empty() {
+            body["consumers"] = app
+                .consumers
+                .iter()
+                .map(|c| (c.name.clone(), c.state().into()))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         (
             [(header::CONTENT_TYPE, "application/json")],
-            r#"{"status":"ready"}"#,
+            body.to_string(),
         )
             .into_response()
     } else {

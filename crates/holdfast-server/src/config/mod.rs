@@ -8,6 +8,7 @@ use std::time::Duration;
 /// Prefix of configuration environment variables.
 pub const ENV_PREFIX: &str = "HOLDFAST_";
 
+pub mod consumers;
 mod generate;
 mod load;
 
@@ -56,6 +57,9 @@ pub struct Config {
     pub proxies: Vec<ProxyConfig>,
     /// Lifecycle webhooks (a Holdfast extension).
     pub webhooks: WebhookConfig,
+    /// Asynchronous consumers of server API commands (PostgreSQL outbox, Redis Streams, NATS
+    /// JetStream).
+    pub consumers: Vec<consumers::ConsumerConfig>,
 }
 
 /// `client.*`: the node's settings (session timers, limits, personal channel: reached through
@@ -810,6 +814,9 @@ impl Config {
                     "batch_size and queue_size must be at least 1",
                 );
             }
+        }
+        for (key, problem) in consumers::validate(&self.consumers) {
+            e(&key, &problem);
         }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }

@@ -71,6 +71,7 @@ fn uuid_like() -> String {
 }
 
 pub mod engines;
+pub mod postgres;
 pub mod redis;
 
 impl TestServer {
@@ -535,16 +536,32 @@ pub async fn spawn_holdfast(
     port: u16,
     wait: Duration,
 ) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+    spawn_holdfast_env(cfg, port, wait, &[]).await
+}
+
+/// [`spawn_holdfast`] with extra environment variables (fault hooks).
+#[allow(clippy::zombie_processes)]
+pub async fn spawn_holdfast_env(
+    cfg: &std::path::Path,
+    port: u16,
+    wait: Duration,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .args(["serve", "--config"])
         .arg(cfg)
         .args(["--address", "127.0.0.1", "--port", &port.to_string()])
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("holdfast exited before it was ready: {status}");
+        }
         if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/ready")).await
             && r.status() == 200
         {
