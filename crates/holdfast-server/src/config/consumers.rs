@@ -148,6 +148,10 @@ pub struct NatsConsumerConfig {
     pub deliver_policy: String,
     /// Messages unacknowledged at most.
     pub max_ack_pending: i64,
+    /// An unacknowledged message is delivered again after this (when the durable consumer is
+    /// created; a Holdfast addition).
+    #[serde(with = "duration")]
+    pub ack_wait: Duration,
     /// Header holding the method; without it the body is `{"method":…,"payload":…}`.
     pub method_header: String,
     /// Messages carry just the publication (the body is the data, the rest in headers).
@@ -163,6 +167,7 @@ impl Default for NatsConsumerConfig {
             durable_consumer_name: String::new(),
             deliver_policy: "new".into(),
             max_ack_pending: 100,
+            ack_wait: Duration::from_secs(30),
             method_header: "centrifugo-method".into(),
             publication_data_mode: PublicationDataMode::default(),
         }
@@ -316,6 +321,9 @@ pub fn validate(consumers: &[ConsumerConfig]) -> Vec<(String, String)> {
                 }
                 if n.max_ack_pending <= 0 {
                     e("nats_jetstream.max_ack_pending", "must be positive");
+                }
+                if n.ack_wait < Duration::from_millis(100) {
+                    e("nats_jetstream.ack_wait", "must be at least 100ms");
                 }
             }
             t if UNSUPPORTED.contains(&t) => e(

@@ -12,6 +12,7 @@
 //! Each source type is a module with one `run` function; a new type (Kafka) is one more module
 //! and one more arm in [`Consumers::start`].
 
+mod nats;
 mod postgres;
 mod redis_stream;
 
@@ -197,6 +198,7 @@ impl Consumers {
             match cfg.kind.as_str() {
                 "postgresql" => postgres::start(ctx),
                 "redis_stream" => redis_stream::start(ctx),
+                "nats_jetstream" => nats::start(ctx),
                 other => {
                     tracing::error!(consumer = %cfg.name, r#type = other, "consumer type not supported: not started")
                 }

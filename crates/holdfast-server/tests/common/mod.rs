@@ -71,6 +71,7 @@ fn uuid_like() -> String {
 }
 
 pub mod engines;
+pub mod nats;
 pub mod postgres;
 pub mod redis;
 
