@@ -42,6 +42,10 @@ stop_server() {
   while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done
 }
 
+# PostgreSQL programs run as `postgres` when this runs as root (the server refuses root).
+pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
 # The restart hook: `verify.sh restart [signal] [node]`.
 if [ "${1:-}" = "restart" ]; then
   stop_server "${2:-TERM}" "${3:-0}"
@@ -57,6 +61,8 @@ cleanup() {
   stop_server KILL 0
   stop_server KILL 1
   if [ -f "$state/redis.pid" ]; then kill -KILL "$(cat "$state/redis.pid")" 2>/dev/null || true; fi
+  if [ -f "$state/nats.pid" ]; then kill -KILL "$(cat "$state/nats.pid")" 2>/dev/null || true; fi
+  if [ -d "$state/pg" ]; then as_pg "$pg_bin/pg_ctl" -D "$state/pg/data" -m immediate stop >/dev/null 2>&1 || true; fi
   rm -rf "$state"
 }
 trap cleanup EXIT
@@ -82,9 +88,11 @@ if [ "$mode" = "jitter" ]; then
   exit 0
 fi
 
-start_server
 common=(--url "ws://127.0.0.1:$port/connection/websocket" --api "http://127.0.0.1:$port"
         --api-key verify-api-key --secret verify-secret --quiet --check)
+# `scripts/verify.sh sources` runs only the last part (publishing through the consumers).
+if [ "$mode" != "sources" ]; then
+start_server
 
 echo "--- verify: jitter, socket drops, slow readers and a reconnect storm"
 "$bin/holdfast-bench" verify "${common[@]}" --subscribers 300 --channels 10 --duration 8 \
@@ -177,4 +185,66 @@ assert r["reconnects"] > 0 and any(str(c) == "3001" for c in codes), f"the nodes
 print(f"{sys.argv[1]}: {r['delivered']} of {r['expected']} delivered, {r['lost_silently']} lost silently, "
       f"{r['duplicated']} duplicated, reconnects {r['reconnects']}, close codes {codes}")
 PY
+done
+
+fi # mode != sources
+
+# Publishing through the consumers' sources instead of the API: writers commit (and roll back a
+# tenth of) outbox rows, Redis stream entries (MULTI/DISCARD) and JetStream messages while the
+# node is killed (SIGKILL) and restarted and subscribers drop and recover. Every committed write
+# must reach every subscriber once and in order; no rolled-back write ever.
+stop_server TERM 0
+stop_server TERM 1
+unset HOLDFAST_ENGINE_REDIS_ADDRESS HOLDFAST_ENGINE_REDIS_PING_INTERVAL
+export HOLDFAST_ENGINE_TYPE=disk HOLDFAST_ENGINE_DISK_PATH="$state/data-source"
+mkdir -p "$state/pg"
+if [ "$(id -u)" -eq 0 ]; then chmod 755 "$state"; chown postgres "$state/pg"; fi
+if [ -z "${redis_port:-}" ]; then
+  redis_port="$(free_port)"
+  (redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$state" > "$state/redis.log" 2>&1 & echo $! > "$state/redis.pid")
+  for _ in $(seq 1 400); do redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break; sleep 0.025; done
+fi
+pg_port="$(free_port)"
+as_pg "$pg_bin/initdb" -D "$state/pg/data" -U postgres --auth=trust --no-sync >/dev/null
+as_pg "$pg_bin/pg_ctl" -D "$state/pg/data" -l "$state/pg/log" -w \
+  -o "-p $pg_port -k $state/pg -c listen_addresses=127.0.0.1" start >/dev/null
+pg_dsn="postgresql://postgres@127.0.0.1:$pg_port/postgres"
+psql -q "$pg_dsn" -v ON_ERROR_STOP=1 -f deploy/postgresql/outbox.sql
+nats_port="$(free_port)"
+(nats-server -js -a 127.0.0.1 -p "$nats_port" -sd "$state/nats" > "$state/nats.log" 2>&1 & echo $! > "$state/nats.pid")
+for _ in $(seq 1 400); do (echo > "/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.025; done
+for source in postgres redis-stream nats; do
+  case "$source" in
+    postgres)
+      url="$pg_dsn"
+      consumer='{"type":"postgresql","postgresql":{"dsn":"'"$pg_dsn"'","outbox_table_name":"holdfast_outbox","num_partitions":2,"partition_notification_channel":"holdfast_outbox"}}' ;;
+    redis-stream)
+      url="redis://127.0.0.1:$redis_port"
+      consumer='{"type":"redis_stream","redis_stream":{"address":["'"$url"'"],"streams":["holdfast-verify"],"consumer_group":"holdfast","visibility_timeout":"2s"}}' ;;
+    nats)
+      url="nats://127.0.0.1:$nats_port"
+      # The writer creates the stream; the consumer waits for it (backoff) until then.
+      consumer='{"type":"nats_jetstream","nats_jetstream":{"url":"'"$url"'","stream_name":"HOLDFAST_VERIFY","subjects":["holdfast-verify.>"],"durable_consumer_name":"holdfast","deliver_policy":"all","ack_wait":"2s"}}' ;;
+  esac
+  export HOLDFAST_CONSUMERS="[$(echo "$consumer" | sed 's/^{/{"name":"verify","enabled":true,/')]"
+  start_server 0
+  echo "--- verify: publishing through $source, the node killed (SIGKILL) and restarted mid-run"
+  "$bin/holdfast-bench" verify "${common[@]}" --check-none-lost --source "$source" --source-url "$url" \
+    --source-partitions 2 --subscribers 100 --channels 4 --duration 8 --api-rate 80 --client-rate 0 \
+    --drop-every 4 --restart-cmd "$0 restart KILL" --restart-at 4 \
+    --report "artifacts/verify-source-$source.json"
+  python3 - "$source" <<'PY'
+import json, sys
+src = sys.argv[1]
+r = json.load(open(f"artifacts/verify-source-{src}.json"))
+s = r["source"]
+assert s["committed"] > 0 and s["stored"] == s["committed"], s
+assert src == "nats" or s["rolled_back"] > 0, s
+assert s["lost"] == s["duplicated"] == s["out_of_order"] == s["rolled_back_delivered"] == 0, s
+print(f"{src}: {s['committed']} committed, {s['rolled_back']} rolled back, {s['uncertain']} uncertain; "
+      f"stored {s['stored']}, 0 lost, 0 duplicated, 0 out of order, 0 rolled back delivered; "
+      f"{r['delivered']} of {r['expected']} deliveries, {r['lost_silently']} lost silently")
+PY
+  stop_server TERM 0
 done

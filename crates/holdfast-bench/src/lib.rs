@@ -12,5 +12,6 @@ pub mod peers;
 pub mod publish;
 pub mod report;
 pub mod scenario;
+pub mod source;
 pub mod verify;
 pub mod wire;

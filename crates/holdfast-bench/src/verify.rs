@@ -113,6 +113,20 @@ pub struct VerifyArgs {
     /// Fail the check when the p99 catch-up exceeds this many milliseconds.
     #[arg(long)]
     pub max_p99_catch_up_ms: Option<u64>,
+    /// Publish through a consumer's source instead of the HTTP API (`--api-rate` writes per
+    /// second): PostgreSQL outbox rows, Redis stream entries or JetStream messages. The report
+    /// gains a source account (each committed write stored once, in order; no rolled-back write).
+    #[arg(long, value_enum)]
+    pub source: Option<crate::source::Source>,
+    /// The source: a PostgreSQL DSN, a Redis URL or a NATS URL.
+    #[arg(long, default_value = "")]
+    pub source_url: String,
+    /// Fraction of source writes rolled back (PostgreSQL transactions, Redis MULTI/DISCARD).
+    #[arg(long, default_value_t = 0.1)]
+    pub rollback_fraction: f64,
+    /// Outbox partitions the channels are spread over (the consumer's `num_partitions`).
+    #[arg(long, default_value_t = 1)]
+    pub source_partitions: usize,
     /// Internal: this process is worker `i` of `n` ("i/n").
     #[arg(long, hide = true)]
     pub worker: Option<String>,
@@ -194,6 +208,9 @@ pub struct Report {
     pub catch_up_ms: Percentiles,
     /// Wall time of the run, seconds.
     pub wall_seconds: f64,
+    /// With `--source`: the source account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::source::SourceReport>,
 }
 
 /// Latency summary.
@@ -289,6 +306,7 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
     let live = Arc::new(Live::default());
     let stop_pub = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(Mutex::new(Acks::default()));
+    let written = Arc::new(Mutex::new(crate::source::Written::default()));
     // Subscribers first (in-process, or in worker processes), then publishers.
     let subs = {
         let args = args.clone();
@@ -305,7 +323,17 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
     // starts at the position the subscribe reply gives, so early publications are simply
     // outside it, never miscounted.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pubs = spawn_publishers(&args, &run_id, acks.clone(), stop_pub.clone(), live.clone());
+    let mut pubs = spawn_publishers(&args, &run_id, acks.clone(), stop_pub.clone(), live.clone());
+    if let Some(src) = args.source {
+        pubs.extend(spawn_source_writers(
+            &args,
+            src,
+            &run_id,
+            written.clone(),
+            stop_pub.clone(),
+            live.clone(),
+        ));
+    }
     let restarts: Vec<_> = args
         .restart_cmd
         .iter()
@@ -354,6 +382,35 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
     for r in restarts {
         let _ = r.await;
     }
+    // Through a source, publications are still on their way: wait until every committed write
+    // is stored (or the drain time passes) before reading where the streams end.
+    let source_report = match args.source {
+        Some(_) => {
+            let written = written.lock().await;
+            let http = reqwest::Client::new();
+            let drain = Duration::from_secs_f64(args.drain);
+            Some(
+                crate::source::account(&written, drain, |ch| {
+                    let (http, args) = (http.clone(), args.clone());
+                    async move {
+                        let r = api(
+                            &http,
+                            &args,
+                            "history",
+                            serde_json::json!({"channel": ch, "limit": -1}),
+                        )
+                        .await?;
+                        Ok(r["publications"]
+                            .as_array()
+                            .map(|a| a.iter().map(|p| p["data"].clone()).collect())
+                            .unwrap_or_default())
+                    }
+                })
+                .await,
+            )
+        }
+        None => None,
+    };
     // Tell the subscribers where the streams end; they drain up to it.
     let tops = final_tops(&args, &run_id).await?;
     write_tops(&run_id, &tops)?;
@@ -362,7 +419,8 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
         b.finish_and_clear();
     }
     let acks = acks.lock().await;
-    let report = account(&args, &result, &tops, &acks, started.elapsed());
+    let mut report = account(&args, &result, &tops, &acks, started.elapsed());
+    report.source = source_report;
     print_summary(&report);
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -374,6 +432,9 @@ pub async fn run(mut args: VerifyArgs) -> anyhow::Result<bool> {
     }
     if let Some(max) = args.max_p99_catch_up_ms {
         ok &= report.catch_up_ms.p99 <= max as f64;
+    }
+    if let Some(s) = &report.source {
+        ok &= s.ok();
     }
     Ok(!args.check || ok)
 }
@@ -468,6 +529,66 @@ struct Acks {
     max: BTreeMap<(String, String), u64>,
 }
 
+/// One writer per channel (so a channel's writes commit in order), `--api-rate` in total.
+fn spawn_source_writers(
+    args: &VerifyArgs,
+    src: crate::source::Source,
+    run: &str,
+    written: Arc<Mutex<crate::source::Written>>,
+    stop: Arc<AtomicBool>,
+    live: Arc<Live>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..args.channels)
+        .map(|k| {
+            let (args, run, written, stop, live) = (
+                args.clone(),
+                run.to_owned(),
+                written.clone(),
+                stop.clone(),
+                live.clone(),
+            );
+            tokio::spawn(async move {
+                let ch = channel_name(&args, &run, k);
+                let period = Duration::from_secs_f64(args.channels as f64 / args.api_rate.max(0.01));
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut writer = None;
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    tick.tick().await;
+                    if writer.is_none() {
+                        match crate::source::Writer::connect(src, &args.source_url).await {
+                            Ok(w) => writer = Some(w),
+                            Err(e) => {
+                                eprintln!("source writer {k}: {e:#}");
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(w) = writer.as_mut() else { continue };
+                    seq += 1;
+                    let rollback = src != crate::source::Source::Nats
+                        && rand::rng().random_bool(args.rollback_fraction.clamp(0.0, 1.0));
+                    let cmd = serde_json::json!({"channel": ch, "data": {"p": "src", "s": seq, "rb": rollback, "t": unix_us()}});
+                    let r = w.write(k, args.source_partitions, &cmd, rollback).await;
+                    let mut wr = written.lock().await;
+                    match r {
+                        Ok(true) => {
+                            wr.committed.entry(ch.clone()).or_default().push(seq);
+                            live.published.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => wr.rolled_back += 1,
+                        Err(_) => {
+                            wr.uncertain.entry(ch.clone()).or_default().insert(seq);
+                            writer = None;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 fn spawn_publishers(
     args: &VerifyArgs,
     run: &str,
@@ -476,7 +597,7 @@ fn spawn_publishers(
     live: Arc<Live>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut handles = Vec::new();
-    if args.api_rate > 0.0 {
+    if args.api_rate > 0.0 && args.source.is_none() {
         let (args, run, acks, stop, live) = (
             args.clone(),
             run.to_owned(),
@@ -1029,6 +1150,7 @@ fn account(
         delivery_ms: Percentiles::default(),
         catch_up_ms: Percentiles::default(),
         wall_seconds: wall.as_secs_f64(),
+        source: None,
     };
     let mut hist = Histogram::<u64>::new(3).expect("3 significant figures is a valid histogram");
     for (ch, a) in &result.accounts {
@@ -1135,6 +1257,20 @@ fn print_summary(r: &Report) {
         "catch-up (open → recovered) p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} samples)",
         r.catch_up_ms.p50, r.catch_up_ms.p99, r.catch_up_ms.max, r.catch_up_ms.count
     );
+    if let Some(src) = &r.source {
+        eprintln!(
+            "source: {} committed, {} rolled back, {} uncertain; stored {}, lost {}, duplicated {}, out of order {}, rolled back delivered {} (drained in {} ms)",
+            src.committed,
+            src.rolled_back,
+            src.uncertain,
+            src.stored,
+            src.lost,
+            src.duplicated,
+            src.out_of_order,
+            src.rolled_back_delivered,
+            src.drain_ms
+        );
+    }
 }
 
 #[cfg(test)]

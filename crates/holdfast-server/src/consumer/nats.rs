@@ -5,6 +5,11 @@
 //! (double ack: the server confirms) only after its command's publication is stored; its
 //! idempotency key is `<consumer>:<stream>:<stream sequence>`.
 //!
+//! After a restart, messages the previous instance took without acknowledging come back after
+//! `ack_wait`; the consumer waits that long before pulling when there are any, so they are not
+//! overtaken by newer messages. Several nodes pulling from one durable consumer run messages
+//! concurrently: order per channel then needs `max_ack_pending = 1`.
+//!
 //! A failing message is retried in place (the consumer keeps it with progress acks), so
 //! nothing behind it overtakes it; after `max_attempts` permanent failures it is terminated
 //! (`Term`: never delivered again; JetStream publishes a `MSG_TERMINATED` advisory and keeps
@@ -75,6 +80,17 @@ async fn run(ctx: Ctx) {
                 continue;
             }
         };
+        // Messages a previous instance took and did not acknowledge (it died) come back after
+        // ack_wait, before new ones: wait for them, or new messages would overtake them.
+        if let Ok(info) = consumer.get_info().await
+            && info.num_ack_pending > 0
+        {
+            let wait = info.config.ack_wait + Duration::from_millis(100);
+            tracing::info!(consumer = %name, unacknowledged = info.num_ack_pending, wait_ms = wait.as_millis() as u64, "nats consumer: waiting for unacknowledged messages to come back first");
+            if !ctx.pause(wait).await {
+                return;
+            }
+        }
         ctx.status.worker_up();
         tracing::info!(consumer = %name, "nats consumer connected");
         let sampler = tokio::spawn(sample_lag(ctx.clone(), consumer.clone()));
