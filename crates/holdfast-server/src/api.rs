@@ -848,7 +848,8 @@ pub(crate) enum Applied {
 /// stores nothing twice.
 pub(crate) async fn apply(state: &AppState, method: &str, payload: &[u8], key: &str) -> Applied {
     if !KNOWN.contains(&method) || method == "info" {
-        return Applied::Poison(format!("unknown method {method:?}"));
+        let shown: String = method.chars().take(64).collect();
+        return Applied::Poison(format!("unknown method {shown:?}"));
     }
     let res = if method == "batch" {
         match decode::<BatchReq<'_>>(payload, false) {

@@ -312,6 +312,66 @@ async fn postgres_restart_resumes_without_loss_or_duplicates() {
     srv.stop().await;
 }
 
+#[tokio::test]
+async fn outbox_over_tls_verifies_the_server_certificate() {
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let pg = PgServer::start_tls(&server.cert.pem(), &server.signing_key.serialize_pem());
+    let db = pg.client().await;
+    db.batch_execute(DDL).await.unwrap();
+    let tls = |ca: &str| {
+        format!("[consumers.postgresql.tls]\nenabled = true\nserver_ca_pem = \"\"\"\n{ca}\"\"\"\n")
+    };
+    let srv = TestServer::start(config_from(&pg_consumer(
+        &pg.dsn(),
+        &tls(&server.cert.pem()),
+    )))
+    .await;
+    insert(&db, "publish", json!({"channel": "t", "data": {"n": 1}}), 0).await;
+    until("published over TLS", || async {
+        (history(&srv, "t").await == ns([1])).then_some(())
+    })
+    .await;
+    let r = db
+        .query_one(
+            "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'holdfast-consumer-outbox'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (sessions, all_tls): (i64, Option<bool>) = (r.get(0), r.get(1));
+    assert!(
+        sessions >= 1 && all_tls == Some(true),
+        "{sessions} sessions, all TLS: {all_tls:?}"
+    );
+    srv.stop().await;
+    // Another CA: the consumer refuses the server (no fallback to plain text) and says why.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let srv = TestServer::start(config_from(&pg_consumer(
+        &pg.dsn(),
+        &tls(&other.cert.pem()),
+    )))
+    .await;
+    let h = until("the consumer reports the certificate error", || async {
+        let h = health(&srv).await;
+        h["consumers"][0]["last_error"].is_string().then_some(h)
+    })
+    .await;
+    let c = &h["consumers"][0];
+    assert_eq!(c["status"], "down", "{c}");
+    assert!(
+        c["last_error"].as_str().unwrap().contains("certificate"),
+        "{c}"
+    );
+    insert(&db, "publish", json!({"channel": "t", "data": {"n": 2}}), 0).await;
+    assert_eq!(
+        rows(&db, "holdfast_outbox").await,
+        1,
+        "nothing consumed without a verified server"
+    );
+    srv.stop().await;
+}
+
 fn disk_config(dir: &std::path::Path, consumer: &str) -> std::path::PathBuf {
     let p = dir.join("holdfast.toml");
     std::fs::write(

@@ -78,6 +78,25 @@ pub struct PostgresConsumerConfig {
     pub partition_notification_channel: String,
     /// Skip a partition another node holds instead of waiting for its lock.
     pub use_try_lock: bool,
+    /// TLS to PostgreSQL.
+    pub tls: PgTlsConfig,
+}
+
+/// `consumers[].postgresql.tls`: TLS to the database, verified against the given CA.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PgTlsConfig {
+    /// Connect with TLS (required: no fallback to plain text).
+    pub enabled: bool,
+    /// CA certificates (PEM) the server's certificate must chain to; for a publicly signed
+    /// server, the system bundle (`/etc/ssl/certs/ca-certificates.crt`).
+    pub server_ca_pem_file: String,
+    /// The same, inline.
+    pub server_ca_pem: String,
+    /// Client certificate chain (PEM) for certificate authentication.
+    pub cert_pem_file: String,
+    /// Its private key (PEM).
+    pub key_pem_file: String,
 }
 
 impl Default for PostgresConsumerConfig {
@@ -90,6 +109,7 @@ impl Default for PostgresConsumerConfig {
             partition_poll_interval: Duration::from_millis(300),
             partition_notification_channel: String::new(),
             use_try_lock: false,
+            tls: PgTlsConfig::default(),
         }
     }
 }
@@ -278,6 +298,21 @@ pub fn validate(consumers: &[ConsumerConfig]) -> Vec<(String, String)> {
                 }
                 if p.partition_poll_interval.is_zero() {
                     e("postgresql.partition_poll_interval", "must be positive");
+                }
+                if p.tls.enabled
+                    && p.tls.server_ca_pem_file.is_empty()
+                    && p.tls.server_ca_pem.is_empty()
+                {
+                    e(
+                        "postgresql.tls",
+                        "enabled TLS needs server_ca_pem_file or server_ca_pem (for a publicly signed server: /etc/ssl/certs/ca-certificates.crt)",
+                    );
+                }
+                if p.tls.cert_pem_file.is_empty() != p.tls.key_pem_file.is_empty() {
+                    e(
+                        "postgresql.tls",
+                        "cert_pem_file and key_pem_file go together",
+                    );
                 }
                 let ch = &p.partition_notification_channel;
                 if !ch.is_empty() && !valid_table_name(ch) || ch.contains('.') {

@@ -11,14 +11,15 @@
 //! cannot be created). A temporary failure stops the partition's pass, which is retried with
 //! backoff: nothing behind it overtakes it.
 
-use super::{Backoff, Ctx};
+use super::{Backoff, Ctx, error_chain};
 use crate::api::Applied;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls};
 
 /// The statements of one consumer (its table name is validated: letters, digits, `_`, `.`).
 struct Sql {
@@ -63,33 +64,119 @@ impl Sql {
 /// Starts the partitions, the `LISTEN` task and the lag sampler.
 pub(super) fn start(ctx: Ctx) {
     let cfg = &ctx.cfg.postgresql;
+    let tls = match Tls::new(&cfg.tls) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::error!(consumer = %ctx.cfg.name, error = %e, "outbox consumer not started: TLS configuration");
+            ctx.status.error(&format!("tls: {e}"));
+            return;
+        }
+    };
     let sql = Arc::new(Sql::new(&cfg.outbox_table_name));
     let wakers: Arc<Vec<Notify>> =
         Arc::new((0..cfg.num_partitions).map(|_| Notify::new()).collect());
     if !cfg.partition_notification_channel.is_empty() {
-        ctx.tasks.spawn(listen(ctx.clone(), wakers.clone()));
-    }
-    ctx.tasks.spawn(sample_lag(ctx.clone(), sql.clone()));
-    for p in 0..cfg.num_partitions {
         ctx.tasks
-            .spawn(partition(ctx.clone(), p, wakers.clone(), sql.clone()));
+            .spawn(listen(ctx.clone(), wakers.clone(), tls.clone()));
+    }
+    ctx.tasks
+        .spawn(sample_lag(ctx.clone(), sql.clone(), tls.clone()));
+    for p in 0..cfg.num_partitions {
+        ctx.tasks.spawn(partition(
+            ctx.clone(),
+            p,
+            wakers.clone(),
+            sql.clone(),
+            tls.clone(),
+        ));
+    }
+}
+
+/// Plain text, or TLS verified against the configured CA (never a fallback to plain).
+enum Tls {
+    Plain,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    fn new(cfg: &crate::config::consumers::PgTlsConfig) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        if !cfg.enabled {
+            return Ok(Tls::Plain);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let mut cas: Vec<CertificateDer<'static>> = Vec::new();
+        if !cfg.server_ca_pem_file.is_empty() {
+            for c in CertificateDer::pem_file_iter(&cfg.server_ca_pem_file)
+                .map_err(|e| format!("{}: {e}", cfg.server_ca_pem_file))?
+            {
+                cas.push(c.map_err(|e| format!("{}: {e}", cfg.server_ca_pem_file))?);
+            }
+        }
+        for c in CertificateDer::pem_slice_iter(cfg.server_ca_pem.as_bytes()) {
+            cas.push(c.map_err(|e| format!("server_ca_pem: {e}"))?);
+        }
+        let (added, _) = roots.add_parsable_certificates(cas);
+        if added == 0 {
+            return Err("no CA certificate found".into());
+        }
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let config = if cfg.cert_pem_file.is_empty() {
+            builder.with_no_client_auth()
+        } else {
+            let chain = CertificateDer::pem_file_iter(&cfg.cert_pem_file)
+                .map_err(|e| format!("{}: {e}", cfg.cert_pem_file))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{}: {e}", cfg.cert_pem_file))?;
+            let key = PrivateKeyDer::from_pem_file(&cfg.key_pem_file)
+                .map_err(|e| format!("{}: {e}", cfg.key_pem_file))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        };
+        Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+            config,
+        )))
     }
 }
 
 /// Connects with the consumer's DSN (a 5 s connect timeout and an application name unless the
 /// DSN sets them).
-async fn connect(ctx: &Ctx) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = config(ctx)?.connect(NoTls).await?;
+async fn connect(ctx: &Ctx, tls: &Tls) -> Result<Client, tokio_postgres::Error> {
+    let cfg = config(ctx, tls)?;
+    let client = match tls {
+        Tls::Plain => {
+            let (client, conn) = cfg.connect(NoTls).await?;
+            drive(conn);
+            client
+        }
+        Tls::Rustls(make) => {
+            let (client, conn) = cfg.connect(make.clone()).await?;
+            drive(conn);
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn drive<S, T>(conn: Connection<S, T>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgresql connection closed");
         }
     });
-    Ok(client)
 }
 
-fn config(ctx: &Ctx) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+fn config(ctx: &Ctx, tls: &Tls) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
     let mut c: tokio_postgres::Config = ctx.cfg.postgresql.dsn.parse()?;
+    if matches!(tls, Tls::Rustls(_)) {
+        c.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
     if c.get_connect_timeout().is_none() {
         c.connect_timeout(Duration::from_secs(5));
     }
@@ -110,16 +197,17 @@ enum Pass {
     Blocked,
 }
 
-async fn partition(ctx: Ctx, p: u32, wakers: Arc<Vec<Notify>>, sql: Arc<Sql>) {
+async fn partition(ctx: Ctx, p: u32, wakers: Arc<Vec<Notify>>, sql: Arc<Sql>, tls: Arc<Tls>) {
     let name = ctx.cfg.name.clone();
     let poll = ctx.cfg.postgresql.partition_poll_interval;
     let mut backoff = Backoff::new();
     let mut attempts: HashMap<i64, u32> = HashMap::new();
     while !ctx.stop.is_cancelled() {
-        let mut client = match connect(&ctx).await {
+        let mut client = match connect(&ctx, &tls).await {
             Ok(c) => c,
             Err(e) => {
                 let wait = backoff.step();
+                let e = error_chain(&e);
                 tracing::warn!(consumer = %name, partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "outbox: cannot connect to PostgreSQL");
                 ctx.status.error(&format!("connect: {e}"));
                 if !ctx.pause(wait).await {
@@ -149,6 +237,7 @@ async fn partition(ctx: Ctx, p: u32, wakers: Arc<Vec<Notify>>, sql: Arc<Sql>) {
                 }
                 Err(e) => {
                     let wait = backoff.step();
+                    let e = error_chain(&e);
                     tracing::warn!(consumer = %name, partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "outbox pass failed");
                     ctx.status.error(&format!("partition {p}: {e}"));
                     if client.is_closed() || !ctx.pause(wait).await {
@@ -294,19 +383,29 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// `LISTEN`s on `partition_notification_channel` and wakes the partition a notification names
 /// (every partition after (re)connecting, for rows inserted while not listening).
-async fn listen(ctx: Ctx, wakers: Arc<Vec<Notify>>) {
+async fn listen(ctx: Ctx, wakers: Arc<Vec<Notify>>, tls: Arc<Tls>) {
     let name = ctx.cfg.name.clone();
     let channel = ctx.cfg.postgresql.partition_notification_channel.clone();
     let mut backoff = Backoff::new();
     while !ctx.stop.is_cancelled() {
-        let connected = match config(&ctx) {
-            Ok(c) => c.connect(NoTls).await,
+        let connected = match config(&ctx, &tls) {
+            Ok(c) => match &*tls {
+                Tls::Plain => c
+                    .connect(NoTls)
+                    .await
+                    .map(|(client, conn)| (client, read_notifications(conn, &wakers, &name))),
+                Tls::Rustls(make) => c
+                    .connect(make.clone())
+                    .await
+                    .map(|(client, conn)| (client, read_notifications(conn, &wakers, &name))),
+            },
             Err(e) => Err(e),
         };
-        let (client, mut conn) = match connected {
+        let (client, reader) = match connected {
             Ok(x) => x,
             Err(e) => {
                 let wait = backoff.step();
+                let e = error_chain(&e);
                 tracing::warn!(consumer = %name, error = %e, "outbox: cannot connect for LISTEN");
                 ctx.status.error(&format!("listen: {e}"));
                 if !ctx.pause(wait).await {
@@ -315,33 +414,6 @@ async fn listen(ctx: Ctx, wakers: Arc<Vec<Notify>>) {
                 continue;
             }
         };
-        let w = wakers.clone();
-        let n = name.clone();
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        let reader = tokio::spawn(async move {
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(AsyncMessage::Notification(n)) => {
-                        match n
-                            .payload()
-                            .trim()
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|p| w.get(p))
-                        {
-                            Some(waker) => waker.notify_one(),
-                            // Not a partition of ours: wake all rather than miss rows.
-                            None => w.iter().for_each(Notify::notify_one),
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(consumer = %n, error = %e, "outbox LISTEN connection lost");
-                        break;
-                    }
-                }
-            }
-        });
         match client.batch_execute(&format!("LISTEN {channel}")).await {
             Ok(()) => {
                 backoff.reset();
@@ -364,13 +436,52 @@ async fn listen(ctx: Ctx, wakers: Arc<Vec<Notify>>) {
     }
 }
 
+/// Drives a `LISTEN` connection, waking the partition each notification names.
+fn read_notifications<S, T>(
+    mut conn: Connection<S, T>,
+    wakers: &Arc<Vec<Notify>>,
+    name: &str,
+) -> tokio::task::JoinHandle<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let w = wakers.clone();
+    let n = name.to_owned();
+    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(note)) => {
+                    match note
+                        .payload()
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|p| w.get(p))
+                    {
+                        Some(waker) => waker.notify_one(),
+                        // Not a partition of ours: wake all rather than miss rows.
+                        None => w.iter().for_each(Notify::notify_one),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(consumer = %n, error = %e, "outbox LISTEN connection lost");
+                    break;
+                }
+            }
+        }
+    })
+}
+
 /// Samples the rows waiting and the age of the oldest every two seconds.
-async fn sample_lag(ctx: Ctx, sql: Arc<Sql>) {
+async fn sample_lag(ctx: Ctx, sql: Arc<Sql>, tls: Arc<Tls>) {
     let mut client: Option<Client> = None;
     let mut with_age = true;
     loop {
         if client.as_ref().is_none_or(Client::is_closed) {
-            client = connect(&ctx).await.ok();
+            client = connect(&ctx, &tls).await.ok();
         }
         if let Some(c) = &client {
             if with_age {

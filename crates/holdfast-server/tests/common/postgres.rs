@@ -85,10 +85,20 @@ pub struct PgServer {
     pub port: u16,
     dir: PathBuf,
     running: bool,
+    tls: bool,
 }
 
 impl PgServer {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server that also accepts TLS, with this certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
         let port = super::redis::free_port();
         let dir = std::env::temp_dir().join(format!(
             "holdfast-pg-{}-{port}-{}",
@@ -103,11 +113,22 @@ impl PgServer {
             .status()
             .is_ok_and(|s| s.success());
         assert!(ok, "copying the template cluster");
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(dir.join("server.crt"), cert).unwrap();
+            std::fs::write(dir.join("server.key"), key).unwrap();
+            std::fs::set_permissions(
+                dir.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
         chown(&dir);
         let mut s = Self {
             port,
             dir,
             running: false,
+            tls: tls.is_some(),
         };
         s.spawn();
         s
@@ -118,11 +139,17 @@ impl PgServer {
     }
 
     fn spawn(&mut self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                self.dir.display()
+            ));
+        }
         let log = self.dir.join("log").to_string_lossy().into_owned();
         let out = run(
             &bin("pg_ctl"),
