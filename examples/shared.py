@@ -10,7 +10,7 @@ npm, `/shared.css`).
 import os
 import pathlib
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 
 import jwt
 from cent import AsyncClient
@@ -45,16 +45,20 @@ def connection_token(settings: Settings, user: str, ttl: int = 600, **claims) ->
     return jwt.encode(body, settings.secret, algorithm="HS256")
 
 
-def example_app(name: str, page: pathlib.Path, on_shutdown=None, token_ttl: int = 600) -> FastAPI:
+def example_app(
+    name: str, page: pathlib.Path, on_shutdown=None, token_ttl: int = 600, resources=None
+) -> FastAPI:
     """The app: `/` serves `page`, `/api/session?user=` returns what a login would (the WebSocket
     URL and a connection token valid `token_ttl` seconds); the `cent` client lives in
-    app.state.holdfast."""
+    app.state.holdfast. `resources(app)`, an async context manager, is entered at startup and
+    left at shutdown (a database pool, say)."""
     settings = Settings(name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.holdfast = AsyncClient(f"{settings.api}/api", settings.api_key)  # needs the loop
-        yield
+        async with resources(app) if resources else nullcontext():
+            yield
         if on_shutdown:
             on_shutdown()
         await app.state.holdfast.close()

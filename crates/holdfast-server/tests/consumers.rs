@@ -313,6 +313,43 @@ async fn postgres_restart_resumes_without_loss_or_duplicates() {
 }
 
 #[tokio::test]
+async fn a_missing_outbox_table_is_reported_then_used_once_created() {
+    let pg = PgServer::start();
+    let db = pg.client().await;
+    let cfg = pg_consumer(
+        &pg.dsn(),
+        "partition_notification_channel = \"holdfast_outbox\"\npartition_poll_interval = \"60s\"",
+    );
+    let srv = TestServer::start(config_from(&cfg)).await;
+    let h = until("the missing table in /health", || async {
+        let h = health(&srv).await;
+        let c = &h["consumers"][0];
+        (c["status"] == "down"
+            && c["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("does not exist")))
+        .then_some(h)
+    })
+    .await;
+    assert!(h["consumers"][0]["errors"].as_u64().unwrap() >= 1);
+    // The table appears: its first row's notification ends the consumer's backoff.
+    db.batch_execute(DDL).await.unwrap();
+    insert(&db, "publish", json!({"channel": "m", "data": {"n": 1}}), 0).await;
+    until("the first row", || async {
+        (history(&srv, "m").await == ns([1])).then_some(())
+    })
+    .await;
+    let h = until("ok, with the age of the oldest row sampled", || async {
+        let h = health(&srv).await;
+        let c = &h["consumers"][0];
+        (c["status"] == "ok" && c["lag_seconds"].is_number()).then_some(h)
+    })
+    .await;
+    assert_eq!(h["consumers"][0]["lag"], 0, "{h}");
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn outbox_over_tls_verifies_the_server_certificate() {
     let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     let pg = PgServer::start_tls(&server.cert.pem(), &server.signing_key.serialize_pem());

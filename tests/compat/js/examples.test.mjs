@@ -4,10 +4,11 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
-import { ROOT, freePort, startServer } from './harness.mjs';
+import { ROOT, freePort, startPostgres, startServer } from './harness.mjs';
 
 const PYTHON = process.env.PYTHON || join(ROOT, 'tests', 'compat', '.venv', 'bin', 'python');
 const SHOTS = join(ROOT, 'artifacts', 'examples');
@@ -158,6 +159,149 @@ test('notify: messages sent before the page opens are shown on connect, live one
   } finally {
     await app.stop();
     await srv.stop();
+  }
+});
+
+test('notify-outbox: a committed transaction notifies exactly once and in order, through a kill -9 of holdfast; a rolled-back one never does', async (t) => {
+  const pg = await startPostgres();
+  const data = mkdtempSync(join(tmpdir(), 'holdfast-notify-outbox-'));
+  // The example's config with this database and a fresh disk engine directory; the restarted
+  // holdfast gets the same port and directory.
+  const config = readFileSync(join(ROOT, 'examples', 'notify-outbox', 'config.toml'), 'utf8').replace(/^dsn = .*$/m, `dsn = "${pg.dsn}"`);
+  const args = ['--set', `engine.disk.path=${data}`];
+  const port = await freePort();
+  const addr = { http: `http://127.0.0.1:${port}`, ws: `ws://127.0.0.1:${port}/connection/websocket` };
+  let app;
+  let srv;
+  let ctx;
+  try {
+    // The backend first: it creates its table and the outbox at startup, and never calls holdfast.
+    app = await startBackend('notify-outbox', addr, { DATABASE_URL: pg.dsn });
+    srv = await startServer(config, args, port);
+    const alice = `alice${process.pid}`;
+    ctx = await browser.newContext({ viewport: { width: 900, height: 1260 } });
+    const page = await ctx.newPage();
+    await page.goto(`${app.url}/?user=${alice}`);
+    await page.waitForSelector('#state[data-state="connected"]', { timeout: 15000 });
+
+    // A burst of 30 transactions from the backend, every fifth one failing after both inserts
+    // (rolled back). Holdfast is killed while it runs and restarted while it goes on.
+    const committed = []; // [{i, id, text}] in commit order
+    const rolledBack = [];
+    let holdfastDown = false;
+    const whileDown = []; // what the backend committed while holdfast was dead
+    const send = async (i) => {
+      const fail = i % 5 === 3;
+      const text = `${fail ? 'rolled back' : 'committed'} ${i}`;
+      const r = await fetch(`${app.url}/api/notify/${alice}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ text, fail }),
+      });
+      const body = await r.json();
+      if (fail) {
+        assert.equal(r.status, 409, JSON.stringify(body));
+        assert.match(body.detail, /rolled back/);
+        rolledBack.push(text);
+      } else {
+        assert.equal(r.status, 200, JSON.stringify(body));
+        committed.push({ i, id: body.id, text });
+        if (holdfastDown) whileDown.push(i);
+      }
+    };
+    const gate = () => {
+      let open;
+      const p = new Promise((r) => (open = r));
+      return Object.assign(p, { open });
+    };
+    const killed = gate(); // the burst waits here at 16 at the latest...
+    const sentWhileDown = gate(); // ...then sends 16-22 while holdfast is dead...
+    const restarting = gate(); // ...and 23-30 while it starts again and after.
+    const burst = (async () => {
+      for (let i = 1; i <= 30; i++) {
+        if (i === 16) await killed;
+        if (i === 23) {
+          sentWhileDown.open();
+          await restarting;
+        }
+        await send(i);
+      }
+    })();
+    burst.catch(() => {}); // awaited below; a failure there must not count as unhandled meanwhile
+    const holdfastUp = () => fetch(`${addr.http}/health`).then((r) => r.ok, () => false);
+
+    // Once the page shows notifications arriving, holdfast dies: no shutdown at all, with
+    // transactions committing around it (rows may be in the outbox, or stored and not deleted).
+    await page.waitForFunction(() => document.querySelectorAll('li.notification').length >= 6, null, { timeout: 15000 });
+    await srv.kill();
+    holdfastDown = true;
+    const [[pending]] = await pg.query('SELECT count(*) FROM holdfast_outbox');
+    const onPage = await page.$$eval('li.notification', (els) => els.length);
+    t.diagnostic(`killed after ${committed.length} commits: ${pending} row(s) in the outbox, ${onPage} notification(s) on the page`);
+    killed.open();
+    await page.waitForSelector('#state:not([data-state="connected"])', { timeout: 15000 });
+    // The backend does not notice: its transactions keep committing while holdfast is down.
+    await Promise.race([sentWhileDown, burst]);
+    assert.equal(await holdfastUp(), false, 'holdfast was down while those were sent');
+    assert.ok(whileDown.length >= 5, `committed while holdfast was down: ${whileDown}`);
+    // Holdfast comes back on the same port and data directory while the burst goes on.
+    holdfastDown = false;
+    const restarted = startServer(config, args, port);
+    restarting.open();
+    srv = await restarted;
+    await burst;
+    assert.equal(committed.length, 24);
+    assert.equal(rolledBack.length, 6);
+
+    // Everything committed is published: the outbox drains, and the channel's history holds each
+    // committed notification once, in commit order, and nothing rolled back.
+    const deadline = Date.now() + 30000;
+    while ((await pg.query('SELECT count(*) FROM holdfast_outbox'))[0][0] !== '0') {
+      assert.ok(Date.now() < deadline, 'the outbox did not drain');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const hist = await fetch(`${srv.http}/api/history`, {
+      method: 'POST',
+      headers: { 'X-API-Key': 'notify-outbox-example-api-key-change-me', 'content-type': 'application/json' },
+      body: JSON.stringify({ channel: `notify:#${alice}`, limit: -1 }),
+    }).then((r) => r.json());
+    const pubs = hist.result.publications;
+    assert.deepEqual(pubs.map((p) => p.data.text), committed.map((c) => c.text), 'each committed one once, in order');
+    assert.deepEqual(pubs.map((p) => p.data.id), committed.map((c) => c.id));
+    assert.deepEqual(pubs.map((p) => p.offset), Array.from({ length: 24 }, (_, i) => i + 1));
+
+    // The page reconnected by itself and shows exactly those, nothing twice.
+    await page.waitForFunction(() => document.querySelectorAll('li.notification').length >= 24, null, { timeout: 30000 });
+    await page.waitForSelector('#state[data-state="connected"]', { timeout: 15000 });
+    const shown = await page.$$eval('li.notification', (els) =>
+      els.map((e) => ({ offset: +e.dataset.offset, id: +e.dataset.row, text: e.querySelector('.text').textContent })),
+    );
+    assert.deepEqual(shown.map((n) => n.offset), Array.from({ length: 24 }, (_, i) => i + 1), 'offsets 1..24, contiguous');
+    assert.deepEqual(shown.map(({ id, text }) => ({ id, text })), committed.map(({ id, text }) => ({ id, text })));
+    for (const text of rolledBack) assert.ok(!shown.some((n) => n.text === text), `${text} never shown`);
+    assert.equal(await page.evaluate(() => document.body.dataset.duplicates || '0'), '0');
+    assert.ok(+(await page.evaluate(() => document.body.dataset.connects)) >= 2, 'the page reconnected');
+    await shot(page, 'notify-outbox', 'notify-outbox/screenshot.png');
+
+    // The database agrees: the business rows are the committed ones; no row left in the outbox,
+    // none set aside as poison.
+    const rows = await pg.query(`SELECT id, text FROM notifications WHERE user_id = '${alice}' ORDER BY id`);
+    assert.deepEqual(rows.map(([id, text]) => ({ id: +id, text })), committed.map(({ id, text }) => ({ id, text })));
+    assert.deepEqual(await pg.query('SELECT count(*) FROM holdfast_outbox'), [['0']]);
+    assert.deepEqual(await pg.query('SELECT count(*) FROM holdfast_outbox_dead_letter'), [['0']]);
+    // The restarted holdfast published at least what was committed after the kill.
+    const health = await fetch(`${srv.http}/health`).then((r) => r.json());
+    const consumer = health.consumers.find((c) => c.name === 'notify_outbox');
+    assert.equal(consumer.status, 'ok', JSON.stringify(consumer));
+    assert.ok(consumer.processed >= committed.filter((c) => c.i >= 16).length, JSON.stringify(consumer));
+    assert.equal(consumer.poison, 0);
+    assert.doesNotMatch(app.log(), /Traceback|ERROR/);
+  } finally {
+    await ctx?.close();
+    await app?.stop();
+    await srv?.stop();
+    await pg.stop();
+    rmSync(data, { recursive: true, force: true });
   }
 });
 

@@ -1,12 +1,13 @@
 // Starts the real holdfast binary with a test configuration; tokens, API calls and a recorder of
 // compatibility results (written to artifacts/compat/<suite>.json for docs/COMPAT.md).
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { mkdtempSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, mkdirSync, existsSync, readdirSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import WebSocket from 'ws';
 import { EventSource } from 'eventsource';
 
@@ -94,11 +95,13 @@ export async function startServer(config = CONFIG, extraArgs = [], fixedPort = u
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let log = '';
+  let killed = false;
   proc.stdout.on('data', (d) => (log += d));
   proc.stderr.on('data', (d) => (log += d));
-  // A server killed by a signal other than the test's own SIGTERM is a crash: show its log.
+  // A server killed by a signal other than the test's own SIGTERM (or kill()) is a crash: show
+  // its log.
   proc.on('exit', (code, sig) => {
-    if (sig && sig !== 'SIGTERM') console.error(`holdfast died (${sig}):\n${log.slice(-6000)}`);
+    if (sig && sig !== 'SIGTERM' && !killed) console.error(`holdfast died (${sig}):\n${log.slice(-6000)}`);
   });
   const http = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + 30000;
@@ -116,6 +119,14 @@ export async function startServer(config = CONFIG, extraArgs = [], fixedPort = u
     http,
     ws: `ws://127.0.0.1:${port}/connection/websocket`,
     log: () => log,
+    /** SIGKILL, as a crash: no shutdown at all. Resolves when the process is gone. */
+    async kill() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      killed = true;
+      const done = new Promise((r) => proc.once('exit', r));
+      proc.kill('SIGKILL');
+      await done;
+    },
     async stop() {
       if (proc.exitCode !== null || proc.signalCode !== null) return proc.exitCode;
       const done = new Promise((r) => proc.once('exit', r));
@@ -143,6 +154,42 @@ export async function startServer(config = CONFIG, extraArgs = [], fixedPort = u
       const j = await r.json();
       if (j.error) throw Object.assign(new Error(`API ${method}: ${JSON.stringify(j.error)}`), j.error);
       return j.result;
+    },
+  };
+}
+
+const run = promisify(execFile);
+
+/**
+ * A throwaway PostgreSQL: `initdb` into a temporary directory, `pg_ctl start` on a free port
+ * (as the `postgres` user when the tests run as root: the server refuses to run as root), trust
+ * authentication for `postgres`. `stop()` stops it the hard way and removes the directory.
+ */
+export async function startPostgres() {
+  const versions = readdirSync('/usr/lib/postgresql').sort((a, b) => b.localeCompare(a, undefined, { numeric: true }));
+  const bin = versions.map((v) => `/usr/lib/postgresql/${v}/bin`).find((d) => existsSync(`${d}/initdb`));
+  if (!bin) throw new Error('PostgreSQL not installed (apt-get install postgresql)');
+  const root = process.getuid?.() === 0;
+  const asPg = (prog, args) => (root ? run('runuser', ['-u', 'postgres', '--', `${bin}/${prog}`, ...args]) : run(`${bin}/${prog}`, args));
+  const dir = mkdtempSync(join(tmpdir(), 'holdfast-pg-'));
+  if (root) await run('chown', ['postgres', dir]);
+  const data = join(dir, 'data');
+  await asPg('initdb', ['-D', data, '-U', 'postgres', '--auth=trust', '--no-sync', '-E', 'UTF8']);
+  const port = await freePort();
+  const opts = `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off`;
+  await asPg('pg_ctl', ['-D', data, '-l', join(dir, 'log'), '-o', opts, '-w', '-t', '30', 'start']);
+  const dsn = `postgresql://postgres@127.0.0.1:${port}/postgres`;
+  return {
+    port,
+    dsn,
+    /** Runs SQL with psql; the rows as arrays of strings. */
+    async query(sql) {
+      const { stdout } = await run(`${bin}/psql`, ['-X', '-q', '-t', '-A', '-F', '\t', '-v', 'ON_ERROR_STOP=1', '-d', dsn, '-c', sql]);
+      return stdout.split('\n').filter((l) => l !== '').map((l) => l.split('\t'));
+    },
+    async stop() {
+      await asPg('pg_ctl', ['-D', data, '-m', 'immediate', '-w', 'stop']).catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
     },
   };
 }

@@ -217,10 +217,21 @@ async fn partition(ctx: Ctx, p: u32, wakers: Arc<Vec<Notify>>, sql: Arc<Sql>, tl
             }
         };
         let dead_letter = ensure_dead_letter(&client, &sql, &name).await;
-        ctx.status.worker_up();
         tracing::info!(consumer = %name, partition = p, "outbox partition connected");
+        // Counted up while passes succeed: a missing table or a lost permission shows in
+        // /health as a partition down, not only as a growing error count.
+        let mut up = false;
         loop {
-            match pass(&ctx, &mut client, p, &sql, &mut attempts, dead_letter).await {
+            let r = pass(&ctx, &mut client, p, &sql, &mut attempts, dead_letter).await;
+            if r.is_ok() != up {
+                up = r.is_ok();
+                if up {
+                    ctx.status.worker_up();
+                } else {
+                    ctx.status.worker_down();
+                }
+            }
+            match r {
                 Ok(Pass::Full) => backoff.reset(),
                 Ok(Pass::Idle) => {
                     backoff.reset();
@@ -240,8 +251,14 @@ async fn partition(ctx: Ctx, p: u32, wakers: Arc<Vec<Notify>>, sql: Arc<Sql>, tl
                     let e = error_chain(&e);
                     tracing::warn!(consumer = %name, partition = p, error = %e, retry_in_ms = wait.as_millis() as u64, "outbox pass failed");
                     ctx.status.error(&format!("partition {p}: {e}"));
-                    if client.is_closed() || !ctx.pause(wait).await {
+                    if client.is_closed() {
                         break;
+                    }
+                    // A notification (a row inserted: the table is back) ends the wait early.
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = wakers[p as usize].notified() => {}
+                        _ = ctx.stop.cancelled() => {}
                     }
                 }
             }
@@ -249,30 +266,34 @@ async fn partition(ctx: Ctx, p: u32, wakers: Arc<Vec<Notify>>, sql: Arc<Sql>, tl
                 break;
             }
         }
-        ctx.status.worker_down();
+        if up {
+            ctx.status.worker_down();
+        }
     }
 }
 
 /// Creates the dead-letter table when missing; `false` when it cannot be (then poison rows are
 /// logged with their content and dropped).
 async fn ensure_dead_letter(client: &Client, sql: &Sql, name: &str) -> bool {
+    if table_exists(client, &sql.dead_letter_table).await {
+        return true;
+    }
     match client.batch_execute(&sql.dead_letter_create).await {
         Ok(()) => true,
+        // Several nodes creating it at once: one wins, the others see it exist.
+        Err(_) if table_exists(client, &sql.dead_letter_table).await => true,
         Err(e) => {
-            // Several nodes creating it at once: one wins, the others see it exist.
-            let exists = client
-                .query_one(
-                    "SELECT to_regclass($1::text) IS NOT NULL",
-                    &[&sql.dead_letter_table],
-                )
-                .await
-                .is_ok_and(|r| r.get::<_, bool>(0));
-            if !exists {
-                tracing::warn!(consumer = %name, table = %sql.dead_letter_table, error = %e, "outbox: cannot create the dead-letter table; poison rows will be logged and dropped");
-            }
-            exists
+            tracing::warn!(consumer = %name, table = %sql.dead_letter_table, error = %error_chain(&e), "outbox: cannot create the dead-letter table; poison rows will be logged and dropped");
+            false
         }
     }
+}
+
+async fn table_exists(client: &Client, table: &str) -> bool {
+    client
+        .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+        .await
+        .is_ok_and(|r| r.get::<_, bool>(0))
 }
 
 async fn pass(
@@ -492,8 +513,12 @@ async fn sample_lag(ctx: Ctx, sql: Arc<Sql>, tls: Arc<Tls>) {
                         let age = Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default();
                         ctx.status.set_lag(n, Some(age));
                     }
-                    // No `created_at` column: count only.
-                    Err(_) => with_age = false,
+                    // No `created_at` column: count only (other errors: try again next time).
+                    Err(e) => {
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) {
+                            with_age = false;
+                        }
+                    }
                 }
             } else if let Ok(r) = c.query_one(&sql.count, &[]).await {
                 ctx.status.set_lag(r.try_get(0).unwrap_or(-1), None);
