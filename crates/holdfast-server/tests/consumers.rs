@@ -731,6 +731,38 @@ async fn redis_stream_entries_become_publications_poison_goes_to_a_dead_letter_s
     srv.stop().await;
 }
 
+#[tokio::test]
+async fn redis_stream_consumer_resumes_after_a_redis_restart() {
+    // The stream and its group survive the restart (append-only file, fsync on every write).
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut c = redis_conn(&redis.url()).await;
+    let srv = TestServer::start(config_from(&stream_consumer(&redis.url()))).await;
+    xadd_many(&mut c, "r", 0..10).await;
+    until("first entries", || async {
+        (history(&srv, "r").await.len() >= 10).then_some(())
+    })
+    .await;
+    redis.restart();
+    until("the consumer notices", || async {
+        let h = health(&srv).await;
+        (h["consumers"][0]["errors"].as_u64().unwrap_or(0) >= 1).then_some(())
+    })
+    .await;
+    let mut c = redis_conn(&redis.url()).await;
+    xadd_many(&mut c, "r", 10..20).await;
+    let got = until("entries after the restart", || async {
+        let h = history(&srv, "r").await;
+        (h.len() >= 20).then_some(h)
+    })
+    .await;
+    assert_eq!(got, ns(0..20), "each entry once, in order");
+    until("consumer back", || async {
+        (health(&srv).await["consumers"][0]["status"] == "ok").then_some(())
+    })
+    .await;
+    srv.stop().await;
+}
+
 async fn xadd_many(c: &mut ::redis::aio::MultiplexedConnection, ch: &str, n: std::ops::Range<i64>) {
     for i in n {
         xadd(
