@@ -416,8 +416,10 @@ for (const [encoding, sdk] of ENCODINGS) {
       sub.subscribe();
       c.connect();
       await sub.ready(10000);
+      // Listening before publishing: the publication can arrive before the API answers.
+      const first = once(sub, 'publication');
       await srv.api('publish', { channel: ch, data: { n: 1 } });
-      await once(sub, 'publication');
+      await first;
       const resub = once(sub, 'subscribing', (x) => x.code === 2502);
       const back = once(sub, 'subscribed');
       await srv.api('unsubscribe', { user: '42', channel: ch, invalidate: true });
