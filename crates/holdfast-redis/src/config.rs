@@ -7,7 +7,7 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS is not built in), one per
+    /// `redis://[user:pass@]host:port[/db]` (`rediss://` for TLS), one per
     /// independent instance (channels are spread over them), or a single
     /// `redis+cluster://host:port[,host:port…]` naming seed nodes of a Redis Cluster. In the
     /// configuration `address`: one string or a list.
@@ -32,6 +32,50 @@ pub struct RedisConfig {
     /// Presence entries expire this long after their node last refreshed them.
     #[serde(with = "holdfast_core::config::duration")]
     pub presence_ttl: Duration,
+    /// TLS to Redis (also on for `rediss://` addresses).
+    pub tls: RedisTlsConfig,
+}
+
+/// `engine.redis.tls`, Centrifugo's key names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RedisTlsConfig {
+    /// TLS to every address (`redis://` addresses are then connected with TLS too).
+    pub enabled: bool,
+    /// CA certificates (PEM) the server's certificate must chain to; empty: the system's.
+    pub server_ca_pem_file: String,
+    /// The same, inline.
+    pub server_ca_pem: String,
+    /// Client certificate chain (PEM), for servers that require one (`tls-auth-clients yes`).
+    pub cert_pem_file: String,
+    /// Its private key (PEM).
+    pub key_pem_file: String,
+}
+
+impl RedisTlsConfig {
+    /// The certificates for the client, reading the files.
+    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+        let read = |path: &str| std::fs::read(path).map_err(|e| format!("{path}: {e}"));
+        let root_cert = if !self.server_ca_pem_file.is_empty() {
+            Some(read(&self.server_ca_pem_file)?)
+        } else if !self.server_ca_pem.is_empty() {
+            Some(self.server_ca_pem.clone().into_bytes())
+        } else {
+            None
+        };
+        let client_tls = if self.cert_pem_file.is_empty() {
+            None
+        } else {
+            Some(redis::ClientTlsConfig {
+                client_cert: read(&self.cert_pem_file)?,
+                client_key: read(&self.key_pem_file)?,
+            })
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
 }
 
 impl Default for RedisConfig {
@@ -66,6 +110,7 @@ impl RedisConfig {
             command_timeout: Duration::from_secs(2),
             ping_interval: Duration::from_secs(1),
             presence_ttl: Duration::from_secs(60),
+            tls: RedisTlsConfig::default(),
         }
     }
 
@@ -80,9 +125,15 @@ impl RedisConfig {
             errs.push(("engine.redis.address", "needs at least one address".into()));
         }
         for a in &self.addresses {
-            if let Err(e) = parse_address(a) {
+            if let Err(e) = parse_address(a, &self.tls) {
                 errs.push(("engine.redis.address", e));
             }
+        }
+        if self.tls.cert_pem_file.is_empty() != self.tls.key_pem_file.is_empty() {
+            errs.push((
+                "engine.redis.tls",
+                "cert_pem_file and key_pem_file go together".into(),
+            ));
         }
         if self.addresses.len() > 1 && self.addresses.iter().any(|a| a.contains("+cluster://")) {
             errs.push((
@@ -117,6 +168,7 @@ impl RedisConfig {
 
 /// Where one instance (or the cluster) is.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // one per Redis instance, built once at start
 pub(crate) enum Target {
     Single(redis::Client),
     Cluster(Box<redis::cluster::ClusterClient>),
@@ -134,45 +186,69 @@ fn resp3(url: &str) -> Result<redis::ConnectionInfo, String> {
     Ok(info.set_redis_settings(settings))
 }
 
-/// Parses one `engine.redis.address` entry.
-pub(crate) fn parse_address(a: &str) -> Result<Target, String> {
+/// Parses one `engine.redis.address` entry. TLS applies to `rediss://` addresses, and to every
+/// address when `tls.enabled`.
+pub(crate) fn parse_address(a: &str, tls: &RedisTlsConfig) -> Result<Target, String> {
     if a.starts_with("redis+sentinel://") || a.starts_with("rediss+sentinel://") {
         return Err(format!(
             "{a}: Sentinel is not supported yet; point Holdfast at the master through a \
              proxy, or use Redis Cluster"
         ));
     }
-    if a.starts_with("rediss") {
-        return Err(format!("{a}: TLS to Redis is not built in"));
-    }
-    if let Some(rest) = a.strip_prefix("redis+cluster://") {
+    let secure = tls.enabled || a.starts_with("rediss");
+    let certs = |a: &str| tls.certificates().map_err(|e| format!("{a}: TLS: {e}"));
+    let cluster = a
+        .strip_prefix("redis+cluster://")
+        .or_else(|| a.strip_prefix("rediss+cluster://"));
+    if let Some(rest) = cluster {
         let (cred, hosts) = match rest.rsplit_once('@') {
             Some((c, h)) => (format!("{c}@"), h),
             None => (String::new(), rest),
         };
         let hosts = hosts.split('/').next().unwrap_or_default();
+        let scheme = if secure { "rediss" } else { "redis" };
         let seeds: Result<Vec<_>, String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
-            .map(|h| resp3(&format!("redis://{cred}{h}")))
+            .map(|h| resp3(&format!("{scheme}://{cred}{h}")))
             .collect();
         let seeds = seeds?;
         if seeds.is_empty() {
             return Err(format!("{a}: names no seed node"));
         }
-        let client = redis::cluster::ClusterClientBuilder::new(seeds)
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
             .use_protocol(redis::ProtocolVersion::RESP3)
             .retries(3)
             .min_retry_wait(50)
-            .max_retry_wait(500)
-            .build()
-            .map_err(|e| format!("{a}: {e}"))?;
+            .max_retry_wait(500);
+        if secure {
+            builder = builder.certs(certs(a)?);
+        }
+        let client = builder.build().map_err(|e| format!("{a}: {e}"))?;
         return Ok(Target::Cluster(Box::new(client)));
     }
-    if !(a.starts_with("redis://") || a.starts_with("unix://") || a.starts_with("redis+unix://")) {
+    let plain = a.starts_with("redis://");
+    if !(plain
+        || a.starts_with("rediss://")
+        || a.starts_with("unix://")
+        || a.starts_with("redis+unix://"))
+    {
         return Err(format!(
-            "{a}: expected redis://, unix:// or redis+cluster://"
+            "{a}: expected redis://, rediss://, unix:// or redis+cluster://"
         ));
+    }
+    if secure {
+        if !(plain || a.starts_with("rediss://")) {
+            return Err(format!("{a}: TLS needs a TCP address (rediss://)"));
+        }
+        let url = if plain {
+            a.replacen("redis://", "rediss://", 1)
+        } else {
+            a.to_owned()
+        };
+        return redis::Client::build_with_tls(resp3(&url)?, certs(a)?)
+            .map(Target::Single)
+            .map_err(|e| format!("{a}: {e}"));
     }
     redis::Client::open(resp3(a)?)
         .map(Target::Single)

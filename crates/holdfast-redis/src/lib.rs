@@ -22,9 +22,9 @@ mod keys;
 mod pubsub;
 mod scripts;
 
-pub use config::RedisConfig;
 pub(crate) use config::Target;
 use config::parse_address;
+pub use config::{RedisConfig, RedisTlsConfig};
 use keys::Keys;
 
 use async_trait::async_trait;
@@ -284,7 +284,7 @@ impl RedisEngine {
         let targets: Vec<Target> = cfg
             .addresses
             .iter()
-            .map(|a| parse_address(a))
+            .map(|a| parse_address(a, &cfg.tls))
             .collect::<Result<_, _>>()?;
         let cluster = matches!(targets.first(), Some(Target::Cluster(_)));
         let mut cmds = Vec::with_capacity(targets.len());
@@ -730,6 +730,8 @@ mod tests {
         let bad = |a: &str| RedisConfig::new(vec![a.into()]).validate();
         assert!(bad("redis://127.0.0.1:6379").is_empty());
         assert!(bad("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").is_empty());
+        assert!(bad("rediss://127.0.0.1:6380").is_empty());
+        assert!(!bad("rediss+unix:///tmp/r.sock").is_empty());
         assert!(!bad("http://x").is_empty());
         assert!(!bad("redis+sentinel://h:26379/m").is_empty());
         assert!(!bad("redis+cluster://").is_empty());

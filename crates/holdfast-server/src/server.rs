@@ -59,6 +59,13 @@ pub fn transport_config(config: &Config) -> holdfast_transport::TransportConfig 
 
 impl AppState {
     fn new(node: Node, config: Config, metrics: PrometheusHandle) -> Arc<Self> {
+        // Series a dashboard shows from the start: 0 until something happens, never "no data".
+        for name in [
+            "holdfast_publications_total",
+            "holdfast_queue_overflow_disconnects_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
         Arc::new(Self {
             transport: holdfast_transport::Transport::new(node.clone(), transport_config(&config)),
             api_rate: holdfast_transport::admission::api_rate_limiter(
@@ -458,6 +465,11 @@ async fn metrics_route(State(app): State<Arc<AppState>>) -> Response {
         .set(hub.counts.channels.load(Ordering::Relaxed) as f64);
     metrics::gauge!("holdfast_node_subscriptions")
         .set(hub.counts.subscriptions.load(Ordering::Relaxed) as f64);
+    metrics::gauge!("holdfast_engine_healthy").set(if app.node.engine_healthy() {
+        1.0
+    } else {
+        0.0
+    });
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.metrics.render(),

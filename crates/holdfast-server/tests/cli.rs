@@ -91,3 +91,29 @@ fn genconfig_writes_a_valid_config_with_fresh_secrets() {
     let (ok, out, _) = holdfast(&["version"]);
     assert!(ok && out.contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn the_deployment_examples_pass_checkconfig_without_warnings() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (ok, _, err) = holdfast(&["checkconfig", "--config", path.to_str().unwrap()]);
+            assert!(ok, "{}: {err}", path.display());
+            assert!(!err.contains("warning"), "{}: {err}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "deploy/config has the example configurations");
+    // The unit runs checkconfig before serving, on the path the examples use.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/systemd/holdfast.service"
+    ))
+    .unwrap();
+    assert!(unit.contains(
+        "ExecStartPre=/usr/local/bin/holdfast checkconfig --config /etc/holdfast/config.toml"
+    ));
+    assert!(unit.contains("LimitNOFILE="));
+}

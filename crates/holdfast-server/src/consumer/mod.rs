@@ -203,6 +203,13 @@ impl Consumers {
         for (cfg, status) in enabled.zip(state.consumers.iter()) {
             tracing::info!(consumer = %cfg.name, r#type = %cfg.kind, workers = status.workers, "consumer starting");
             status.publish_up();
+            for name in [
+                "holdfast_consumer_processed_total",
+                "holdfast_consumer_errors_total",
+                "holdfast_consumer_poison_total",
+            ] {
+                metrics::counter!(name, "consumer" => cfg.name.clone()).increment(0);
+            }
             let ctx = Ctx {
                 state: state.clone(),
                 cfg: Arc::new(cfg.clone()),

@@ -25,6 +25,7 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: PathBuf,
     extra: Vec<String>,
+    tls: bool,
 }
 
 fn redis_bin() -> &'static str {
@@ -65,6 +66,45 @@ impl RedisServer {
             child: None,
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: false,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts a server that speaks TLS only (`rediss://`), with this certificate and key (PEM);
+    /// clients are not asked for certificates.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "holdfast-redis-tls-{}-{port}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("tls.crt"), cert_pem).unwrap();
+        std::fs::write(dir.join("tls.key"), key_pem).unwrap();
+        let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        let extra = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            p("tls.crt"),
+            "--tls-key-file".to_owned(),
+            p("tls.key"),
+            "--tls-ca-cert-file".to_owned(),
+            p("tls.crt"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut s = Self {
+            port,
+            child: None,
+            dir,
+            extra,
+            tls: true,
         };
         s.spawn();
         s
@@ -72,9 +112,10 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(redis_bin());
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        if !self.tls {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--save")
             .arg("")
@@ -93,6 +134,10 @@ impl RedisServer {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
+            // A TLS port cannot answer a plain PING: accepting connections is enough.
+            if self.tls && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
             if raw(self.port, "PING").is_ok_and(|r| r.starts_with("+PONG")) {
                 return;
             }
@@ -106,7 +151,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills the process (SIGKILL) and waits for it.
