@@ -596,14 +596,19 @@ async fn publish(state: &AppState, channel: &str, common: &PublishCommon<'_>) ->
     })
 }
 
-async fn broadcast(state: &AppState, req: &PublishCommon<'_>) -> ApiResult {
+/// What a broadcast must have before any channel is published to.
+fn check_broadcast(req: &PublishCommon<'_>) -> Result<(), ApiError> {
     if req.channels.is_empty() {
         return Err(bad("channels required"));
     }
     if req.channels.len() > MAX_BROADCAST {
         return Err(bad("too many channels"));
     }
-    payload(req)?;
+    payload(req).map(|_| ())
+}
+
+async fn broadcast(state: &AppState, req: &PublishCommon<'_>) -> ApiResult {
+    check_broadcast(req)?;
     let mut out = b"{\"responses\":[".to_vec();
     for (i, ch) in req.channels.iter().enumerate() {
         if i > 0 {
@@ -908,13 +913,7 @@ pub(crate) async fn apply(state: &AppState, method: &str, payload: &[u8], key: &
 
 /// A broadcast whose per-channel errors count: the first temporary one, else the first one.
 async fn broadcast_checked(state: &AppState, req: &PublishCommon<'_>) -> ApiResult {
-    if req.channels.is_empty() {
-        return Err(bad("channels required"));
-    }
-    if req.channels.len() > MAX_BROADCAST {
-        return Err(bad("too many channels"));
-    }
-    payload(req)?;
+    check_broadcast(req)?;
     let mut failed = None;
     for ch in &req.channels {
         match publish(state, ch, req).await {
