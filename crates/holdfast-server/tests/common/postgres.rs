@@ -130,15 +130,25 @@ impl PgServer {
             running: false,
             tls: tls.is_some(),
         };
-        s.spawn();
-        s
+        // The free port can be taken by another test's socket before the server binds it:
+        // try a few others then.
+        for _ in 0..5 {
+            match s.try_spawn() {
+                Ok(()) => return s,
+                Err(log) if log.contains("Address already in use") => {
+                    s.port = super::redis::free_port();
+                }
+                Err(log) => panic!("pg_ctl start: {log}"),
+            }
+        }
+        panic!("pg_ctl start: no free port after 5 attempts");
     }
 
     fn data(&self) -> String {
         self.dir.join("data").to_string_lossy().into_owned()
     }
 
-    fn spawn(&mut self) {
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             self.port,
@@ -151,6 +161,7 @@ impl PgServer {
             ));
         }
         let log = self.dir.join("log").to_string_lossy().into_owned();
+        let _ = std::fs::remove_file(&log);
         let out = run(
             &bin("pg_ctl"),
             &[
@@ -166,13 +177,21 @@ impl PgServer {
                 "start",
             ],
         );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        if !out.status.success() {
+            return Err(format!(
+                "{} {}",
+                String::from_utf8_lossy(&out.stdout),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
         self.running = true;
+        Ok(())
+    }
+
+    fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("pg_ctl start: {log}");
+        }
     }
 
     /// `postgresql://postgres@127.0.0.1:<port>/postgres`.
