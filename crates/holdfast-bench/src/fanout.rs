@@ -218,6 +218,7 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
             transport: "fanout",
             kind: holdfast_core::transport::ConnectionKind::Bidirectional,
             encoding: Encoding::Json,
+            ip: None,
             headers: Vec::new().into(),
         };
         let connection = serve_connection(node.clone(), meta, commands, sink);

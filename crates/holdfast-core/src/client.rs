@@ -98,6 +98,21 @@ impl Drained {
     }
 }
 
+/// What an operator sees of a connection (the admin UI, the `connections` API method).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionDetails {
+    /// Transport name.
+    pub transport: &'static str,
+    /// Client SDK name (`js`, `python`…).
+    pub name: String,
+    /// Client SDK version.
+    pub version: String,
+    /// The client's address (behind trusted proxies, the forwarded one).
+    pub ip: Option<std::net::IpAddr>,
+    /// When it connected, seconds since the Unix epoch.
+    pub connected_at: u64,
+}
+
 /// One connection as seen by the rest of the node.
 #[derive(Debug)]
 pub struct ClientHandle {
@@ -127,6 +142,8 @@ pub struct ClientHandle {
     expires_at: Mutex<Option<tokio::time::Instant>>,
     /// User id, set on connect.
     user: std::sync::OnceLock<Arc<str>>,
+    /// Set on connect.
+    details: std::sync::OnceLock<Box<ConnectionDetails>>,
     /// Messages written to the socket (for the metrics of this connection).
     pub(crate) sent: AtomicU64,
     /// Subscriptions with a delivery cursor (weak: the hub and the session own them).
@@ -170,6 +187,7 @@ impl ClientHandle {
             timers_changed: AtomicBool::new(false),
             expires_at: Mutex::new(None),
             user: std::sync::OnceLock::new(),
+            details: std::sync::OnceLock::new(),
             sent: AtomicU64::new(0),
             cursor_subs: Mutex::new(Vec::new()),
             ping_snapshot: Mutex::new(Vec::new()),
@@ -200,6 +218,15 @@ impl ClientHandle {
 
     pub(crate) fn set_user(&self, user: Arc<str>) {
         let _ = self.user.set(user);
+    }
+
+    pub(crate) fn set_details(&self, details: ConnectionDetails) {
+        let _ = self.details.set(Box::new(details));
+    }
+
+    /// Transport, client name, address and connect time (None before connect).
+    pub fn details(&self) -> Option<&ConnectionDetails> {
+        self.details.get().map(|d| &**d)
     }
 
     /// Frame encoding.

@@ -20,6 +20,7 @@ use crate::client::{ClientHandle, Control};
 use crate::engine::BrokerHandler;
 use crate::filter::Filter;
 use crate::shard::Sharded;
+use crate::trace::TraceEvent;
 use bytes::Bytes;
 use holdfast_protocol::code::unsubscribe;
 use holdfast_protocol::{ClientInfo, Disconnect, Encoding, Publication, Push};
@@ -681,6 +682,8 @@ pub struct Hub {
     users: Sharded<Mutex<HashMap<Arc<str>, UserClients>>>,
     /// Gauges for `/health` and metrics.
     pub counts: HubCounts,
+    /// Operators' live traces.
+    pub tracer: crate::trace::Tracer,
 }
 
 /// The user already has the maximum number of connections.
@@ -702,6 +705,7 @@ impl Hub {
             users: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
             next_channel_id: AtomicI64::new(1),
             counts: HubCounts::default(),
+            tracer: crate::trace::Tracer::default(),
         }
     }
 
@@ -808,6 +812,9 @@ impl Hub {
             *entry.filters.entry(f.clone()).or_insert(0) += 1;
             sub.state.lock().filter = Some(f);
         }
+        if self.tracer.active() {
+            self.trace_subscription(&sub, true);
+        }
         if let Some(old) = entry.subs.insert(sub.client.seq, sub) {
             Self::release(entry, &old);
         } else {
@@ -828,6 +835,9 @@ impl Hub {
         if let Some(old) = entry.subs.remove(&client_seq) {
             Self::release(entry, &old);
             self.counts.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            if self.tracer.active() {
+                self.trace_subscription(&old, false);
+            }
         }
         if entry.subs.is_empty() {
             shard.remove(channel);
@@ -854,6 +864,45 @@ impl Hub {
                 entry.filters.remove(&f);
             }
         }
+    }
+
+    fn trace_subscription(&self, sub: &Subscription, subscribed: bool) {
+        let user = sub.client.user();
+        self.tracer.offer(Some(&sub.channel), Some(user), || {
+            let (channel, user, client) =
+                (sub.channel.clone(), Arc::from(user), sub.client.id.clone());
+            if subscribed {
+                TraceEvent::Subscribe {
+                    channel,
+                    user,
+                    client,
+                }
+            } else {
+                TraceEvent::Unsubscribe {
+                    channel,
+                    user,
+                    client,
+                }
+            }
+        });
+    }
+
+    /// Channels a connection of this node is subscribed to (a scan of every channel: for
+    /// operators' tools, not for hot paths), at most `limit`.
+    pub fn client_channels(&self, client: &ClientHandle, limit: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for shard in self.channels.iter() {
+            for (ch, entry) in shard.read().iter() {
+                if entry.subs.contains_key(&client.seq) {
+                    out.push(ch.to_string());
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Whether a channel has local subscribers.
@@ -907,15 +956,41 @@ impl BrokerHandler for Hub {
             for sub in entry.subs.values() {
                 sub.deliver(p, epoch, &mut fan, &matched);
             }
+            if self.tracer.active() {
+                let event = || TraceEvent::Publication {
+                    channel: channel.into(),
+                    offset: p.offset,
+                    data: p.data.clone(),
+                    binary: p.binary,
+                };
+                self.tracer.offer(Some(channel), None, event);
+                // Followed users whose connections here received it.
+                for user in self.tracer.users() {
+                    if entry.subs.values().any(|s| s.client.user() == &*user) {
+                        self.tracer.offer(None, Some(&user), event);
+                    }
+                }
+            }
         }
     }
 
     fn on_join(&self, channel: &str, info: &Arc<ClientInfo>) {
         self.broadcast_event(channel, Push::Join { channel, info });
+        self.tracer.offer(Some(channel), None, || TraceEvent::Join {
+            channel: channel.into(),
+            user: info.user.clone(),
+            client: info.client.clone(),
+        });
     }
 
     fn on_leave(&self, channel: &str, info: &Arc<ClientInfo>) {
         self.broadcast_event(channel, Push::Leave { channel, info });
+        self.tracer
+            .offer(Some(channel), None, || TraceEvent::Leave {
+                channel: channel.into(),
+                user: info.user.clone(),
+                client: info.client.clone(),
+            });
     }
 
     fn check_position(&self, channel: &str, top: &crate::engine::StreamTop) {

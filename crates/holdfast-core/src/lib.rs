@@ -20,6 +20,7 @@ pub mod session;
 pub mod shard;
 pub mod testing;
 pub mod time;
+pub mod trace;
 pub mod transport;
 mod wake;
 

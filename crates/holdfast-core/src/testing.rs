@@ -155,6 +155,7 @@ impl TestClient {
             transport: "test",
             kind: crate::transport::ConnectionKind::Bidirectional,
             encoding: Encoding::Json,
+            ip: None,
             headers: Vec::new().into(),
         };
         node.tracker().spawn(serve_connection(

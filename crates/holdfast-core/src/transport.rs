@@ -102,6 +102,8 @@ pub struct ConnectionMeta {
     pub kind: ConnectionKind,
     /// Frame encoding.
     pub encoding: Encoding,
+    /// The client's address (behind trusted proxies, the forwarded one), when known.
+    pub ip: Option<std::net::IpAddr>,
     /// HTTP headers of the upgrade request that hooks may forward (lower-case names; only
     /// those the configuration asks for are kept).
     pub headers: Headers,
@@ -138,6 +140,17 @@ where
             .fetch_add(1, Ordering::Relaxed);
     }
     tracing::debug!(client = %client.id(), user = client.user(), code = reason.code, reason = %reason.reason, "connection closed");
+    if client.details().is_some() {
+        let user = client.user();
+        node.hub()
+            .tracer
+            .offer(None, Some(user), || crate::trace::TraceEvent::Disconnect {
+                user: user.into(),
+                client: client.id.clone(),
+                code: reason.code.into(),
+                reason: reason.reason.to_string(),
+            });
+    }
 }
 
 async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {

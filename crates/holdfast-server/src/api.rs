@@ -109,7 +109,7 @@ fn authorized(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Opt
     given.filter(|g| constant_time_eq(g.as_bytes(), cfg.key.as_bytes()))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -287,8 +287,82 @@ const KNOWN: &[&str] = &[
     "history_remove",
     "channels",
     "info",
+    "connections",
     "batch",
 ];
+
+/// Connections listed by one `connections` call at most.
+const MAX_CONNECTIONS_LISTED: usize = 1000;
+/// Channels listed per connection by `connections` at most.
+const MAX_CONNECTION_CHANNELS: usize = 256;
+
+/// Runs a server API method for the admin UI (authenticated by the admin session, not the API
+/// key), with the API's metrics and answer shapes.
+pub(crate) async fn admin_call(state: &AppState, method: &str, body: &[u8]) -> Response {
+    let started = Instant::now();
+    if !KNOWN.contains(&method) {
+        return finish(
+            "unknown",
+            started,
+            Err(ApiError::Reply(ErrorReply::METHOD_NOT_FOUND)),
+            false,
+        );
+    }
+    let res = execute(state, method, body, true).await;
+    finish(method, started, res, false)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ConnectionsReq {
+    user: String,
+    expression: String,
+}
+
+/// `connections`: this node's connections (of one user, or all up to a cap), as Centrifugo
+/// PRO names them, with the address and connect time.
+fn connections(state: &AppState, req: &ConnectionsReq) -> ApiResult {
+    if !req.expression.is_empty() {
+        return Err(bad("expression filters are not supported; filter by user"));
+    }
+    let hub = state.node.hub();
+    let mut clients = if req.user.is_empty() {
+        hub.all_clients()
+    } else {
+        hub.user_clients(&req.user)
+    };
+    clients.retain(|c| c.details().is_some());
+    clients.sort_by(|a, b| a.id().cmp(b.id()));
+    clients.truncate(MAX_CONNECTIONS_LISTED);
+    let mut out = serde_json::Map::new();
+    for c in clients {
+        let Some(d) = c.details() else { continue };
+        let channels: serde_json::Map<String, serde_json::Value> = hub
+            .client_channels(&c, MAX_CONNECTION_CHANNELS)
+            .into_iter()
+            .map(|ch| (ch, serde_json::json!({})))
+            .collect();
+        let protocol = match c.encoding() {
+            holdfast_protocol::Encoding::Json => "json",
+            holdfast_protocol::Encoding::Protobuf => "protobuf",
+        };
+        out.insert(
+            c.id().to_owned(),
+            serde_json::json!({
+                "user": c.user(),
+                "transport": d.transport,
+                "protocol": protocol,
+                "app_name": d.name,
+                "app_version": d.version,
+                "ip": d.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                "connected_at": d.connected_at,
+                "state": { "channels": channels },
+            }),
+        );
+    }
+    serde_json::to_vec(&serde_json::json!({ "connections": out }))
+        .map_err(|e| ApiError::Reply(ErrorReply::INTERNAL.with_message(e.to_string())))
+}
 
 fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], top_level: bool) -> Result<T, ApiError> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
@@ -446,6 +520,10 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             }
             out.extend_from_slice(b"}}");
             Ok(out)
+        }
+        "connections" => {
+            let req: ConnectionsReq = decode(body, top_level)?;
+            connections(state, &req)
         }
         "info" => {
             let nodes = state.node.nodes();

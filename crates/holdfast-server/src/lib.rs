@@ -5,6 +5,7 @@
 //! `main.rs` only parses arguments; [`server::run`] takes the listeners and a shutdown future, so
 //! tests start a real server on `127.0.0.1:0` without signals.
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod consumer;

@@ -33,6 +33,8 @@ pub struct AppState {
     pub api_rate: Option<governor::DefaultKeyedRateLimiter<String>>,
     /// The enabled consumers' live state (they run once the node is ready).
     pub consumers: Vec<Arc<crate::consumer::Status>>,
+    /// The admin UI's login limiter.
+    pub admin: crate::admin::AdminState,
 }
 
 /// What the transports take from the server's configuration.
@@ -73,6 +75,7 @@ impl AppState {
                 config.http_api.rate_burst,
             ),
             consumers: crate::consumer::statuses(&config.consumers),
+            admin: Default::default(),
             node,
             config: Arc::new(config),
             metrics,
@@ -317,7 +320,28 @@ pub async fn run_with_readiness(
         }
     });
     let public_addr = public.local_addr()?;
-    let public_app = router(state.clone(), internal.is_none());
+    let mut public_app = router(state.clone(), internal.is_none());
+    if let Some(first) = crate::admin::first_page(&state) {
+        tracing::info!("development first page at / (client.insecure)");
+        public_app = public_app.merge(first);
+    }
+    let admin = crate::admin::router(&state);
+    let admin_public = internal.is_none() || state.config.admin.external;
+    if admin.is_some() {
+        tracing::info!(
+            listener = if admin_public { "public" } else { "internal" },
+            insecure = state.config.admin.insecure,
+            "admin web UI at /admin/"
+        );
+    }
+    let (admin_on_public, admin_on_internal) = if admin_public {
+        (admin, None)
+    } else {
+        (None, admin)
+    };
+    if let Some(a) = admin_on_public {
+        public_app = public_app.merge(a);
+    }
     let drain = state.config.shutdown.timeout;
     let public_how = crate::listen::Listener {
         tls: public_tls,
@@ -331,7 +355,10 @@ pub async fn run_with_readiness(
         drain,
     ));
     let internal_srv = internal.map(|l| {
-        let app = internal_router().with_state(state.clone());
+        let mut app = internal_router().with_state(state.clone());
+        if let Some(a) = admin_on_internal {
+            app = app.merge(a);
+        }
         if let Ok(a) = l.local_addr() {
             tracing::info!(address = %a, "internal listener (health, ready, metrics)");
         }
@@ -377,6 +404,15 @@ pub async fn run_with_readiness(
 }
 
 async fn health(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        health_json(&app).to_string(),
+    )
+        .into_response()
+}
+
+/// What `/health` answers.
+pub fn health_json(app: &AppState) -> serde_json::Value {
     let node = &app.node;
     let hub = node.hub();
     let s = node.stats();
@@ -410,11 +446,7 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     if !app.consumers.is_empty() {
         body["consumers"] = app.consumers.iter().map(|c| c.to_json()).collect();
     }
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    body
 }
 
 async fn ready(State(app): State<Arc<AppState>>) -> Response {

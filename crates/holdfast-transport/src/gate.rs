@@ -16,6 +16,8 @@ pub(crate) struct Admitted {
     pub(crate) permit: ConnectionPermit,
     /// The request headers the node's hooks may see.
     pub(crate) headers: holdfast_core::transport::Headers,
+    /// The client's address (the forwarded one behind trusted proxies).
+    pub(crate) ip: Option<std::net::IpAddr>,
 }
 
 /// The `Origin` of a request and whether it may connect (`client.allowed_origins`; without
@@ -84,5 +86,6 @@ pub(crate) fn admit(
     Ok(Admitted {
         permit,
         headers: kept,
+        ip: peer,
     })
 }

@@ -418,6 +418,7 @@ fn start(
         transport: what.transport,
         kind,
         encoding,
+        ip: admitted.ip,
         headers: admitted.headers,
     };
     let source = StreamSource {

@@ -118,6 +118,7 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
         Encoding::Json => offers(JSON_PROTOCOL).then_some(JSON_PROTOCOL),
     };
     let headers = admitted.headers;
+    let ip = admitted.ip;
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return json_error(StatusCode::BAD_REQUEST, "connection cannot be upgraded");
     };
@@ -163,6 +164,7 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
                     session: crate::http::new_session_id(),
                 },
                 encoding,
+                ip,
                 headers,
             };
             let source = UniWsSource {
@@ -175,6 +177,7 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
                 transport,
                 kind: ConnectionKind::Bidirectional,
                 encoding,
+                ip,
                 headers,
             };
             serve_connection(node, meta, WsSource(stream), sink).await;

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Characters of a client's SDK name and version kept for operators.
+const MAX_CLIENT_NAME: usize = 64;
+
 impl Session {
     pub(super) async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<(), Disconnect> {
         if !self.node.is_ready() {
@@ -104,7 +107,25 @@ impl Session {
             // centrifuge-js can reorder the messages of a joined frame (see the handle's note).
             self.client.set_single_message_frames();
         }
+        self.client.set_details(crate::client::ConnectionDetails {
+            transport: self.transport,
+            name: req.name.chars().take(MAX_CLIENT_NAME).collect(),
+            version: req.version.chars().take(MAX_CLIENT_NAME).collect(),
+            ip: self.ip,
+            connected_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
         tracing::debug!(client = %self.client.id(), user = %user, "connected");
+        self.node
+            .hub()
+            .tracer
+            .offer(None, Some(&user), || crate::trace::TraceEvent::Connect {
+                user: user.clone(),
+                client: self.client.id.clone(),
+                transport: self.transport,
+                name: req.name.chars().take(MAX_CLIENT_NAME).collect(),
+            });
 
         let mut attached = Vec::new();
         for (ch, opts, r) in resolved {

@@ -102,6 +102,8 @@ pub struct Session {
     kind: crate::transport::ConnectionKind,
     /// Forwardable HTTP headers of the upgrade request.
     headers: crate::transport::Headers,
+    /// The client's address, when the transport knows it.
+    ip: Option<std::net::IpAddr>,
     /// On a unidirectional connection, the error code that refused its connect (the client
     /// gets a disconnect instead of an error reply); 0 = none.
     uni_refusal: std::sync::atomic::AtomicU32,
@@ -139,6 +141,7 @@ impl Session {
             kind: meta.kind,
             bucket: crate::limit::TokenBucket::new(node.config().client.command_burst),
             headers: meta.headers,
+            ip: meta.ip,
             uni_refusal: std::sync::atomic::AtomicU32::new(0),
             state: State::New,
             node,

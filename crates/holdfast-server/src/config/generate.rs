@@ -98,6 +98,21 @@ impl Config {
                     .into(),
             );
         }
+        if self.admin.enabled && self.admin.insecure {
+            w(
+                "admin.insecure".into(),
+                "the admin UI answers without a password: anyone who reaches it can read the \
+                 configuration, publish and disconnect users"
+                    .into(),
+            );
+        } else if self.admin.enabled && !self.admin.active() {
+            w(
+                "admin.enabled".into(),
+                "the admin UI stays off: set admin.password and admin.secret (or admin.insecure \
+                 for development)"
+                    .into(),
+            );
+        }
         let personal = &self.client.subscribe_to_user_personal_channel;
         let personal_ns = personal
             .enabled

@@ -223,11 +223,7 @@ mod tests {
         unknown.sort();
         assert_eq!(
             unknown,
-            [
-                "admin",
-                "channel.without_namespace.subscription_type",
-                "uni_grpc"
-            ]
+            ["channel.without_namespace.subscription_type", "uni_grpc"]
         );
     }
 

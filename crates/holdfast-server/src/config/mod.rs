@@ -60,6 +60,32 @@ pub struct Config {
     /// Asynchronous consumers of server API commands (PostgreSQL outbox, Redis Streams, NATS
     /// JetStream).
     pub consumers: Vec<consumers::ConsumerConfig>,
+    /// The admin web UI (off by default).
+    pub admin: AdminConfig,
+}
+
+/// `admin.*`: the embedded admin web UI under `/admin`, on the internal port when there is one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// Serve the admin UI. Stays off (with a log line) without `password` and `secret`, unless
+    /// `insecure`.
+    pub enabled: bool,
+    /// The password that opens a session.
+    pub password: String,
+    /// Signs the session tokens (changing it ends every session).
+    pub secret: String,
+    /// No login at all (development only).
+    pub insecure: bool,
+    /// Serve it on the public port even when an internal port is configured.
+    pub external: bool,
+}
+
+impl AdminConfig {
+    /// Whether the admin UI is served: enabled, and protected or explicitly insecure.
+    pub fn active(&self) -> bool {
+        self.enabled && (self.insecure || (!self.password.is_empty() && !self.secret.is_empty()))
+    }
 }
 
 /// `client.*`: the node's settings (session timers, limits, personal channel: reached through

@@ -1,0 +1,666 @@
+//! The admin web UI under `/admin`: embedded pages, a password login with signed session tokens
+//! (`admin.password`, `admin.secret`), the server API for the pages, the configuration with its
+//! secrets redacted and live tracing of one channel or one user.
+//!
+//! Also the development first page at `/` (only with `client.insecure`).
+
+use crate::server::AppState;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use holdfast_core::trace::{TraceEvent, TraceStream, TraceTarget};
+use holdfast_transport::json_error;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const INDEX: &str = include_str!("../assets/admin/index.html");
+const APP_JS: &str = include_str!("../assets/admin/app.js");
+const APP_CSS: &str = include_str!("../assets/admin/app.css");
+const FIRST_HTML: &str = include_str!("../assets/first/index.html");
+const FIRST_JS: &str = include_str!("../assets/first/first.js");
+/// The npm `centrifuge` package's `dist/centrifuge.js` (MIT), checked against the installed
+/// package by the test command.
+const CENTRIFUGE_JS: &str = include_str!("../assets/vendor/centrifuge.js");
+
+/// Content security policy of every page: nothing from elsewhere, no inline code.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+/// How long a session token is valid.
+const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Failed logins from one address within [`LOGIN_WINDOW`] before it is refused for the rest
+/// of the window.
+const LOGIN_FAILURES: u32 = 5;
+const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses remembered for the login limit at most (the oldest windows are forgotten first).
+const LOGIN_TRACKED: usize = 10_000;
+/// Traces running at once on this node.
+const MAX_TRACES: usize = 8;
+/// Bytes of a publication's payload shown in a trace.
+const TRACE_DATA: usize = 1024;
+
+/// The admin UI's state: the login limiter.
+#[derive(Debug, Default)]
+pub struct AdminState {
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl AdminState {
+    /// Seconds until `ip` may try again, when it is locked out.
+    fn locked(&self, ip: IpAddr) -> Option<u64> {
+        let f = self.failures.lock();
+        let (n, since) = f.get(&ip)?;
+        let left = LOGIN_WINDOW.checked_sub(since.elapsed())?;
+        (*n >= LOGIN_FAILURES).then(|| left.as_secs().max(1))
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut f = self.failures.lock();
+        let now = Instant::now();
+        if f.len() >= LOGIN_TRACKED {
+            f.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
+            if f.len() >= LOGIN_TRACKED {
+                // Still full: every entry is recent. Forget the oldest half.
+                let mut ages: Vec<Instant> = f.values().map(|(_, s)| *s).collect();
+                ages.sort();
+                let cut = ages[ages.len() / 2];
+                f.retain(|_, (_, since)| *since > cut);
+            }
+        }
+        let e = f.entry(ip).or_insert((0, now));
+        if now.duration_since(e.1) >= LOGIN_WINDOW {
+            *e = (0, now);
+        }
+        e.0 += 1;
+    }
+
+    fn succeeded(&self, ip: IpAddr) {
+        self.failures.lock().remove(&ip);
+    }
+}
+
+/// The admin routes, when `admin` is active.
+pub fn router(state: &Arc<AppState>) -> Option<Router> {
+    if !state.config.admin.active() {
+        return None;
+    }
+    let r = Router::new()
+        .route("/admin", get(|| async { Redirect::permanent("/admin/") }))
+        .route(
+            "/admin/",
+            get(|| async { page(INDEX, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/admin/app.js",
+            get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/admin/app.css",
+            get(|| async { page(APP_CSS, "text/css; charset=utf-8") }),
+        )
+        .route("/admin/settings", get(settings))
+        .route("/admin/auth", post(auth))
+        .route("/admin/api/{method}", post(api))
+        .route("/admin/trace", post(trace))
+        .with_state(state.clone());
+    Some(r)
+}
+
+/// The development first page at `/`, when `client.insecure` is on.
+pub fn first_page(state: &AppState) -> Option<Router> {
+    if !state.config.client.insecure {
+        return None;
+    }
+    Some(
+        Router::new()
+            .route(
+                "/",
+                get(|| async { page(FIRST_HTML, "text/html; charset=utf-8") }),
+            )
+            .route(
+                "/first.js",
+                get(|| async { page(FIRST_JS, "text/javascript; charset=utf-8") }),
+            )
+            .route(
+                "/centrifuge.js",
+                get(|| async { page(CENTRIFUGE_JS, "text/javascript; charset=utf-8") }),
+            ),
+    )
+}
+
+fn secure_headers(h: &mut HeaderMap) {
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    secure_headers(r.headers_mut());
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response {
+    let mut r = (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response();
+    secure_headers(r.headers_mut());
+    r
+}
+
+async fn settings(State(app): State<Arc<AppState>>) -> Response {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "insecure": app.config.admin.insecure,
+            "version": app.node.version(),
+            "node": app.node.name(),
+        }),
+    )
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn issue(secret: &str) -> Option<String> {
+    let claims = Claims {
+        sub: "admin".into(),
+        exp: now_secs() + SESSION_TTL.as_secs(),
+    };
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .ok()
+}
+
+/// Whether the request carries a valid session (`Authorization: token <t>`), or the UI is
+/// insecure.
+fn session_ok(app: &AppState, headers: &HeaderMap) -> bool {
+    let cfg = &app.config.admin;
+    if cfg.insecure {
+        return true;
+    }
+    let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("token"))
+        .map(|(_, t)| t.trim())
+    else {
+        return false;
+    };
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_required_spec_claims(&["exp", "sub"]);
+    v.leeway = 0;
+    jsonwebtoken::decode::<Claims>(
+        t,
+        &jsonwebtoken::DecodingKey::from_secret(cfg.secret.as_bytes()),
+        &v,
+    )
+    .is_ok_and(|d| d.claims.sub == "admin")
+}
+
+fn unauthorized() -> Response {
+    metrics::counter!("holdfast_admin_unauthorized_total").increment(1);
+    json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({ "error": "unauthorized" }),
+    )
+}
+
+fn peer_ip(app: &AppState, req: &Request) -> IpAddr {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    app.transport.trusted_proxies.client_ip(peer, req.headers())
+}
+
+/// Reads a small JSON body (the API's size limit and read timeout).
+async fn read_body(app: &AppState, req: Request) -> Result<Bytes, Response> {
+    let limit = app.config.http_api.max_body_size;
+    let timeout = app.config.http_api.body_read_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large (http_api.max_body_size)",
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time (http_api.body_read_timeout)",
+        )),
+    }
+}
+
+async fn auth(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    #[derive(Deserialize)]
+    struct Login {
+        password: String,
+    }
+    let cfg = &app.config.admin;
+    let ip = peer_ip(&app, &req);
+    if let Some(wait) = app.admin.locked(ip) {
+        metrics::counter!("holdfast_admin_logins_total", "result" => "limited").increment(1);
+        tracing::warn!(%ip, "admin login refused: too many failed attempts");
+        let mut r = json(
+            StatusCode::TOO_MANY_REQUESTS,
+            &serde_json::json!({ "error": format!("too many attempts, retry in {wait} s") }),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+        return r;
+    }
+    let body = match read_body(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Ok(login) = serde_json::from_slice::<Login>(&body) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": "expected {\"password\": \"…\"}" }),
+        );
+    };
+    if cfg.insecure {
+        return json(StatusCode::OK, &serde_json::json!({ "token": "" }));
+    }
+    if !crate::api::constant_time_eq(login.password.as_bytes(), cfg.password.as_bytes()) {
+        app.admin.failed(ip);
+        metrics::counter!("holdfast_admin_logins_total", "result" => "refused").increment(1);
+        tracing::warn!(%ip, "admin login refused: bad password");
+        return json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({ "error": "bad password" }),
+        );
+    }
+    app.admin.succeeded(ip);
+    metrics::counter!("holdfast_admin_logins_total", "result" => "ok").increment(1);
+    tracing::info!(%ip, "admin login");
+    match issue(&cfg.secret) {
+        Some(t) => json(StatusCode::OK, &serde_json::json!({ "token": t })),
+        None => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": "cannot sign the session" }),
+        ),
+    }
+}
+
+async fn api(
+    State(app): State<Arc<AppState>>,
+    Path(method): Path<String>,
+    req: Request,
+) -> Response {
+    if !session_ok(&app, req.headers()) {
+        return unauthorized();
+    }
+    let body = match read_body(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut r = match method.as_str() {
+        "health" => {
+            let h = crate::server::health_json(&app);
+            json(StatusCode::OK, &serde_json::json!({ "result": h }))
+        }
+        "config" => json(
+            StatusCode::OK,
+            &serde_json::json!({ "result": redacted_config(&app.config) }),
+        ),
+        m => {
+            tracing::debug!(method = m, "admin API call");
+            crate::api::admin_call(&app, m, &body).await
+        }
+    };
+    secure_headers(r.headers_mut());
+    r
+}
+
+/// The configuration as JSON with every secret replaced by `********`.
+pub fn redacted_config(config: &crate::config::Config) -> serde_json::Value {
+    let mut v = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+    redact(&mut v);
+    v
+}
+
+const HIDDEN: &str = "********";
+
+fn secret_key(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("secret")
+        || n.contains("password")
+        || n == "key"
+        || n == "key_pem"
+        || n == "token"
+        || (n.ends_with("_key") && !n.contains("public"))
+        || n.ends_with("headers")
+}
+
+fn redact(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, child) in m.iter_mut() {
+                if secret_key(k) && !matches!(child, serde_json::Value::Object(_)) {
+                    if !is_empty(child) {
+                        *child = serde_json::Value::String(HIDDEN.into());
+                    }
+                } else {
+                    redact(child);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(redact),
+        serde_json::Value::String(s) => *s = redact_text(s),
+        _ => {}
+    }
+}
+
+fn is_empty(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::String(s) => s.is_empty(),
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(m) => m.is_empty(),
+        _ => false,
+    }
+}
+
+/// Passwords inside addresses and connection strings: `scheme://user:pass@host`,
+/// `password=…` (libpq key/value form and URL queries).
+fn redact_text(s: &str) -> String {
+    let mut out = s.to_owned();
+    if let Some(scheme) = out.find("://") {
+        let rest = scheme + 3;
+        let end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..end].rfind('@') {
+            let at = rest + at;
+            if let Some(colon) = out[rest..at].find(':') {
+                out.replace_range(rest + colon + 1..at, HIDDEN);
+            }
+        }
+    }
+    for marker in ["password="] {
+        let mut from = 0;
+        while let Some(i) = out[from..].to_ascii_lowercase().find(marker) {
+            let start = from + i + marker.len();
+            let end = out[start..]
+                .find(['&', ' '])
+                .map_or(out.len(), |j| start + j);
+            out.replace_range(start..end, HIDDEN);
+            from = start + HIDDEN.len();
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct TraceReq {
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    user: String,
+}
+
+async fn trace(State(app): State<Arc<AppState>>, req: Request) -> Response {
+    if !session_ok(&app, req.headers()) {
+        return unauthorized();
+    }
+    let body = match read_body(&app, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let target = match serde_json::from_slice::<TraceReq>(&body) {
+        Ok(t) if !t.channel.is_empty() && t.user.is_empty() && t.channel.len() <= 1024 => {
+            TraceTarget::Channel(t.channel.into())
+        }
+        Ok(t) if t.channel.is_empty() && !t.user.is_empty() && t.user.len() <= 1024 => {
+            TraceTarget::User(t.user.into())
+        }
+        _ => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": "expected {\"channel\": \"…\"} or {\"user\": \"…\"}" }),
+            );
+        }
+    };
+    let Ok(stream) = app.node.hub().tracer.follow(target, MAX_TRACES) else {
+        return json(
+            StatusCode::TOO_MANY_REQUESTS,
+            &serde_json::json!({ "error": format!("{MAX_TRACES} traces already run on this node") }),
+        );
+    };
+    tracing::info!(target = ?stream.target(), "admin trace started");
+    let started = match stream.target() {
+        TraceTarget::Channel(c) => {
+            serde_json::json!({ "type": "started", "target": { "channel": &**c } })
+        }
+        TraceTarget::User(u) => {
+            serde_json::json!({ "type": "started", "target": { "user": &**u } })
+        }
+    };
+    metrics::gauge!("holdfast_admin_traces").increment(1.0);
+    let state = TraceState {
+        stream,
+        app: app.clone(),
+        tick: tokio::time::interval(Duration::from_secs(1)),
+        ticks: 0,
+        first: Some(started),
+    };
+    let body = futures_util::stream::unfold(state, |mut s| async move {
+        let line = s.next().await?;
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(bytes)), s))
+    });
+    let mut r = (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+struct TraceState {
+    stream: TraceStream,
+    app: Arc<AppState>,
+    tick: tokio::time::Interval,
+    ticks: u64,
+    first: Option<serde_json::Value>,
+}
+
+impl Drop for TraceState {
+    fn drop(&mut self) {
+        metrics::gauge!("holdfast_admin_traces").decrement(1.0);
+        tracing::info!(target = ?self.stream.target(), "admin trace ended");
+    }
+}
+
+impl TraceState {
+    /// The next line, or None when the trace ends (node draining).
+    async fn next(&mut self) -> Option<serde_json::Value> {
+        if let Some(f) = self.first.take() {
+            return Some(f);
+        }
+        loop {
+            tokio::select! {
+                e = self.stream.recv() => return e.map(|e| event_json(&e)),
+                _ = self.tick.tick() => {
+                    if self.app.node.is_draining() {
+                        return None;
+                    }
+                    self.ticks += 1;
+                    let dropped = self.stream.take_dropped();
+                    if dropped > 0 {
+                        return Some(serde_json::json!({ "type": "dropped", "count": dropped }));
+                    }
+                    if self.ticks.is_multiple_of(15) {
+                        return Some(serde_json::json!({ "type": "ping" }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn event_json(e: &TraceEvent) -> serde_json::Value {
+    use serde_json::json;
+    let mut v = match e {
+        TraceEvent::Publication {
+            channel,
+            offset,
+            data,
+            binary,
+        } => {
+            let cut = &data[..data.len().min(TRACE_DATA)];
+            let text = if *binary {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.encode(cut)
+            } else {
+                String::from_utf8_lossy(cut).into_owned()
+            };
+            json!({
+                "type": "publication", "channel": &**channel, "offset": offset,
+                "data": text, "binary": binary, "truncated": data.len() > TRACE_DATA,
+            })
+        }
+        TraceEvent::Join {
+            channel,
+            user,
+            client,
+        } => json!({ "type": "join", "channel": &**channel, "user": &**user, "client": &**client }),
+        TraceEvent::Leave {
+            channel,
+            user,
+            client,
+        } => {
+            json!({ "type": "leave", "channel": &**channel, "user": &**user, "client": &**client })
+        }
+        TraceEvent::Subscribe {
+            channel,
+            user,
+            client,
+        } => {
+            json!({ "type": "subscribe", "channel": &**channel, "user": &**user, "client": &**client })
+        }
+        TraceEvent::Unsubscribe {
+            channel,
+            user,
+            client,
+        } => {
+            json!({ "type": "unsubscribe", "channel": &**channel, "user": &**user, "client": &**client })
+        }
+        TraceEvent::Connect {
+            user,
+            client,
+            transport,
+            name,
+        } => json!({
+            "type": "connect", "user": &**user, "client": &**client,
+            "transport": transport, "name": name,
+        }),
+        TraceEvent::Disconnect {
+            user,
+            client,
+            code,
+            reason,
+        } => json!({
+            "type": "disconnect", "user": &**user, "client": &**client,
+            "code": code, "reason": reason,
+        }),
+    };
+    v["time"] = now_ms().into();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = crate::config::Config::default();
+        c.client.token.hmac_secret_key = "topsecret".into();
+        c.http_api.key = "apikey123".into();
+        c.admin.password = "pw".into();
+        c.admin.secret = "adminsecret".into();
+        c.engine.redis.addresses = vec!["redis://user:hunter2@redis:6379/0".into()];
+        let v = redacted_config(&c);
+        let text = v.to_string();
+        for s in ["topsecret", "apikey123", "adminsecret", "hunter2", "\"pw\""] {
+            assert!(!text.contains(s), "{s} leaked: {text}");
+        }
+        assert_eq!(v["client"]["token"]["hmac_secret_key"], HIDDEN);
+        assert!(
+            text.contains("redis://user:********@redis:6379/0"),
+            "{text}"
+        );
+        assert_eq!(
+            redact_text("host=db user=app password=s3cret dbname=x"),
+            "host=db user=app password=******** dbname=x"
+        );
+        assert_eq!(
+            redact_text("redis+sentinel://h:26379?sentinel_password=abc&x=1"),
+            "redis+sentinel://h:26379?sentinel_password=********&x=1"
+        );
+    }
+
+    #[test]
+    fn logins_are_limited_per_address() {
+        let s = AdminState::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..LOGIN_FAILURES {
+            assert!(s.locked(ip).is_none());
+            s.failed(ip);
+        }
+        assert!(s.locked(ip).is_some());
+        assert!(
+            s.locked([10, 0, 0, 2].into()).is_none(),
+            "others are not locked out"
+        );
+    }
+}
