@@ -72,6 +72,13 @@ step "compatibility: centrifuge-js in Node (plain and protocol features) and in 
 rm -rf artifacts/compat
 (cd tests/compat/js && node --test --test-concurrency=1 --test-force-exit --test-reporter=spec node.test.mjs features.test.mjs browser.test.mjs proxy.test.mjs)
 
+step "admin web UI and the development first page in Chromium (screenshots in artifacts/admin)"
+# The first page embeds the npm client's bundle: it must be the one the suites test.
+grep -v '^//# sourceMappingURL=' tests/compat/js/node_modules/centrifuge/dist/centrifuge.js \
+  | cmp - crates/holdfast-server/assets/vendor/centrifuge.js \
+  || { echo "crates/holdfast-server/assets/vendor/centrifuge.js differs from the npm centrifuge package: copy dist/centrifuge.js (without its sourceMappingURL line)"; exit 1; }
+(cd tests/compat/js && node --test --test-concurrency=1 --test-force-exit --test-reporter=spec admin.test.mjs)
+
 step "example apps in Chromium (examples/*, screenshots in artifacts/examples)"
 (cd tests/compat/js && PYTHON="$py" node --test --test-concurrency=1 --test-force-exit --test-reporter=spec examples.test.mjs)
 

@@ -934,6 +934,19 @@ impl Hub {
     }
 }
 
+/// A publication as a trace shows it (built only when a tracer wants it).
+fn trace_publication<'a>(
+    channel: &'a str,
+    p: &'a Arc<Publication>,
+) -> impl FnOnce() -> TraceEvent + Copy + 'a {
+    move || TraceEvent::Publication {
+        channel: channel.into(),
+        offset: p.offset,
+        data: p.data.clone(),
+        binary: p.binary,
+    }
+}
+
 impl BrokerHandler for Hub {
     fn on_publication(&self, channel: &str, p: &Arc<Publication>, epoch: &Arc<str>) {
         let shard = self.channels.get(channel).read();
@@ -957,21 +970,18 @@ impl BrokerHandler for Hub {
                 sub.deliver(p, epoch, &mut fan, &matched);
             }
             if self.tracer.active() {
-                let event = || TraceEvent::Publication {
-                    channel: channel.into(),
-                    offset: p.offset,
-                    data: p.data.clone(),
-                    binary: p.binary,
-                };
-                self.tracer.offer(Some(channel), None, event);
                 // Followed users whose connections here received it.
                 for user in self.tracer.users() {
                     if entry.subs.values().any(|s| s.client.user() == &*user) {
-                        self.tracer.offer(None, Some(&user), event);
+                        self.tracer
+                            .offer(None, Some(&user), trace_publication(channel, p));
                     }
                 }
             }
         }
+        // A followed channel's publications, received by this node or not.
+        self.tracer
+            .offer(Some(channel), None, trace_publication(channel, p));
     }
 
     fn on_join(&self, channel: &str, info: &Arc<ClientInfo>) {

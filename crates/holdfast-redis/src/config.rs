@@ -32,8 +32,11 @@ pub struct RedisConfig {
     /// Presence entries expire this long after their node last refreshed them.
     #[serde(with = "holdfast_core::config::duration")]
     pub presence_ttl: Duration,
-    /// TLS to Redis (also on for `rediss://` addresses).
+    /// TLS to Redis (also on for `rediss://` addresses; to the masters of `redis+sentinel://`
+    /// addresses).
     pub tls: RedisTlsConfig,
+    /// TLS to the sentinels of `redis+sentinel://` addresses.
+    pub sentinel_tls: RedisTlsConfig,
 }
 
 /// `engine.redis.tls`, Centrifugo's key names.
@@ -54,7 +57,7 @@ pub struct RedisTlsConfig {
 
 impl RedisTlsConfig {
     /// The certificates for the client, reading the files.
-    fn certificates(&self) -> Result<redis::TlsCertificates, String> {
+    pub(crate) fn certificates(&self) -> Result<redis::TlsCertificates, String> {
         let read = |path: &str| std::fs::read(path).map_err(|e| format!("{path}: {e}"));
         let root_cert = if !self.server_ca_pem_file.is_empty() {
             Some(read(&self.server_ca_pem_file)?)
@@ -111,6 +114,7 @@ impl RedisConfig {
             ping_interval: Duration::from_secs(1),
             presence_ttl: Duration::from_secs(60),
             tls: RedisTlsConfig::default(),
+            sentinel_tls: RedisTlsConfig::default(),
         }
     }
 
@@ -125,7 +129,7 @@ impl RedisConfig {
             errs.push(("engine.redis.address", "needs at least one address".into()));
         }
         for a in &self.addresses {
-            if let Err(e) = parse_address(a, &self.tls) {
+            if let Err(e) = parse_address(a, &self.tls, &self.sentinel_tls) {
                 errs.push(("engine.redis.address", e));
             }
         }
@@ -172,9 +176,10 @@ impl RedisConfig {
 pub(crate) enum Target {
     Single(redis::Client),
     Cluster(Box<redis::cluster::ClusterClient>),
+    Sentinel(Arc<crate::sentinel::Sentinel>),
 }
 
-fn resp3(url: &str) -> Result<redis::ConnectionInfo, String> {
+pub(crate) fn resp3(url: &str) -> Result<redis::ConnectionInfo, String> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()
@@ -188,11 +193,19 @@ fn resp3(url: &str) -> Result<redis::ConnectionInfo, String> {
 
 /// Parses one `engine.redis.address` entry. TLS applies to `rediss://` addresses, and to every
 /// address when `tls.enabled`.
-pub(crate) fn parse_address(a: &str, tls: &RedisTlsConfig) -> Result<Target, String> {
-    if a.starts_with("redis+sentinel://") || a.starts_with("rediss+sentinel://") {
+pub(crate) fn parse_address(
+    a: &str,
+    tls: &RedisTlsConfig,
+    sentinel_tls: &RedisTlsConfig,
+) -> Result<Target, String> {
+    if a.starts_with("redis+sentinel://") {
+        return crate::sentinel::Sentinel::parse(a, tls, sentinel_tls)
+            .map(|s| Target::Sentinel(Arc::new(s)));
+    }
+    if a.starts_with("rediss+sentinel://") {
         return Err(format!(
-            "{a}: Sentinel is not supported yet; point Holdfast at the master through a \
-             proxy, or use Redis Cluster"
+            "{a}: write redis+sentinel:// and set engine.redis.tls (masters) and \
+             engine.redis.sentinel_tls (sentinels)"
         ));
     }
     let secure = tls.enabled || a.starts_with("rediss");
@@ -234,7 +247,7 @@ pub(crate) fn parse_address(a: &str, tls: &RedisTlsConfig) -> Result<Target, Str
         || a.starts_with("redis+unix://"))
     {
         return Err(format!(
-            "{a}: expected redis://, rediss://, unix:// or redis+cluster://"
+            "{a}: expected redis://, rediss://, unix://, redis+cluster:// or redis+sentinel://"
         ));
     }
     if secure {

@@ -21,6 +21,7 @@ mod config;
 mod keys;
 mod pubsub;
 mod scripts;
+mod sentinel;
 
 pub(crate) use config::Target;
 use config::parse_address;
@@ -38,7 +39,7 @@ use parking_lot::Mutex;
 use redis::{FromRedisValue, RedisFuture, Script, Value};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -47,6 +48,7 @@ use std::time::Duration;
 enum Conn {
     Single(redis::aio::ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(Arc<sentinel::SentinelConn>),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -54,6 +56,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => Box::pin(async move { c.command(cmd).await }),
         }
     }
     fn req_packed_commands<'a>(
@@ -65,12 +68,14 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => Box::pin(async move { c.commands(pipeline, offset, count).await }),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.db(),
         }
     }
 }
@@ -284,24 +289,28 @@ impl RedisEngine {
         let targets: Vec<Target> = cfg
             .addresses
             .iter()
-            .map(|a| parse_address(a, &cfg.tls))
+            .map(|a| parse_address(a, &cfg.tls, &cfg.sentinel_tls))
             .collect::<Result<_, _>>()?;
         let cluster = matches!(targets.first(), Some(Target::Cluster(_)));
         let mut cmds = Vec::with_capacity(targets.len());
+        let mc = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.command_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(200));
         for t in &targets {
+            let mc = mc.clone();
             cmds.push(match t {
-                Target::Single(client) => {
-                    let mc = redis::aio::ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(cfg.connect_timeout))
-                        .set_response_timeout(Some(cfg.command_timeout))
-                        .set_number_of_retries(1)
-                        .set_min_delay(Duration::from_millis(20))
-                        .set_max_delay(Duration::from_millis(200));
-                    Conn::Single(
-                        redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), mc)
-                            .map_err(|e| e.to_string())?,
-                    )
-                }
+                Target::Sentinel(s) => Conn::Sentinel(Arc::new(sentinel::SentinelConn::new(
+                    s.clone(),
+                    mc,
+                    cfg.connect_timeout,
+                ))),
+                Target::Single(client) => Conn::Single(
+                    redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), mc)
+                        .map_err(|e| e.to_string())?,
+                ),
                 Target::Cluster(client) => {
                     let cc = redis::cluster::ClusterConfig::new()
                         .set_connection_timeout(cfg.connect_timeout)

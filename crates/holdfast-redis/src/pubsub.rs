@@ -55,7 +55,16 @@ impl Link {
         shared: &Shared,
     ) -> redis::RedisResult<Self> {
         let t = shared.cfg.connect_timeout;
+        let located;
+        let target = match target {
+            Target::Sentinel(s) => {
+                located = Target::Single(s.master(t).await?);
+                &located
+            }
+            other => other,
+        };
         match target {
+            Target::Sentinel(_) => unreachable!("located above"),
             Target::Single(client) => {
                 let cfg = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(t))

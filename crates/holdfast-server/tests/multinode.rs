@@ -2,12 +2,14 @@
 //! and API commands across nodes, `info` over live nodes, a node killed or shut down (its
 //! clients recover on another node with zero loss), Redis restarted with and without
 //! persistence (clients recover or are told, never silently lose), sharding over two Redis
-//! instances and a 3-master Redis Cluster with sharded pub/sub.
+//! instances and a 3-master Redis Cluster with sharded pub/sub; a master killed under load
+//! behind Redis Sentinel and in a Redis Cluster with replicas (the replica promoted, publishing
+//! resumes, nothing lost silently).
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
-use common::redis::{RedisCluster, RedisServer, free_port, raw};
+use common::redis::{RedisCluster, RedisSentinel, RedisServer, free_port, raw};
 use common::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -549,4 +551,157 @@ async fn a_starting_node_hears_from_its_peers_at_once() {
     b.stop().await;
     a.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Publishes `{"n": n}` through node `port`'s API: (offset, epoch) when acknowledged.
+async fn try_publish(http: &reqwest::Client, port: u16, n: u64) -> Option<(u64, String)> {
+    let r: Value = http
+        .post(format!("http://127.0.0.1:{port}/api/publish"))
+        .header("X-API-Key", API_KEY)
+        .json(&json!({"channel": "f", "data": {"n": n}}))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let res = r.get("result")?;
+    Some((res["offset"].as_u64()?, res["epoch"].as_str()?.to_owned()))
+}
+
+/// While a publisher runs, `fail` kills the Redis master. Publishing must resume on the
+/// promoted replica, and the subscriber must end with every acknowledged publication of the
+/// final epoch, once, in order (live or recovered), or have been told (recovered: false).
+async fn master_failover_under_load(address: String, prefix: &str, fail: impl FnOnce()) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cfg = write_config(&test_dir(prefix), &[address], prefix);
+    let a = start_node(&cfg).await;
+    let mut c = client(&a, "u").await;
+    let r = c.call("subscribe", json!({"channel": "f"})).await;
+    let mut epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    let (stop, count) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (stop2, count2, port) = (stop.clone(), count.clone(), a.port);
+    let publisher = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let (mut acked, mut refused, mut n) = (Vec::new(), 0u64, 0u64);
+        while !stop2.load(Ordering::Relaxed) {
+            n += 1;
+            match try_publish(&http, port, n).await {
+                Some(a) => {
+                    acked.push(a);
+                    count2.store(acked.len(), Ordering::Relaxed);
+                }
+                None => refused += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (acked, refused)
+    });
+    let wait_for = |n: usize, what: &'static str| {
+        let count = count.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while count.load(Ordering::Relaxed) < n {
+                assert!(tokio::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(30, "publishing before the failure").await;
+    let before = count.load(Ordering::Relaxed);
+    fail();
+    let failed_at = tokio::time::Instant::now();
+    wait_for(
+        before + 50,
+        "publishing never resumed after the master was killed",
+    )
+    .await;
+    let resumed_after = failed_at.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (acked, refused) = publisher.await.unwrap();
+    let final_epoch = acked.last().unwrap().1.clone();
+    let last = acked.last().unwrap().0;
+    let (got, told) = collect_until(&mut c, "f", &mut epoch, 0, last).await;
+    eprintln!(
+        "{prefix}: {} acknowledged, {refused} refused while failing over, resumed after {resumed_after:?}, subscriber resubscribed {told} time(s), {}",
+        acked.len(),
+        if got.contains(&u64::MAX) {
+            "told recovered: false"
+        } else {
+            "recovered every publication"
+        }
+    );
+    // Once, in order: offsets only grow between tellings.
+    let received: Vec<u64> = got.iter().copied().filter(|o| *o != u64::MAX).collect();
+    let told_at = got.iter().rposition(|o| *o == u64::MAX);
+    let after_told = &got[told_at.map_or(0, |i| i + 1)..];
+    assert!(
+        after_told.windows(2).all(|w| w[0] < w[1]),
+        "duplicates or disorder: {got:?}"
+    );
+    // Every acknowledged publication of the final epoch reached it, unless it was told.
+    for (offset, e) in &acked {
+        if *e == final_epoch && told_at.is_none() {
+            assert!(
+                received.contains(offset),
+                "acknowledged offset {offset} lost silently"
+            );
+        }
+    }
+    if told_at.is_some() {
+        // After being told, it holds everything acknowledged past its new position.
+        let first_after = after_told.first().copied().unwrap_or(last);
+        for (offset, e) in &acked {
+            if *e == final_epoch && *offset >= first_after {
+                assert!(
+                    after_told.contains(offset),
+                    "offset {offset} lost after recovery"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_promotes_the_replica_and_publishing_resumes_without_silent_loss() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut s = RedisSentinel::start();
+    let old = s.master.port;
+    let url = s.url();
+    let replica_port = s.replica.port;
+    master_failover_under_load(url, "sentinel", || s.master.kill()).await;
+    assert_eq!(
+        s.master_port(),
+        Some(replica_port),
+        "the sentinel promoted the replica (old master {old})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_replica_takes_over_a_killed_master_without_silent_loss() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut cluster = RedisCluster::start_with_replicas(1);
+    let url = cluster.url();
+    // The master holding the test channel's keys is the one to kill (found once it has them).
+    let nodes: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let victim = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let v2 = victim.clone();
+    master_failover_under_load(url, "clusterfail", || {
+        let i = nodes
+            .iter()
+            .position(|p| {
+                raw(*p, "ROLE").is_ok_and(|r| r.contains("master"))
+                    && raw(*p, "KEYS *").is_ok_and(|r| r.contains(":f\r\n"))
+            })
+            .expect("the master holding channel f");
+        cluster.nodes[i].kill();
+        *v2.lock().unwrap() = Some(i);
+    })
+    .await;
+    assert!(victim.lock().unwrap().is_some());
 }

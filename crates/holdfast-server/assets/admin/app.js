@@ -595,7 +595,7 @@
     const details = (ev) => {
       switch (ev.type) {
         case 'publication':
-          return [what === 'user' && ev.channel !== undefined ? [chanLink(ev.channel), ' '] : null, `offset ${ev.offset ?? '–'} `, el('span', {}, ev.data ?? ''), ev.truncated ? el('span', { class: 'muted' }, ' … (truncated)') : null];
+          return [what === 'user' && ev.channel !== undefined ? [chanLink(ev.channel), ' '] : null, `offset ${ev.offset ?? '–'} `, el('span', {}, ev.data ?? ''), ev.binary ? el('span', { class: 'muted' }, ' (binary)') : null, ev.truncated ? el('span', { class: 'muted' }, ' … (truncated)') : null];
         case 'join': case 'leave': case 'subscribe': case 'unsubscribe':
           return [what === 'user' ? [chanLink(ev.channel || ''), ' '] : ['user ', userLink(ev.user), ' '], 'client ', ev.client || ''];
         case 'connect':

@@ -7,7 +7,7 @@
   const css = (node, props) => node && Object.assign(node.style, props);
   css(document.body, { font: '15px/1.5 system-ui, sans-serif', color: '#1d2733', background: '#f5f7fa', margin: '0' });
   css(document.querySelector('main'), { maxWidth: '860px', margin: '0 auto', padding: '24px 20px 60px' });
-  for (const pre of document.querySelectorAll('pre')) css(pre, { background: '#18202b', color: '#e8edf3', padding: '12px 14px', borderRadius: '8px', overflowX: 'auto', fontSize: '13px' });
+  for (const pre of document.querySelectorAll('pre')) css(pre, { background: '#18202b', color: '#e8edf3', padding: '12px 14px', borderRadius: '8px', whiteSpace: 'pre-wrap', overflowWrap: 'anywhere', fontSize: '13px' });
   css($('messages'), { fontFamily: 'ui-monospace, Menlo, Consolas, monospace', fontSize: '13px' });
   css($('message'), { width: '340px', padding: '5px 8px', font: 'inherit' });
   css($('publish'), { padding: '5px 14px', font: 'inherit' });

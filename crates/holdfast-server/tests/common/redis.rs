@@ -201,7 +201,13 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters with `replicas` replicas each; a master that fails is replaced by its
+    /// replica after `cluster-node-timeout` (2 s).
+    pub fn start_with_replicas(replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
                 RedisServer::start_with(&[
                     "--cluster-enabled",
@@ -222,7 +228,7 @@ impl RedisCluster {
         }
         let out = cli
             .arg("--cluster-replicas")
-            .arg("0")
+            .arg(replicas.to_string())
             .arg("--cluster-yes")
             .output()
             .expect("redis-cli");
@@ -235,7 +241,9 @@ impl RedisCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for n in &nodes {
             loop {
-                if raw(n.port, "CLUSTER INFO").is_ok_and(|r| r.contains("cluster_state:ok")) {
+                if raw(n.port, "CLUSTER INFO").is_ok_and(|r| r.contains("cluster_state:ok"))
+                    && (replicas == 0 || Self::replicas_synced(&nodes))
+                {
                     break;
                 }
                 assert!(Instant::now() < deadline, "cluster did not become ok");
@@ -252,5 +260,121 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
+impl RedisCluster {
+    /// Whether every replica's link to its master is up.
+    fn replicas_synced(nodes: &[RedisServer]) -> bool {
+        nodes.iter().all(|n| {
+            raw(n.port, "INFO replication")
+                .is_ok_and(|r| r.contains("role:master") || r.contains("master_link_status:up"))
+        })
+    }
+
+    /// Index of a node that is a master now.
+    pub fn a_master(&self) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.running() && raw(n.port, "ROLE").is_ok_and(|r| r.contains("master")))
+            .expect("a master")
+    }
+}
+
+/// A master, its replica and one sentinel (quorum 1) watching them as `mymaster`.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl RedisSentinel {
+    pub fn start() -> Self {
+        let master = RedisServer::start();
+        let replica =
+            RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "holdfast-sentinel-{}-{port}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // Sentinel rewrites its configuration file: it must be writable.
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 3000\n",
+                dir.display(),
+                master.port
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new(redis_bin())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let s = Self {
+            master,
+            replica,
+            port,
+            child: Some(child),
+            dir,
+        };
+        // Ready when the sentinel knows the replica and the replica is in sync.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let rp = s.replica.port.to_string();
+        loop {
+            let known = raw(port, "SENTINEL replicas mymaster").is_ok_and(|r| r.contains(&rp));
+            let synced = raw(s.replica.port, "INFO replication")
+                .is_ok_and(|r| r.contains("master_link_status:up"));
+            if known && synced {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sentinel did not see the replica"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "redis+sentinel://127.0.0.1:{}?sentinel_master_name=mymaster",
+            self.port
+        )
+    }
+
+    /// The port of the master the sentinel names now.
+    pub fn master_port(&self) -> Option<u16> {
+        let r = raw(self.port, "SENTINEL get-master-addr-by-name mymaster").ok()?;
+        // *2 $9 127.0.0.1 $5 PORT
+        r.lines()
+            .filter(|l| !l.starts_with(['*', '$']))
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
