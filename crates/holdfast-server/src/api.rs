@@ -197,20 +197,72 @@ fn finish(method: &str, started: Instant, res: ApiResult, transport_mode: bool) 
             )
         }
         Err(ApiError::Reply(e)) => {
-            metrics::counter!("holdfast_api_errors_total", "method" => method.to_owned(), "code" => e.code.to_string()).increment(1);
-            tracing::debug!(method, code = e.code, message = %e.message, "API error");
-            let mut err = Vec::new();
-            write_error(&mut err, &e);
-            if transport_mode {
-                json_response(status_of(e.code), err)
-            } else {
-                let mut out = b"{\"error\":".to_vec();
-                out.extend_from_slice(&err);
-                out.push(b'}');
-                json_response(StatusCode::OK, out)
-            }
+            let failure = ApiFailure {
+                code: e.code,
+                message: e.message.to_string(),
+            };
+            let mut r = finish_error(method, e, transport_mode);
+            r.extensions_mut().insert(failure);
+            r
         }
     }
+}
+
+fn finish_error(method: &str, e: ErrorReply, transport_mode: bool) -> Response {
+    metrics::counter!("holdfast_api_errors_total", "method" => method.to_owned(), "code" => e.code.to_string()).increment(1);
+    tracing::debug!(method, code = e.code, message = %e.message, "API error");
+    let mut err = Vec::new();
+    write_error(&mut err, &e);
+    if transport_mode {
+        json_response(status_of(e.code), err)
+    } else {
+        let mut out = b"{\"error\":".to_vec();
+        out.extend_from_slice(&err);
+        out.push(b'}');
+        json_response(StatusCode::OK, out)
+    }
+}
+
+/// A server span for an API call, continuing the caller's `traceparent` (`opentelemetry.api`).
+fn api_span(state: &AppState, req: &Request) -> Option<crate::otel::SpanGuard> {
+    let otel = state.otel.as_ref().filter(|o| o.api)?;
+    let parent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::otel::Context::parse);
+    let mut span = otel.span("holdfast.api", crate::otel::Kind::Server, parent);
+    span.attr("http.request.method", req.method().as_str());
+    span.attr("url.path", req.uri().path());
+    Some(span)
+}
+
+/// Ends an API call's span with the method and the outcome.
+fn end_span(state: &AppState, span: Option<crate::otel::SpanGuard>, method: &str, resp: &Response) {
+    let (Some(mut span), Some(otel)) = (span, state.otel.as_ref()) else {
+        return;
+    };
+    span.attr("rpc.method", method);
+    span.attr_int(
+        "http.response.status_code",
+        i64::from(resp.status().as_u16()),
+    );
+    let error = resp
+        .extensions()
+        .get::<ApiFailure>()
+        .map(|f| {
+            span.attr_int("holdfast.error_code", i64::from(f.code));
+            f.message.clone()
+        })
+        .or_else(|| (!resp.status().is_success()).then(|| resp.status().to_string()));
+    span.end(otel, error);
+}
+
+/// What failed in an API call, kept on the response for its span.
+#[derive(Debug, Clone)]
+struct ApiFailure {
+    code: u32,
+    message: String,
 }
 
 async fn call(
@@ -218,6 +270,19 @@ async fn call(
     Path(method): Path<String>,
     req: Request,
 ) -> Response {
+    let span = api_span(&state, &req);
+    let known = if KNOWN.contains(&method.as_str()) {
+        method.clone()
+    } else {
+        "unknown".to_owned()
+    };
+    let resp = call_inner(&state, method, req).await;
+    end_span(&state, span, &known, &resp);
+    resp
+}
+
+async fn call_inner(state: &Arc<AppState>, method: String, req: Request) -> Response {
+    let state = state.clone();
     let started = Instant::now();
     let (body, transport_mode) = match admit(&state, req).await {
         Ok(x) => x,
@@ -238,6 +303,14 @@ async fn call(
 
 /// `POST /api` with `{"method":"publish","params":{…}}` (the older form).
 async fn legacy(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let span = api_span(&state, &req);
+    let resp = legacy_inner(&state, req).await;
+    end_span(&state, span, "legacy", &resp);
+    resp
+}
+
+async fn legacy_inner(state: &Arc<AppState>, req: Request) -> Response {
+    let state = state.clone();
     #[derive(Deserialize)]
     struct Legacy<'a> {
         method: String,

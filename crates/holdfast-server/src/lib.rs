@@ -11,6 +11,7 @@ pub mod config;
 pub mod consumer;
 pub mod jwt;
 pub mod listen;
+pub mod otel;
 pub mod proxy;
 pub mod server;
 pub mod webhook;

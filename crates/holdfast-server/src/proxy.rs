@@ -35,11 +35,19 @@ pub struct Proxy {
     static_headers: Vec<(String, String)>,
     in_flight: Arc<tokio::sync::Semaphore>,
     http: reqwest::Client,
+    /// Spans for proxy requests (`opentelemetry.proxy`).
+    otel: Option<Arc<crate::otel::Otel>>,
 }
 
 impl Proxy {
-    fn new(name: &str, cfg: &ProxyConfig, http: &reqwest::Client) -> Arc<Self> {
+    fn new(
+        name: &str,
+        cfg: &ProxyConfig,
+        http: &reqwest::Client,
+        otel: &Option<Arc<crate::otel::Otel>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            otel: otel.clone(),
             name: name.to_owned(),
             endpoint: cfg.endpoint.clone(),
             timeout: cfg.timeout,
@@ -60,14 +68,56 @@ impl Proxy {
         })
     }
 
-    /// POSTs `body`; returns the `result` object, or the backend's error or disconnect.
+    /// POSTs `body`; returns the `result` object, or the backend's error or disconnect. With
+    /// OpenTelemetry, the request is a client span whose `traceparent` the backend receives.
     async fn call(
+        &self,
+        kind: &'static str,
+        body: Map<String, Value>,
+        ctx_headers: &[(String, String)],
+        meta: Option<&Bytes>,
+        with_cookie: bool,
+    ) -> Result<Map<String, Value>, HandlerError> {
+        let Some(otel) = &self.otel else {
+            return self
+                .request(kind, body, ctx_headers, meta, with_cookie, None)
+                .await;
+        };
+        let mut span = otel.span(
+            &format!("holdfast.proxy.{kind}"),
+            crate::otel::Kind::Client,
+            None,
+        );
+        span.attr("holdfast.proxy", self.name.clone());
+        span.attr("http.request.method", "POST");
+        span.attr("url.full", self.endpoint.clone());
+        let ctx = span.context;
+        let r = self
+            .request(kind, body, ctx_headers, meta, with_cookie, Some(ctx))
+            .await;
+        let error = match &r {
+            Ok(_) => None,
+            Err(HandlerError::Reply(e)) => {
+                span.attr_int("holdfast.error_code", i64::from(e.code));
+                Some(e.message.to_string())
+            }
+            Err(HandlerError::Disconnect(d)) => {
+                span.attr_int("holdfast.disconnect_code", i64::from(d.code));
+                None
+            }
+        };
+        span.end(otel, error);
+        r
+    }
+
+    async fn request(
         &self,
         kind: &'static str,
         mut body: Map<String, Value>,
         ctx_headers: &[(String, String)],
         meta: Option<&Bytes>,
         with_cookie: bool,
+        trace: Option<crate::otel::Context>,
     ) -> Result<Map<String, Value>, HandlerError> {
         let labels = [("proxy", self.name.clone()), ("kind", kind.to_owned())];
         let Ok(_permit) = self.in_flight.try_acquire() else {
@@ -101,6 +151,9 @@ impl Proxy {
         }
         for (k, v) in &self.static_headers {
             req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(t) = trace {
+            req = req.header("traceparent", t.header());
         }
         let started = Instant::now();
         metrics::gauge!("holdfast_proxy_in_flight", &labels).increment(1.0);
@@ -269,19 +322,24 @@ pub struct ProxyHandler {
 
 impl ProxyHandler {
     /// Builds the hooks from configuration.
-    pub fn new(cfg: &Config, standard: StandardHandler) -> Self {
+    pub fn new(
+        cfg: &Config,
+        standard: StandardHandler,
+        otel: Option<Arc<crate::otel::Otel>>,
+    ) -> Self {
+        let otel = otel.filter(|o| o.proxy);
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()
             .unwrap_or_default();
         let mk = |name: &str, p: &ProxyConfig| {
-            (!p.endpoint.is_empty()).then(|| Proxy::new(name, p, &http))
+            (!p.endpoint.is_empty()).then(|| Proxy::new(name, p, &http, &otel))
         };
         let named: HashMap<String, Arc<Proxy>> = cfg
             .proxies
             .iter()
-            .map(|p| (p.name.clone(), Proxy::new(&p.name, p, &http)))
+            .map(|p| (p.name.clone(), Proxy::new(&p.name, p, &http, &otel)))
             .collect();
         let cp = &cfg.client.proxy;
         let chp = &cfg.channel.proxy;
@@ -635,8 +693,13 @@ impl RefreshHook for ProxyHandler {
 
 /// The standalone server's hooks: tokens, namespace permissions and proxies in the connect,
 /// channel, RPC and refresh slots; lifecycle webhooks when configured.
-pub fn hooks(cfg: &Config, standard: StandardHandler, webhooks: Option<Webhooks>) -> Hooks {
-    let p = Arc::new(ProxyHandler::new(cfg, standard));
+pub fn hooks(
+    cfg: &Config,
+    standard: StandardHandler,
+    webhooks: Option<Webhooks>,
+    otel: Option<Arc<crate::otel::Otel>>,
+) -> Hooks {
+    let p = Arc::new(ProxyHandler::new(cfg, standard, otel));
     Hooks {
         connect: p.clone(),
         channels: p.clone(),

@@ -35,6 +35,8 @@ pub struct AppState {
     pub consumers: Vec<Arc<crate::consumer::Status>>,
     /// The admin UI's login limiter.
     pub admin: crate::admin::AdminState,
+    /// The OpenTelemetry exporter, when `opentelemetry.enabled`.
+    pub otel: Option<Arc<crate::otel::Otel>>,
 }
 
 /// What the transports take from the server's configuration.
@@ -60,7 +62,12 @@ pub fn transport_config(config: &Config) -> holdfast_transport::TransportConfig 
 }
 
 impl AppState {
-    fn new(node: Node, config: Config, metrics: PrometheusHandle) -> Arc<Self> {
+    fn new(
+        node: Node,
+        config: Config,
+        metrics: PrometheusHandle,
+        otel: Option<Arc<crate::otel::Otel>>,
+    ) -> Arc<Self> {
         // Series a dashboard shows from the start: 0 until something happens, never "no data".
         for name in [
             "holdfast_publications_total",
@@ -76,6 +83,7 @@ impl AppState {
             ),
             consumers: crate::consumer::statuses(&config.consumers),
             admin: Default::default(),
+            otel,
             node,
             config: Arc::new(config),
             metrics,
@@ -205,12 +213,13 @@ pub async fn build_with_engine(config: Config, engine: Engine) -> anyhow::Result
         .webhooks
         .enabled
         .then(|| crate::webhook::Webhooks::start(&config.webhooks, &uuid_like()));
-    let hooks = crate::proxy::hooks(&config, standard, webhooks);
+    let otel = crate::otel::Otel::start(&config.opentelemetry, &uuid_like());
+    let hooks = crate::proxy::hooks(&config, standard, webhooks, otel.clone());
     let node = Node::new(config.node_config(), engine, hooks).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("invalid configuration:\n  {}", lines.join("\n  "))
     })?;
-    Ok(AppState::new(node, config, metrics))
+    Ok(AppState::new(node, config, metrics, otel))
 }
 
 fn uuid_like() -> String {
@@ -222,7 +231,7 @@ fn uuid_like() -> String {
 /// server's configuration for the transport. The application calls `node.start()` once ready
 /// and `node.shutdown(..)` on exit.
 pub fn embed(node: Node, config: Config) -> Arc<AppState> {
-    AppState::new(node, config, metrics_handle())
+    AppState::new(node, config, metrics_handle(), None)
 }
 
 /// The WebSocket endpoint alone (`/connection/websocket`), to merge into an application's router

@@ -62,6 +62,56 @@ pub struct Config {
     pub consumers: Vec<consumers::ConsumerConfig>,
     /// The admin web UI (off by default).
     pub admin: AdminConfig,
+    /// OpenTelemetry traces over OTLP/HTTP (off by default).
+    pub opentelemetry: OpenTelemetryConfig,
+}
+
+/// `opentelemetry.*`: spans for server API calls and proxy requests, exported over OTLP/HTTP
+/// (protobuf).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct OpenTelemetryConfig {
+    /// Export spans.
+    pub enabled: bool,
+    /// A span per server API call, continuing the caller's `traceparent`.
+    pub api: bool,
+    /// A span per proxy request, its `traceparent` sent to the backend (a Holdfast extension).
+    pub proxy: bool,
+    /// Where spans go (the full `/v1/traces` URL). Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+    /// else `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`, else `http://localhost:4318/v1/traces`.
+    pub endpoint: String,
+    /// `service.name` of the spans. Empty: `OTEL_SERVICE_NAME`, else `holdfast`.
+    pub service_name: String,
+    /// Extra headers of export requests (a collector's credentials).
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl OpenTelemetryConfig {
+    /// The traces URL, from the configuration or the standard environment variables.
+    pub fn traces_endpoint(&self) -> String {
+        if !self.endpoint.is_empty() {
+            return self.endpoint.clone();
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(e) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            return e;
+        }
+        match env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Some(base) => format!("{}/v1/traces", base.trim_end_matches('/')),
+            None => "http://localhost:4318/v1/traces".into(),
+        }
+    }
+
+    /// `service.name`.
+    pub fn service_name(&self) -> String {
+        if !self.service_name.is_empty() {
+            return self.service_name.clone();
+        }
+        std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "holdfast".into())
+    }
 }
 
 /// `admin.*`: the embedded admin web UI under `/admin`, on the internal port when there is one.
@@ -647,6 +697,23 @@ impl Config {
                 e(
                     key,
                     "enabled TLS needs server_cert_pem_file and server_key_pem_file",
+                );
+            }
+        }
+        if self.opentelemetry.enabled {
+            let url = self.opentelemetry.traces_endpoint();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                e(
+                    "opentelemetry.endpoint",
+                    "must be an http:// or https:// URL (OTLP over HTTP)",
+                );
+            }
+            if std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+                .is_ok_and(|p| !p.is_empty() && p != "http/protobuf")
+            {
+                e(
+                    "opentelemetry",
+                    "only OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf is supported",
                 );
             }
         }
