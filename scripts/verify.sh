@@ -60,7 +60,9 @@ port="$(cat "$state/port0")"
 cleanup() {
   stop_server KILL 0
   stop_server KILL 1
-  if [ -f "$state/redis.pid" ]; then kill -KILL "$(cat "$state/redis.pid")" 2>/dev/null || true; fi
+  for f in "$state"/redis*.pid "$state"/sentinel.pid; do
+    if [ -f "$f" ]; then kill -KILL "$(cat "$f")" 2>/dev/null || true; fi
+  done
   if [ -f "$state/nats.pid" ]; then kill -KILL "$(cat "$state/nats.pid")" 2>/dev/null || true; fi
   if [ -d "$state/pg" ]; then as_pg "$pg_bin/pg_ctl" -D "$state/pg/data" -m immediate stop >/dev/null 2>&1 || true; fi
   rm -rf "$state"
@@ -90,8 +92,9 @@ fi
 
 common=(--url "ws://127.0.0.1:$port/connection/websocket" --api "http://127.0.0.1:$port"
         --api-key verify-api-key --secret verify-secret --quiet --check)
-# `scripts/verify.sh sources` runs only the last part (publishing through the consumers).
-if [ "$mode" != "sources" ]; then
+# `scripts/verify.sh sources` runs only the last part (publishing through the consumers),
+# `scripts/verify.sh failover` only the Redis failovers.
+if [ "$mode" = "short" ]; then
 start_server
 
 echo "--- verify: jitter, socket drops, slow readers and a reconnect storm"
@@ -187,8 +190,109 @@ print(f"{sys.argv[1]}: {r['delivered']} of {r['expected']} delivered, {r['lost_s
 PY
 done
 
-fi # mode != sources
+fi # short
 
+if [ "$mode" = "short" ] || [ "$mode" = "failover" ]; then
+# Redis failover: two nodes, the master killed (SIGKILL) mid-run and its replica promoted, by
+# Sentinel and then by Redis Cluster. Publishing resumes (publishes refused meanwhile are
+# errors to the publisher) and nothing is lost silently: each subscriber recovers or is told.
+stop_server TERM 0
+stop_server TERM 1
+# A port whose cluster bus port (+10000) is free too.
+free_bus_port() {
+  python3 -c 'import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]
+    if p < 50000:
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", p + 10000)); print(p); break
+        except OSError:
+            pass'
+}
+redis_at() { # port, extra redis-server arguments
+  local p="$1"; shift
+  mkdir -p "$state/redis-$p"
+  (redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no --dir "$state/redis-$p" \
+    "$@" > "$state/redis-$p.log" 2>&1 & echo $! > "$state/redis-$p.pid")
+  for _ in $(seq 1 400); do redis-cli -p "$p" ping 2>/dev/null | grep -q PONG && return 0; sleep 0.025; done
+  echo "redis-server on $p did not start" >&2; return 1
+}
+failover_run() { # name, address, kill command
+  export HOLDFAST_ENGINE_TYPE=redis HOLDFAST_ENGINE_REDIS_ADDRESS="$2" \
+    HOLDFAST_ENGINE_REDIS_PING_INTERVAL=200ms HOLDFAST_ENGINE_REDIS_PREFIX="verify-$1"
+  start_server 0
+  start_server 1
+  echo "--- verify: two nodes over Redis ($1), the master killed at 3 s"
+  "$bin/holdfast-bench" verify \
+    --url "ws://127.0.0.1:$port/connection/websocket,ws://127.0.0.1:$(cat "$state/port1")/connection/websocket" \
+    --api "http://127.0.0.1:$port,http://127.0.0.1:$(cat "$state/port1")" \
+    --api-key verify-api-key --secret verify-secret --quiet --check \
+    --subscribers 200 --channels 6 --duration 10 --api-rate 40 --client-rate 0 \
+    --restart-cmd "$3" --restart-at 3 --report "artifacts/verify-failover-$1.json"
+  python3 - "$1" <<'PY'
+import json, sys
+r = json.load(open(f"artifacts/verify-failover-{sys.argv[1]}.json"))
+assert r["expected"] > 0 and r["lost_silently"] == 0, r
+# A session waiting on a Redis command past the pong timeout would be closed with 3012: every
+# engine call is bounded, so a failover never gets there.
+assert "3012" not in r["close_codes"], f"sessions stalled during the failover: {r['close_codes']}"
+print(f"{sys.argv[1]} failover: {r['delivered']} of {r['expected']} delivered, {r['lost_silently']} lost silently, "
+      f"{r['lost_told']} lost told, {r['duplicated']} duplicated, {r['told_events']} told events, "
+      f"reconnects {r['reconnects']}")
+PY
+  stop_server TERM 0
+  stop_server TERM 1
+  unset HOLDFAST_ENGINE_REDIS_PREFIX
+}
+
+master="$(free_port)"; replica="$(free_port)"; sentinel="$(free_port)"
+redis_at "$master"
+redis_at "$replica" --replicaof 127.0.0.1 "$master"
+mkdir -p "$state/sentinel"
+cat > "$state/sentinel/sentinel.conf" <<EOF
+port $sentinel
+bind 127.0.0.1
+protected-mode no
+dir $state/sentinel
+sentinel monitor mymaster 127.0.0.1 $master 1
+sentinel down-after-milliseconds mymaster 1000
+sentinel failover-timeout mymaster 3000
+EOF
+(redis-server "$state/sentinel/sentinel.conf" --sentinel > "$state/sentinel.log" 2>&1 & echo $! > "$state/sentinel.pid")
+for _ in $(seq 1 1200); do
+  redis-cli -p "$sentinel" sentinel replicas mymaster 2>/dev/null | grep -qx "$replica" \
+    && redis-cli -p "$replica" info replication 2>/dev/null | grep -q "master_link_status:up" && break
+  sleep 0.025
+done
+failover_run sentinel "redis+sentinel://127.0.0.1:$sentinel?sentinel_master_name=mymaster" \
+  "kill -KILL $(cat "$state/redis-$master.pid")"
+promoted="$(redis-cli -p "$sentinel" sentinel get-master-addr-by-name mymaster | tail -1)"
+[ "$promoted" = "$replica" ] || { echo "the sentinel did not promote the replica ($promoted)" >&2; exit 1; }
+
+cluster=()
+for _ in 1 2 3 4 5 6; do
+  p="$(free_bus_port)"
+  redis_at "$p" --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000
+  cluster+=("127.0.0.1:$p")
+done
+redis-cli --cluster create "${cluster[@]}" --cluster-replicas 1 --cluster-yes > "$state/cluster.log"
+for hp in "${cluster[@]}"; do
+  for _ in $(seq 1 1200); do
+    redis-cli -p "${hp#*:}" cluster info | grep -q cluster_state:ok \
+      && redis-cli -p "${hp#*:}" info replication | grep -Eq "role:master|master_link_status:up" && break
+    sleep 0.025
+  done
+done
+victim=""
+for hp in "${cluster[@]}"; do
+  redis-cli -p "${hp#*:}" role | head -1 | grep -q master && { victim="${hp#*:}"; break; }
+done
+failover_run cluster "redis+cluster://$(IFS=,; echo "${cluster[*]}")" \
+  "kill -KILL $(cat "$state/redis-$victim.pid")"
+fi # failover
+
+if [ "$mode" = "short" ] || [ "$mode" = "sources" ]; then
 # Publishing through the consumers' sources instead of the API: writers commit (and roll back a
 # tenth of) outbox rows, Redis stream entries (MULTI/DISCARD) and JetStream messages while the
 # node is killed (SIGKILL) and restarted and subscribers drop and recover. Every committed write
@@ -248,3 +352,4 @@ print(f"{src}: {s['committed']} committed, {s['rolled_back']} rolled back, {s['u
 PY
   stop_server TERM 0
 done
+fi # sources

@@ -47,15 +47,32 @@ use std::time::Duration;
 #[derive(Clone)]
 enum Conn {
     Single(redis::aio::ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+    /// With the longest a command may take, retries and slot refreshes included: a command
+    /// parked by the cluster client while a shard fails over is cut there instead of waiting
+    /// for ever (seen under a master kill: subscribes hung until shutdown).
+    Cluster(redis::cluster_async::ClusterConnection, Duration),
     Sentinel(Arc<sentinel::SentinelConn>),
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "redis cluster command timed out",
+    ))
 }
 
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, limit) => {
+                let limit = *limit;
+                Box::pin(async move {
+                    tokio::time::timeout(limit, c.req_packed_command(cmd))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out()))
+                })
+            }
             Conn::Sentinel(c) => Box::pin(async move { c.command(cmd).await }),
         }
     }
@@ -67,14 +84,21 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c, limit) => {
+                let limit = *limit;
+                Box::pin(async move {
+                    tokio::time::timeout(limit, c.req_packed_commands(pipeline, offset, count))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out()))
+                })
+            }
             Conn::Sentinel(c) => Box::pin(async move { c.commands(pipeline, offset, count).await }),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
             Conn::Sentinel(c) => c.db(),
         }
     }
@@ -315,7 +339,10 @@ impl RedisEngine {
                     let cc = redis::cluster::ClusterConfig::new()
                         .set_connection_timeout(cfg.connect_timeout)
                         .set_response_timeout(cfg.command_timeout);
-                    Conn::Cluster(client.get_pending_async_connection_with_config(cc))
+                    Conn::Cluster(
+                        client.get_pending_async_connection_with_config(cc),
+                        cfg.connect_timeout + 3 * cfg.command_timeout,
+                    )
                 }
             });
         }
@@ -488,8 +515,18 @@ impl Broker for RedisEngine {
             .tx
             .send(pubsub::ShardCmd::Subscribe(channel.to_owned(), tx))
             .map_err(|_| EngineError::Unavailable("redis engine stopped".into()))?;
-        rx.await
-            .map_err(|_| EngineError::Unavailable("redis engine stopped".into()))?
+        // The shard answers within its own timeout; this bound only guards against a shard
+        // that stopped answering at all.
+        let limit = 2 * (self.shared.cfg.ping_timeout() + self.shared.cfg.command_timeout);
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(EngineError::Unavailable(
+                "redis pub/sub is reconnecting".into(),
+            )),
+            Err(_) => Err(EngineError::Unavailable(
+                "redis pub/sub subscribe timed out".into(),
+            )),
+        }
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), EngineError> {

@@ -301,8 +301,14 @@ async fn serve(
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = apply(shared, link, batch, channels, seen).await {
-                    return End::Broken(format!("subscribe failed: {e}"));
+                // A (un)subscribe that hangs (a cluster shard whose master just died) must not
+                // hold every later one: past the timeout the link is rebuilt, and the
+                // subscribes whose replies were dropped fail (the sessions answer an error).
+                let limit = shared.cfg.ping_timeout() + shared.cfg.command_timeout;
+                match tokio::time::timeout(limit, apply(shared, link, batch, channels, seen)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::Broken(format!("subscribe failed: {e}")),
+                    Err(_) => return End::Broken("subscribe timed out".into()),
                 }
             }
             _ = tick.tick() => {
