@@ -95,6 +95,7 @@ pub fn run_session(data: &[u8]) {
         transport: "fuzz",
         kind: Default::default(),
         encoding: enc,
+        ip: None,
         headers: Vec::new().into(),
     };
     w.rt.block_on(serve_connection(

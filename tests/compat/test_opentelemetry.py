@@ -141,7 +141,7 @@ def test_api_calls_continue_the_callers_trace(receiver):
         assert span.name == "holdfast.api"
         assert span.parent_span_id.hex() == PARENT
         assert span.kind == 2  # SPAN_KIND_SERVER
-        assert span.status.code == 1  # STATUS_CODE_OK
+        assert span.status.code == 0  # success leaves the status unset
         assert span.end_time_unix_nano >= span.start_time_unix_nano > 0
         a = attrs(span)
         assert a["rpc.method"] == "publish"
@@ -149,6 +149,15 @@ def test_api_calls_continue_the_callers_trace(receiver):
         assert resource["service.name"] == "holdfast-compat"
         assert scope == "holdfast"
         assert all(ct == "application/x-protobuf" for ct in receiver.content_types)
+
+        # A caller's unsampled trace is not exported (spans leave in order: the sampled call
+        # made after it arrives, the unsampled one never did).
+        unsampled, after = "1" * 32, "2" * 32
+        api(srv, "publish", {"channel": "news", "data": {}}, {"traceparent": f"00-{unsampled}-{PARENT}-00"})
+        api(srv, "publish", {"channel": "news", "data": {}}, {"traceparent": f"00-{after}-{PARENT}-01"})
+        seen = []
+        receiver.span(lambda s: seen.append(s.trace_id.hex()) or s.trace_id.hex() == after)
+        assert unsampled not in seen, seen
 
         # An API error is an error span; a malformed traceparent starts a new trace.
         r = api(srv, "publish", {"channel": "", "data": {}}, {"traceparent": "00-zz-yy-01"})
@@ -172,7 +181,7 @@ def test_proxy_requests_carry_traceparent_to_the_backend(receiver):
         assert span.trace_id.hex() == trace
         assert span.span_id.hex() == span_id
         assert span.kind == 3  # SPAN_KIND_CLIENT
-        assert span.status.code == 1
+        assert span.status.code == 0
         assert attrs(span)["url.full"] == f"{base}/connect"
 
 

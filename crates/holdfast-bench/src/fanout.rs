@@ -64,6 +64,13 @@ pub struct FanoutArgs {
     /// Every subscriber has a tag filter (`kind eq token`) that every publication passes.
     #[arg(long)]
     pub tags_filter: bool,
+    /// Worker threads of the node's runtime (the scaling measure: 1 and 2 on this machine).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Channels the subscribers are spread over; each round publishes to every channel at once
+    /// (concurrent publications, as many publishers would make).
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
 }
 
 /// Messages the sinks were given, and a wake-up when they reach the target.
@@ -171,13 +178,22 @@ pub struct FanoutRun {
     pub ns_per_delivery: f64,
     /// Bytes the sinks were given per delivery (frames as a socket would carry them).
     pub bytes_per_delivery: f64,
+    /// CPU time of the process (every thread) per delivery, nanoseconds (10 ms resolution).
+    pub cpu_ns_per_delivery: f64,
+    /// CPU seconds per wall-clock second (1.0 = one core busy).
+    pub cores_busy: f64,
 }
 
-/// Runs the benchmark on a one-worker runtime (the server's shape when pinned to one core).
+/// Runs the benchmark on a runtime of `--threads` workers (one: the server's shape when pinned
+/// to one core).
 pub fn run(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     anyhow::ensure!(args.subscribers > 0 && args.publications > 0 && args.batch > 0);
+    anyhow::ensure!(
+        (1..=256).contains(&args.threads) && (1..=args.subscribers).contains(&args.channels),
+        "--threads 1..=256, --channels 1..=subscribers"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(args.threads)
         .enable_all()
         .build()?;
     rt.block_on(measure(args))
@@ -197,9 +213,19 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     if args.tags_filter {
         extra.push_str(r#","tf":{"key":"kind","cmp":"eq","val":"token"}"#);
     }
-    let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{CHANNEL}"{extra}}}}}"#);
+    let channels: Vec<String> = (0..args.channels)
+        .map(|k| {
+            if args.channels == 1 {
+                CHANNEL.to_owned()
+            } else {
+                format!("{CHANNEL}-{k}")
+            }
+        })
+        .collect();
     let mut future_bytes = 0;
-    for _ in 0..args.subscribers {
+    for i in 0..args.subscribers {
+        let channel = &channels[i % channels.len()];
+        let subscribe = format!(r#"{{"id":2,"subscribe":{{"channel":"{channel}"{extra}}}}}"#);
         // The connection's commands, then silence until the node shuts down.
         let commands = ScriptSource::new([
             Bytes::from_static(br#"{"id":1,"connect":{}}"#),
@@ -246,9 +272,11 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
         )]))
     });
     let mut out = Vec::new();
+    let cpu = || crate::peers::sample(std::process::id()).map_or(0.0, |s| s.cpu_s);
     for run in 0..=args.runs {
         let start_count = progress.messages.load(Ordering::Acquire);
         let start_bytes = progress.bytes.load(Ordering::Acquire);
+        let start_cpu = cpu();
         let started = Instant::now();
         let mut published = 0u64;
         while published < args.publications as u64 {
@@ -258,20 +286,28 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
                     .get(published as usize)
                     .cloned()
                     .unwrap_or_else(|| payload.clone());
-                let req = PublishRequest {
-                    data,
-                    delta: args.delta,
-                    tags: tags.clone(),
-                    ..Default::default()
-                };
-                node.publish(CHANNEL, req)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("publish: {e:?}"))?;
+                // One publication to every channel at once (each fans out to its share).
+                let all = channels.iter().map(|ch| {
+                    let req = PublishRequest {
+                        data: data.clone(),
+                        delta: args.delta,
+                        tags: tags.clone(),
+                        ..Default::default()
+                    };
+                    let node = node.clone();
+                    let ch = ch.clone();
+                    tokio::spawn(async move { node.publish(&ch, req).await })
+                });
+                for r in futures_util::future::join_all(all).await {
+                    r.map_err(|e| anyhow::anyhow!("publish task: {e}"))?
+                        .map_err(|e| anyhow::anyhow!("publish: {e:?}"))?;
+                }
             }
             published += round;
             progress.wait_for(start_count + published * subs).await;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let cpu_s = cpu() - start_cpu;
         let deliveries = progress.messages.load(Ordering::Acquire) - start_count;
         let bytes = progress.bytes.load(Ordering::Acquire) - start_bytes;
         let r = FanoutRun {
@@ -280,6 +316,8 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
             per_s: deliveries as f64 / seconds,
             ns_per_delivery: seconds * 1e9 / deliveries as f64,
             bytes_per_delivery: bytes as f64 / deliveries as f64,
+            cpu_ns_per_delivery: cpu_s * 1e9 / deliveries as f64,
+            cores_busy: cpu_s / seconds,
         };
         if run == 0 {
             continue; // warm-up
@@ -288,8 +326,12 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "run {run}: {deliveries} deliveries in {seconds:.3} s: {:.0} deliveries/s, {:.0} ns and {:.0} bytes each",
-                r.per_s, r.ns_per_delivery, r.bytes_per_delivery
+                "run {run}: {deliveries} deliveries in {seconds:.3} s: {:.0} deliveries/s, {:.0} ns and {:.0} bytes each; CPU {:.0} ns each, {:.2} cores busy",
+                r.per_s,
+                r.ns_per_delivery,
+                r.bytes_per_delivery,
+                r.cpu_ns_per_delivery,
+                r.cores_busy
             );
         }
         out.push(r);
@@ -297,10 +339,14 @@ async fn measure(args: &FanoutArgs) -> anyhow::Result<Vec<FanoutRun>> {
     node.shutdown(Duration::from_secs(5)).await;
     let mut per_s: Vec<f64> = out.iter().map(|r| r.per_s).collect();
     per_s.sort_by(f64::total_cmp);
-    if let Some(m) = per_s.get(per_s.len() / 2) {
+    let mut cpu_ns: Vec<f64> = out.iter().map(|r| r.cpu_ns_per_delivery).collect();
+    cpu_ns.sort_by(f64::total_cmp);
+    if let (Some(m), Some(c)) = (per_s.get(per_s.len() / 2), cpu_ns.get(cpu_ns.len() / 2)) {
         eprintln!(
-            "fanout: {} subscribers, {} publication(s) per round: median {m:.0} deliveries/s ({:.0} ns each)",
+            "fanout: {} subscribers on {} channel(s), {} thread(s), {} publication(s) per channel per round: median {m:.0} deliveries/s ({:.0} ns each), CPU {c:.0} ns per delivery",
             args.subscribers,
+            args.channels,
+            args.threads,
             args.batch,
             1e9 / m
         );
@@ -325,6 +371,8 @@ mod tests {
             answer: false,
             delta: false,
             tags_filter: false,
+            threads: 1,
+            channels: 1,
         };
         let runs = run(&args).unwrap();
         assert_eq!(runs.len(), 2);
@@ -335,6 +383,30 @@ mod tests {
                 "each subscriber got each publication once"
             );
         }
+    }
+
+    #[test]
+    fn several_threads_and_channels_deliver_everything() {
+        let args = FanoutArgs {
+            subscribers: 60,
+            publications: 10,
+            batch: 2,
+            runs: 1,
+            payload: 100,
+            json: true,
+            answer: false,
+            delta: false,
+            tags_filter: false,
+            threads: 2,
+            channels: 4,
+        };
+        let runs = run(&args).unwrap();
+        assert_eq!(
+            runs[0].deliveries,
+            60 * 10,
+            "each subscriber once per round"
+        );
+        assert!(runs[0].cpu_ns_per_delivery >= 0.0);
     }
 
     #[test]
@@ -349,6 +421,8 @@ mod tests {
             answer: true,
             delta: false,
             tags_filter: true,
+            threads: 1,
+            channels: 1,
         };
         let full = run(&base).unwrap();
         let delta = run(&FanoutArgs {

@@ -887,22 +887,35 @@ impl Hub {
         });
     }
 
-    /// Channels a connection of this node is subscribed to (a scan of every channel: for
-    /// operators' tools, not for hot paths), at most `limit`.
-    pub fn client_channels(&self, client: &ClientHandle, limit: usize) -> Vec<String> {
-        let mut out = Vec::new();
+    /// The channels each of `clients` (by `seq`) is subscribed to, at most `per_client` each,
+    /// sorted: one pass over every channel of the node (for operators' tools, not hot paths).
+    pub fn channels_of(
+        &self,
+        clients: &std::collections::HashSet<u64>,
+        per_client: usize,
+    ) -> HashMap<u64, Vec<String>> {
+        let mut out: HashMap<u64, Vec<String>> = HashMap::new();
         for shard in self.channels.iter() {
             for (ch, entry) in shard.read().iter() {
-                if entry.subs.contains_key(&client.seq) {
-                    out.push(ch.to_string());
-                    if out.len() >= limit {
-                        break;
+                for seq in clients {
+                    if entry.subs.contains_key(seq) {
+                        let list = out.entry(*seq).or_default();
+                        if list.len() < per_client {
+                            list.push(ch.to_string());
+                        }
                     }
                 }
             }
         }
-        out.sort();
+        for list in out.values_mut() {
+            list.sort();
+        }
         out
+    }
+
+    /// A connection's small number (the key of its subscriptions in [`Hub::channels_of`]).
+    pub fn client_seq(client: &ClientHandle) -> u64 {
+        client.seq
     }
 
     /// Whether a channel has local subscribers.
@@ -970,9 +983,14 @@ impl BrokerHandler for Hub {
                 sub.deliver(p, epoch, &mut fan, &matched);
             }
             if self.tracer.active() {
-                // Followed users whose connections here received it.
+                // Followed users with a connection here subscribed (their few connections
+                // looked up, not the channel's subscribers scanned).
                 for user in self.tracer.users() {
-                    if entry.subs.values().any(|s| s.client.user() == &*user) {
+                    if self
+                        .user_clients(&user)
+                        .iter()
+                        .any(|c| entry.subs.contains_key(&c.seq))
+                    {
                         self.tracer
                             .offer(None, Some(&user), trace_publication(channel, p));
                     }

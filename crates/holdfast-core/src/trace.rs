@@ -253,7 +253,8 @@ impl Tracer {
 
     /// The users followed by a tracer (for fan-out, which looks at its subscribers only then).
     pub(crate) fn users(&self) -> Vec<Arc<str>> {
-        self.0
+        let mut users: Vec<Arc<str>> = self
+            .0
             .taps
             .read()
             .iter()
@@ -261,7 +262,11 @@ impl Tracer {
                 TraceTarget::User(u) => Some(u.clone()),
                 TraceTarget::Channel(_) => None,
             })
-            .collect()
+            .collect();
+        // Two tracers of one user: each gets the event once (offer reaches both).
+        users.sort_unstable();
+        users.dedup();
+        users
     }
 }
 

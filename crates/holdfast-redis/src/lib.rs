@@ -57,7 +57,7 @@ enum Conn {
 fn timed_out() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
-        "redis cluster command timed out",
+        "redis command timed out",
     ))
 }
 
@@ -330,6 +330,7 @@ impl RedisEngine {
                     s.clone(),
                     mc,
                     cfg.connect_timeout,
+                    cfg.connect_timeout + 3 * cfg.command_timeout,
                 ))),
                 Target::Single(client) => Conn::Single(
                     redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), mc)

@@ -55,11 +55,25 @@ impl Sentinel {
             .strip_prefix("redis+sentinel://")
             .ok_or_else(|| format!("{a}: expected redis+sentinel://"))?;
         let (auth, hosts, path, query) = split(rest);
-        let display = if auth.is_empty() {
-            a.to_owned()
-        } else {
-            a.replacen(&format!("{auth}@"), "", 1)
-        };
+        // For messages: no credentials (the master's userinfo, the sentinels' user and password).
+        let shown_query: Vec<String> = query
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| match kv.split_once('=') {
+                Some((k @ ("sentinel_password" | "sentinel_user"), _)) => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        let display = format!(
+            "redis+sentinel://{hosts}{}{}{}",
+            if path.is_empty() { "" } else { "/" },
+            path,
+            if shown_query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", shown_query.join("&"))
+            }
+        );
         let mut addrs: Vec<String> = hosts
             .split(',')
             .filter(|h| !h.is_empty())
@@ -150,7 +164,11 @@ impl Sentinel {
             match self.ask(&self.sentinels[idx], timeout).await {
                 Ok(Some((host, port))) => {
                     self.next.store(idx, Ordering::Relaxed);
-                    let at = format!("{host}:{port}");
+                    let at = if host.contains(':') && !host.starts_with('[') {
+                        format!("[{host}]:{port}")
+                    } else {
+                        format!("{host}:{port}")
+                    };
                     {
                         let mut last = self.last.lock();
                         if *last != at {
@@ -233,13 +251,22 @@ pub(crate) struct SentinelConn {
     /// (generation, connection); None until located (again).
     current: Mutex<Option<(u64, redis::aio::ConnectionManager)>>,
     locate: tokio::sync::Mutex<u64>,
+    /// The last failed lookup: commands waiting behind it share its answer for a moment
+    /// instead of asking every sentinel again, one after the other.
+    failed: Mutex<Option<(tokio::time::Instant, String)>>,
+    /// The longest a command may take (locating the master included).
+    limit: Duration,
 }
+
+/// How long a failed lookup answers for the commands behind it.
+const FAILED_LOOKUP_REUSE: Duration = Duration::from_millis(500);
 
 impl SentinelConn {
     pub(crate) fn new(
         target: Arc<Sentinel>,
         cfg: redis::aio::ConnectionManagerConfig,
         timeout: Duration,
+        limit: Duration,
     ) -> Self {
         Self {
             target,
@@ -247,6 +274,8 @@ impl SentinelConn {
             timeout,
             current: Mutex::new(None),
             locate: tokio::sync::Mutex::new(0),
+            failed: Mutex::new(None),
+            limit,
         }
     }
 
@@ -258,7 +287,23 @@ impl SentinelConn {
         if let Some(c) = self.current.lock().clone() {
             return Ok(c);
         }
-        let client = self.target.master(self.timeout).await?;
+        if let Some((at, why)) = self.failed.lock().clone()
+            && at.elapsed() < FAILED_LOOKUP_REUSE
+        {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "redis sentinel: master not located",
+                why,
+            )));
+        }
+        let client = match self.target.master(self.timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                *self.failed.lock() = Some((tokio::time::Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        *self.failed.lock() = None;
         let m = redis::aio::ConnectionManager::new_lazy_with_config(client, self.cfg.clone())?;
         *generation += 1;
         *self.current.lock() = Some((*generation, m.clone()));
@@ -280,12 +325,17 @@ impl SentinelConn {
     }
 
     pub(crate) async fn command(&self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
-        let (g, mut m) = self.get().await?;
-        let r = redis::aio::ConnectionLike::req_packed_command(&mut m, cmd).await;
-        if let Err(e) = &r {
-            self.check(g, e);
-        }
-        r
+        let run = async {
+            let (g, mut m) = self.get().await?;
+            let r = redis::aio::ConnectionLike::req_packed_command(&mut m, cmd).await;
+            if let Err(e) = &r {
+                self.check(g, e);
+            }
+            r
+        };
+        tokio::time::timeout(self.limit, run)
+            .await
+            .unwrap_or_else(|_| Err(crate::timed_out()))
     }
 
     pub(crate) async fn commands(
@@ -294,13 +344,19 @@ impl SentinelConn {
         offset: usize,
         count: usize,
     ) -> redis::RedisResult<Vec<Value>> {
-        let (g, mut m) = self.get().await?;
-        let r =
-            redis::aio::ConnectionLike::req_packed_commands(&mut m, pipeline, offset, count).await;
-        if let Err(e) = &r {
-            self.check(g, e);
-        }
-        r
+        let run = async {
+            let (g, mut m) = self.get().await?;
+            let r =
+                redis::aio::ConnectionLike::req_packed_commands(&mut m, pipeline, offset, count)
+                    .await;
+            if let Err(e) = &r {
+                self.check(g, e);
+            }
+            r
+        };
+        tokio::time::timeout(self.limit, run)
+            .await
+            .unwrap_or_else(|_| Err(crate::timed_out()))
     }
 }
 
@@ -312,7 +368,7 @@ mod tests {
     fn addresses_parse_as_centrifugo_writes_them() {
         let none = RedisTlsConfig::default();
         let s = Sentinel::parse(
-            "redis+sentinel://u:p@127.0.0.1:26379,127.0.0.1:26380/2?sentinel_master_name=mymaster&addr=127.0.0.1:26381&sentinel_password=sp",
+            "redis+sentinel://u:p@127.0.0.1:26379,127.0.0.1:26380/2?sentinel_master_name=mymaster&addr=127.0.0.1:26381&sentinel_password=sentpw",
             &none,
             &none,
         )
@@ -322,6 +378,12 @@ mod tests {
         assert_eq!(s.db, 2);
         assert_eq!(s.master_auth, "u:p@");
         assert!(!s.display.contains("u:p"), "{}", s.display);
+        assert!(!s.display.contains("sentpw"), "{}", s.display);
+        assert!(
+            s.display.contains("sentinel_master_name=mymaster"),
+            "{}",
+            s.display
+        );
         for bad in [
             "redis+sentinel://127.0.0.1:26379",
             "redis+sentinel://?sentinel_master_name=m",

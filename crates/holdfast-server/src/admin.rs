@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use holdfast_core::trace::{TraceEvent, TraceStream, TraceTarget};
-use holdfast_transport::json_error;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -46,6 +45,8 @@ const LOGIN_TRACKED: usize = 10_000;
 const MAX_TRACES: usize = 8;
 /// Bytes of a publication's payload shown in a trace.
 const TRACE_DATA: usize = 1024;
+/// A trace ends after this (a forgotten tab does not hold a place for ever).
+const TRACE_MAX: Duration = Duration::from_secs(3600);
 
 /// The admin UI's state: the login limiter.
 #[derive(Debug, Default)]
@@ -54,18 +55,19 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Seconds until `ip` may try again, when it is locked out.
-    fn locked(&self, ip: IpAddr) -> Option<u64> {
-        let f = self.failures.lock();
-        let (n, since) = f.get(&ip)?;
-        let left = LOGIN_WINDOW.checked_sub(since.elapsed())?;
-        (*n >= LOGIN_FAILURES).then(|| left.as_secs().max(1))
-    }
-
-    fn failed(&self, ip: IpAddr) {
+    /// Reserves a login attempt for `ip` (counted before the password is compared, so parallel
+    /// attempts cannot pass together), or the seconds until it may try again.
+    fn attempt(&self, ip: IpAddr) -> Result<(), u64> {
+        let key = limit_key(ip);
         let mut f = self.failures.lock();
         let now = Instant::now();
-        if f.len() >= LOGIN_TRACKED {
+        if let Some((n, since)) = f.get(&key)
+            && let Some(left) = LOGIN_WINDOW.checked_sub(now.duration_since(*since))
+            && *n >= LOGIN_FAILURES
+        {
+            return Err(left.as_secs().max(1));
+        }
+        if f.len() >= LOGIN_TRACKED && !f.contains_key(&key) {
             f.retain(|_, (_, since)| now.duration_since(*since) < LOGIN_WINDOW);
             if f.len() >= LOGIN_TRACKED {
                 // Still full: every entry is recent. Forget the oldest half.
@@ -75,15 +77,31 @@ impl AdminState {
                 f.retain(|_, (_, since)| *since > cut);
             }
         }
-        let e = f.entry(ip).or_insert((0, now));
+        let e = f.entry(key).or_insert((0, now));
         if now.duration_since(e.1) >= LOGIN_WINDOW {
             *e = (0, now);
         }
         e.0 += 1;
+        Ok(())
     }
 
+    /// A successful login clears its address's count.
     fn succeeded(&self, ip: IpAddr) {
-        self.failures.lock().remove(&ip);
+        self.failures.lock().remove(&limit_key(ip));
+    }
+}
+
+/// The login limit's key: the address, or its /64 for IPv6 (one host owns a whole /64).
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -184,8 +202,12 @@ async fn settings(State(app): State<Arc<AppState>>) -> Response {
 #[derive(Serialize, Deserialize)]
 struct Claims {
     sub: String,
+    /// Always [`AUDIENCE`]: a connection token signed with the same secret is not a session.
+    aud: String,
     exp: u64,
 }
+
+const AUDIENCE: &str = "holdfast-admin";
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -196,6 +218,7 @@ fn now_secs() -> u64 {
 fn issue(secret: &str) -> Option<String> {
     let claims = Claims {
         sub: "admin".into(),
+        aud: AUDIENCE.into(),
         exp: now_secs() + SESSION_TTL.as_secs(),
     };
     jsonwebtoken::encode(
@@ -223,7 +246,8 @@ fn session_ok(app: &AppState, headers: &HeaderMap) -> bool {
         return false;
     };
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    v.set_required_spec_claims(&["exp", "sub"]);
+    v.set_required_spec_claims(&["exp", "sub", "aud"]);
+    v.set_audience(&[AUDIENCE]);
     v.leeway = 0;
     jsonwebtoken::decode::<Claims>(
         t,
@@ -255,15 +279,59 @@ async fn read_body(app: &AppState, req: Request) -> Result<Bytes, Response> {
     let timeout = app.config.http_api.body_read_timeout;
     match tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await {
         Ok(Ok(b)) => Ok(b),
-        Ok(Err(_)) => Err(json_error(
+        Ok(Err(_)) => Err(json(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large (http_api.max_body_size)",
+            &serde_json::json!({ "error": "request body too large (http_api.max_body_size)" }),
         )),
-        Err(_) => Err(json_error(
+        Err(_) => Err(json(
             StatusCode::REQUEST_TIMEOUT,
-            "request body not received in time (http_api.body_read_timeout)",
+            &serde_json::json!({ "error": "request body not received in time (http_api.body_read_timeout)" }),
         )),
     }
+}
+
+/// Refuses what a page on another site could send without a preflight: admin requests are
+/// JSON (`application/json` needs CORS, which is never granted) and not marked cross-site.
+fn cross_site(req: &Request) -> Option<Response> {
+    let h = req.headers();
+    let json_body = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json_body {
+        return Some(json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &serde_json::json!({ "error": "admin requests are application/json" }),
+        ));
+    }
+    if h.get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
+    {
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({ "error": "cross-site admin request refused" }),
+        ));
+    }
+    None
+}
+
+/// Compares two secrets in time that depends on neither their content nor their length.
+fn same_secret(given: &str, want: &str) -> bool {
+    let digest = |s: &str| {
+        jsonwebtoken::crypto::sign(
+            s.as_bytes(),
+            &jsonwebtoken::EncodingKey::from_secret(b"holdfast-admin-password"),
+            jsonwebtoken::Algorithm::HS256,
+        )
+        .unwrap_or_default()
+    };
+    let (a, b) = (digest(given), digest(want));
+    !a.is_empty() && crate::api::constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
 async fn auth(State(app): State<Arc<AppState>>, req: Request) -> Response {
@@ -272,8 +340,11 @@ async fn auth(State(app): State<Arc<AppState>>, req: Request) -> Response {
         password: String,
     }
     let cfg = &app.config.admin;
+    if let Some(r) = cross_site(&req) {
+        return r;
+    }
     let ip = peer_ip(&app, &req);
-    if let Some(wait) = app.admin.locked(ip) {
+    if let Err(wait) = app.admin.attempt(ip) {
         metrics::counter!("holdfast_admin_logins_total", "result" => "limited").increment(1);
         tracing::warn!(%ip, "admin login refused: too many failed attempts");
         let mut r = json(
@@ -297,8 +368,7 @@ async fn auth(State(app): State<Arc<AppState>>, req: Request) -> Response {
     if cfg.insecure {
         return json(StatusCode::OK, &serde_json::json!({ "token": "" }));
     }
-    if !crate::api::constant_time_eq(login.password.as_bytes(), cfg.password.as_bytes()) {
-        app.admin.failed(ip);
+    if !same_secret(&login.password, &cfg.password) {
         metrics::counter!("holdfast_admin_logins_total", "result" => "refused").increment(1);
         tracing::warn!(%ip, "admin login refused: bad password");
         return json(
@@ -325,6 +395,9 @@ async fn api(
 ) -> Response {
     if !session_ok(&app, req.headers()) {
         return unauthorized();
+    }
+    if let Some(r) = cross_site(&req) {
+        return r;
     }
     let body = match read_body(&app, req).await {
         Ok(b) => b,
@@ -365,14 +438,27 @@ fn secret_key(name: &str) -> bool {
         || n == "key_pem"
         || n == "token"
         || (n.ends_with("_key") && !n.contains("public"))
-        || n.ends_with("headers")
+}
+
+/// Maps whose values are credentials whatever their names (header maps: `Authorization`,
+/// `X-Api-Key`…), and the free-form sections kept from Centrifugo configs for consumer types
+/// Holdfast does not run (their connection strings and key files are not known field by field).
+fn secret_map(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    (n.ends_with("headers") && n != "http_headers")
+        || matches!(
+            n.as_str(),
+            "kafka" | "google_pub_sub" | "aws_sqs" | "azure_service_bus"
+        )
 }
 
 fn redact(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, child) in m.iter_mut() {
-                if secret_key(k) && !matches!(child, serde_json::Value::Object(_)) {
+                if secret_map(k) {
+                    hide_all(child);
+                } else if secret_key(k) && !matches!(child, serde_json::Value::Object(_)) {
                     if !is_empty(child) {
                         *child = serde_json::Value::String(HIDDEN.into());
                     }
@@ -387,6 +473,16 @@ fn redact(v: &mut serde_json::Value) {
     }
 }
 
+/// Every non-empty leaf value of `v` replaced (names kept).
+fn hide_all(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => m.values_mut().for_each(hide_all),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(hide_all),
+        other if !is_empty(other) => *other = serde_json::Value::String(HIDDEN.into()),
+        _ => {}
+    }
+}
+
 fn is_empty(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::Null => true,
@@ -397,9 +493,26 @@ fn is_empty(v: &serde_json::Value) -> bool {
     }
 }
 
-/// Passwords inside addresses and connection strings: `scheme://user:pass@host`,
-/// `password=…` (libpq key/value form and URL queries).
-fn redact_text(s: &str) -> String {
+/// Query parameters whose values are credentials.
+fn secret_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "token",
+        "key",
+        "secret",
+        "pass",
+        "sig",
+        "auth",
+        "credential",
+    ]
+    .iter()
+    .any(|w| n.contains(w))
+}
+
+/// Credentials inside addresses and connection strings: the whole userinfo of
+/// `scheme://userinfo@host` (a NATS token is the user part), query parameters named like
+/// credentials, and libpq's `password=…` (quoted or not).
+pub(crate) fn redact_text(s: &str) -> String {
     let mut out = s.to_owned();
     if let Some(scheme) = out.find("://") {
         let rest = scheme + 3;
@@ -407,22 +520,37 @@ fn redact_text(s: &str) -> String {
             .find(['/', '?', '#'])
             .map_or(out.len(), |i| rest + i);
         if let Some(at) = out[rest..end].rfind('@') {
-            let at = rest + at;
-            if let Some(colon) = out[rest..at].find(':') {
-                out.replace_range(rest + colon + 1..at, HIDDEN);
-            }
+            out.replace_range(rest..rest + at, HIDDEN);
         }
+        if let Some(q) = out.find('?') {
+            let query_end = out[q..].find('#').map_or(out.len(), |i| q + i);
+            let redacted: Vec<String> = out[q + 1..query_end]
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) if secret_param(k) && !v.is_empty() => format!("{k}={HIDDEN}"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            out.replace_range(q + 1..query_end, &redacted.join("&"));
+        }
+        return out;
     }
-    for marker in ["password="] {
-        let mut from = 0;
-        while let Some(i) = out[from..].to_ascii_lowercase().find(marker) {
-            let start = from + i + marker.len();
-            let end = out[start..]
-                .find(['&', ' '])
-                .map_or(out.len(), |j| start + j);
-            out.replace_range(start..end, HIDDEN);
-            from = start + HIDDEN.len();
-        }
+    // libpq key/value form.
+    let lower = out.to_ascii_lowercase();
+    if let Some(i) = lower.find("password=") {
+        let start = i + "password=".len();
+        let end = if out[start..].starts_with('\'') {
+            // Quoted: up to the closing quote not escaped by a backslash.
+            let b = out.as_bytes();
+            let mut j = start + 1;
+            while j < b.len() && !(b[j] == b'\'' && b[j - 1] != b'\\') {
+                j += 1;
+            }
+            (j + 1).min(out.len())
+        } else {
+            out[start..].find(' ').map_or(out.len(), |j| start + j)
+        };
+        out.replace_range(start..end, HIDDEN);
     }
     out
 }
@@ -438,6 +566,9 @@ struct TraceReq {
 async fn trace(State(app): State<Arc<AppState>>, req: Request) -> Response {
     if !session_ok(&app, req.headers()) {
         return unauthorized();
+    }
+    if let Some(r) = cross_site(&req) {
+        return r;
     }
     let body = match read_body(&app, req).await {
         Ok(b) => b,
@@ -478,6 +609,7 @@ async fn trace(State(app): State<Arc<AppState>>, req: Request) -> Response {
         app: app.clone(),
         tick: tokio::time::interval(Duration::from_secs(1)),
         ticks: 0,
+        until: Instant::now() + TRACE_MAX,
         first: Some(started),
     };
     let body = futures_util::stream::unfold(state, |mut s| async move {
@@ -494,6 +626,7 @@ async fn trace(State(app): State<Arc<AppState>>, req: Request) -> Response {
         Body::from_stream(body),
     )
         .into_response();
+    secure_headers(r.headers_mut());
     r.headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
@@ -504,6 +637,7 @@ struct TraceState {
     app: Arc<AppState>,
     tick: tokio::time::Interval,
     ticks: u64,
+    until: Instant,
     first: Option<serde_json::Value>,
 }
 
@@ -524,7 +658,7 @@ impl TraceState {
             tokio::select! {
                 e = self.stream.recv() => return e.map(|e| event_json(&e)),
                 _ = self.tick.tick() => {
-                    if self.app.node.is_draining() {
+                    if self.app.node.is_draining() || Instant::now() >= self.until {
                         return None;
                     }
                     self.ticks += 1;
@@ -625,42 +759,77 @@ mod tests {
     fn secrets_are_redacted() {
         let mut c = crate::config::Config::default();
         c.client.token.hmac_secret_key = "topsecret".into();
+        c.client.token.jwks_public_endpoint = "https://idp/jwks?access_token=jwkstok".into();
         c.http_api.key = "apikey123".into();
         c.admin.password = "pw".into();
         c.admin.secret = "adminsecret".into();
-        c.engine.redis.addresses = vec!["redis://user:hunter2@redis:6379/0".into()];
+        c.engine.redis.addresses = vec![
+            "redis://user:hunter2@redis:6379/0".into(),
+            "redis+sentinel://h:26379?sentinel_master_name=m&sentinel_password=sentpw".into(),
+        ];
+        c.opentelemetry
+            .headers
+            .insert("Authorization".into(), "Bearer oteltok".into());
+        c.webhooks
+            .static_headers
+            .insert("X-Webhook-Token".into(), "hooktok".into());
         let v = redacted_config(&c);
         let text = v.to_string();
-        for s in ["topsecret", "apikey123", "adminsecret", "hunter2", "\"pw\""] {
+        for s in [
+            "topsecret",
+            "apikey123",
+            "adminsecret",
+            "hunter2",
+            "\"pw\"",
+            "jwkstok",
+            "oteltok",
+            "hooktok",
+            "sentpw",
+        ] {
             assert!(!text.contains(s), "{s} leaked: {text}");
         }
         assert_eq!(v["client"]["token"]["hmac_secret_key"], HIDDEN);
-        assert!(
-            text.contains("redis://user:********@redis:6379/0"),
-            "{text}"
-        );
+        assert_eq!(v["opentelemetry"]["headers"]["Authorization"], HIDDEN);
+        assert!(text.contains("redis://********@redis:6379/0"), "{text}");
+        assert!(text.contains("sentinel_master_name=m&"), "{text}");
         assert_eq!(
             redact_text("host=db user=app password=s3cret dbname=x"),
             "host=db user=app password=******** dbname=x"
         );
         assert_eq!(
-            redact_text("redis+sentinel://h:26379?sentinel_password=abc&x=1"),
-            "redis+sentinel://h:26379?sentinel_password=********&x=1"
+            redact_text("host=db password='a b\\' c' dbname=x"),
+            "host=db password=******** dbname=x"
+        );
+        assert_eq!(
+            redact_text("nats://s3cr3ttoken@nats:4222"),
+            "nats://********@nats:4222"
+        );
+        assert_eq!(
+            redact_text("http://collector:4318/v1/traces"),
+            "http://collector:4318/v1/traces"
         );
     }
 
     #[test]
-    fn logins_are_limited_per_address() {
+    fn logins_are_limited_per_address_and_counted_before_the_check() {
         let s = AdminState::default();
         let ip: IpAddr = [10, 0, 0, 1].into();
+        // Attempts are reserved up front: the sixth is refused even if none has finished.
         for _ in 0..LOGIN_FAILURES {
-            assert!(s.locked(ip).is_none());
-            s.failed(ip);
+            assert!(s.attempt(ip).is_ok());
         }
-        assert!(s.locked(ip).is_some());
+        assert!(s.attempt(ip).is_err());
         assert!(
-            s.locked([10, 0, 0, 2].into()).is_none(),
+            s.attempt([10, 0, 0, 2].into()).is_ok(),
             "others are not locked out"
         );
+        // One IPv6 host is its /64.
+        let a: IpAddr = "2001:db8::1".parse().unwrap_or(ip);
+        let b: IpAddr = "2001:db8::ffff:2".parse().unwrap_or(ip);
+        for _ in 0..LOGIN_FAILURES {
+            assert!(s.attempt(a).is_ok());
+        }
+        assert!(s.attempt(b).is_err(), "the same /64");
+        s.succeeded([10, 0, 0, 2].into());
     }
 }

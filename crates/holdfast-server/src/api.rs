@@ -367,7 +367,7 @@ const KNOWN: &[&str] = &[
 /// Connections listed by one `connections` call at most.
 const MAX_CONNECTIONS_LISTED: usize = 1000;
 /// Channels listed per connection by `connections` at most.
-const MAX_CONNECTION_CHANNELS: usize = 256;
+const MAX_CONNECTION_CHANNELS: usize = 100;
 
 /// Runs a server API method for the admin UI (authenticated by the admin session, not the API
 /// key), with the API's metrics and answer shapes.
@@ -407,11 +407,17 @@ fn connections(state: &AppState, req: &ConnectionsReq) -> ApiResult {
     clients.retain(|c| c.details().is_some());
     clients.sort_by(|a, b| a.id().cmp(b.id()));
     clients.truncate(MAX_CONNECTIONS_LISTED);
+    let seqs: std::collections::HashSet<u64> = clients
+        .iter()
+        .map(|c| holdfast_core::hub::Hub::client_seq(c))
+        .collect();
+    let mut subscribed = hub.channels_of(&seqs, MAX_CONNECTION_CHANNELS);
     let mut out = serde_json::Map::new();
     for c in clients {
         let Some(d) = c.details() else { continue };
-        let channels: serde_json::Map<String, serde_json::Value> = hub
-            .client_channels(&c, MAX_CONNECTION_CHANNELS)
+        let channels: serde_json::Map<String, serde_json::Value> = subscribed
+            .remove(&holdfast_core::hub::Hub::client_seq(&c))
+            .unwrap_or_default()
             .into_iter()
             .map(|ch| (ch, serde_json::json!({})))
             .collect();

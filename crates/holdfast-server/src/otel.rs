@@ -118,6 +118,8 @@ pub struct Context {
     pub trace_id: [u8; 16],
     /// Span id.
     pub span_id: [u8; 8],
+    /// The caller samples this trace (flag 01); an unsampled caller's spans are not exported.
+    pub sampled: bool,
 }
 
 impl Context {
@@ -135,13 +137,22 @@ impl Context {
         let trace_id: [u8; 16] = hex(trace)?.try_into().ok()?;
         let span_id: [u8; 8] = hex(span)?.try_into().ok()?;
         hex(version)?;
-        hex(flags)?;
-        (trace_id != [0; 16] && span_id != [0; 8]).then_some(Self { trace_id, span_id })
+        let flags = hex(flags)?.first().copied()?;
+        (trace_id != [0; 16] && span_id != [0; 8]).then_some(Self {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
     }
 
-    /// The `traceparent` value naming this span (sampled).
+    /// The `traceparent` value naming this span.
     pub fn header(&self) -> String {
-        format!("00-{}-{}-01", to_hex(&self.trace_id), to_hex(&self.span_id))
+        format!(
+            "00-{}-{}-{}",
+            to_hex(&self.trace_id),
+            to_hex(&self.span_id),
+            if self.sampled { "01" } else { "00" }
+        )
     }
 }
 
@@ -208,16 +219,15 @@ impl SpanGuard {
         });
     }
 
-    /// Ends the span: `error` set marks it failed (status ERROR with that message).
+    /// Ends the span: `error` set marks it failed (status ERROR with that message; a success
+    /// leaves the status unset, as the conventions ask of instrumentation). Spans of a trace the
+    /// caller does not sample are not exported.
     pub fn end(mut self, otel: &Otel, error: Option<String>) {
+        if !self.context.sampled {
+            return;
+        }
         self.span.end_time_unix_nano = now_nanos();
-        self.span.status = Some(match error {
-            Some(message) => pb::Status { message, code: 2 },
-            None => pb::Status {
-                message: String::new(),
-                code: 1,
-            },
-        });
+        self.span.status = error.map(|message| pb::Status { message, code: 2 });
         if otel.tx.try_send(self.span).is_err() {
             metrics::counter!("holdfast_otel_spans_dropped_total", "reason" => "queue")
                 .increment(1);
@@ -250,7 +260,7 @@ impl Otel {
             })
             .collect(),
         };
-        tokio::spawn(export(rx, endpoint, resource, cfg.headers.clone()));
+        tokio::spawn(export(rx, endpoint, resource, cfg.export_headers()));
         for m in ["queue", "export"] {
             metrics::counter!("holdfast_otel_spans_dropped_total", "reason" => m).increment(0);
         }
@@ -289,7 +299,11 @@ impl Otel {
                 start_time_unix_nano: now_nanos(),
                 ..Default::default()
             },
-            context: Context { trace_id, span_id },
+            context: Context {
+                trace_id,
+                span_id,
+                sampled: parent.is_none_or(|p| p.sampled),
+            },
         }
     }
 }
@@ -374,6 +388,11 @@ mod tests {
         let c = Context::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
             .expect("valid");
         assert_eq!(c.span_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
+        assert!(c.sampled);
+        let unsampled = Context::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+            .expect("valid");
+        assert!(!unsampled.sampled);
+        assert!(unsampled.header().ends_with("-00"));
         assert_eq!(
             c.header(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -90,7 +90,7 @@ impl Proxy {
         );
         span.attr("holdfast.proxy", self.name.clone());
         span.attr("http.request.method", "POST");
-        span.attr("url.full", self.endpoint.clone());
+        span.attr("url.full", crate::admin::redact_text(&self.endpoint));
         let ctx = span.context;
         let r = self
             .request(kind, body, ctx_headers, meta, with_cookie, Some(ctx))
@@ -144,13 +144,19 @@ impl Proxy {
             .post(&self.endpoint)
             .timeout(self.timeout)
             .json(&body);
+        // With a span of its own, the request's trace context is that span's, not a forwarded one.
+        let own_trace = |k: &str| trace.is_some() && k.eq_ignore_ascii_case("traceparent");
         for (k, v) in ctx_headers {
-            if self.forward.iter().any(|f| f == k) || (with_cookie && k == "cookie") {
+            if (self.forward.iter().any(|f| f == k) || (with_cookie && k == "cookie"))
+                && !own_trace(k)
+            {
                 req = req.header(k.as_str(), v.as_str());
             }
         }
         for (k, v) in &self.static_headers {
-            req = req.header(k.as_str(), v.as_str());
+            if !own_trace(k) {
+                req = req.header(k.as_str(), v.as_str());
+            }
         }
         if let Some(t) = trace {
             req = req.header("traceparent", t.header());

@@ -118,11 +118,42 @@ async fn login_issues_sessions_and_failures_are_limited() {
         admin_api(&srv, &other, "info", json!({})).await.status(),
         401
     );
+    // Signed with the admin secret but without the admin audience (a connection token made
+    // with a shared secret): not a session.
+    let no_aud = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "admin", "exp": 4_000_000_000u64 }),
+        &jsonwebtoken::EncodingKey::from_secret(ADMIN_SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        admin_api(&srv, &no_aud, "info", json!({})).await.status(),
+        401
+    );
     // An API key is not an admin session.
     assert_eq!(
         admin_api(&srv, API_KEY, "info", json!({})).await.status(),
         401
     );
+    // What another site's page could send without a preflight is refused.
+    let r = reqwest::Client::new()
+        .post(srv.http("/admin/api/publish"))
+        .header("Authorization", format!("token {token}"))
+        .header("Content-Type", "text/plain")
+        .body(r#"{"channel":"x","data":{}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let r = reqwest::Client::new()
+        .post(srv.http("/admin/api/info"))
+        .header("Authorization", format!("token {token}"))
+        .header("Sec-Fetch-Site", "cross-site")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     let r = reqwest::Client::new()
         .post(srv.http("/admin/trace"))
         .json(&json!({ "channel": "x" }))
@@ -143,6 +174,14 @@ async fn login_issues_sessions_and_failures_are_limited() {
         admin_api(&srv, &token, "info", json!({})).await.status(),
         200
     );
+    srv.stop().await;
+
+    // Attempts sent at once are counted before any is checked: five get an answer, the rest 429.
+    let srv = TestServer::start(admin_config()).await;
+    let all = futures_util::future::join_all((0..12).map(|_| login(&srv, "wrong"))).await;
+    let refused = all.iter().filter(|r| r.status() == 401).count();
+    let limited = all.iter().filter(|r| r.status() == 429).count();
+    assert_eq!((refused, limited), (5, 7));
     srv.stop().await;
 }
 
@@ -385,7 +424,8 @@ async fn first_page_is_served_in_development_only() {
     let token = token_of(&srv).await;
     let mut t = trace(&srv, &token, json!({ "channel": "room" })).await;
     t.next().await;
-    tokio::time::timeout(Duration::from_secs(20), srv.stop())
+    // The trace ends at its next second's tick, well before the 5 s drain would cut it.
+    tokio::time::timeout(Duration::from_secs(3), srv.stop())
         .await
         .expect("shutdown does not wait for an open trace");
 }

@@ -206,7 +206,12 @@
       if (h === '/') (page = 'nodes'), pageNodes();
       else if (h === '/channels') (page = 'channels'), pageChannels();
       else if ((m = /^\/channel\/(.+)$/.exec(h))) (page = 'channel'), pageChannel(decodeURIComponent(m[1]));
-      else if ((m = /^\/user\/(.*)$/.exec(h))) (page = 'user'), pageUser(decodeURIComponent(m[1]));
+      else if ((m = /^\/user\/(.+)$/.exec(h))) (page = 'user'), pageUser(decodeURIComponent(m[1]));
+      else if (h === '/user/')
+        main.append(
+          el('h1', {}, 'Anonymous connections'),
+          el('p', {}, 'Anonymous connections have no user id: find them by channel (presence) instead.'),
+        );
       else if (h === '/health') (page = 'health'), pageHealth();
       else if (h === '/config') (page = 'config'), pageConfig();
       else main.append(el('h1', {}, 'Not found'), el('p', {}, 'No such page. ', el('a', { href: '#/' }, 'Back to nodes')));

@@ -105,6 +105,18 @@ impl Config {
                  configuration, publish and disconnect users"
                     .into(),
             );
+        } else if self.admin.active()
+            && [
+                &self.client.token.hmac_secret_key,
+                &self.client.subscription_token.hmac_secret_key,
+            ]
+            .iter()
+            .any(|k| !k.is_empty() && **k == self.admin.secret)
+        {
+            w(
+                "admin.secret".into(),
+                "equals a token HMAC key: use a secret of its own for admin sessions".into(),
+            );
         } else if self.admin.enabled && !self.admin.active() {
             w(
                 "admin.enabled".into(),

@@ -86,6 +86,25 @@ pub struct OpenTelemetryConfig {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
+/// `%XX` sequences decoded (as `OTEL_EXPORTER_OTLP_HEADERS` values are written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Ok(x) = u8::from_str_radix(s.get(i + 1..i + 3).unwrap_or(""), 16)
+        {
+            out.push(x);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl OpenTelemetryConfig {
     /// The traces URL, from the configuration or the standard environment variables.
     pub fn traces_endpoint(&self) -> String {
@@ -100,6 +119,33 @@ impl OpenTelemetryConfig {
             Some(base) => format!("{}/v1/traces", base.trim_end_matches('/')),
             None => "http://localhost:4318/v1/traces".into(),
         }
+    }
+
+    /// Headers of export requests: `OTEL_EXPORTER_OTLP_HEADERS` (`k=v,k2=v2`, values
+    /// percent-decoded), then `headers` (which wins for the same name). Names that cannot be
+    /// HTTP header names, or values that cannot be header values, are left out with a warning.
+    pub fn export_headers(&self) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let env = std::env::var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_HEADERS"))
+            .unwrap_or_default();
+        for kv in env.split(',').filter(|kv| !kv.trim().is_empty()) {
+            if let Some((k, v)) = kv.split_once('=') {
+                out.insert(k.trim().to_owned(), percent_decode(v.trim()));
+            }
+        }
+        for (k, v) in &self.headers {
+            out.insert(k.clone(), v.clone());
+        }
+        out.retain(|k, v| {
+            let ok = axum::http::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                && axum::http::HeaderValue::from_str(v).is_ok();
+            if !ok {
+                tracing::warn!(header = %k, "OpenTelemetry export header left out: not a valid HTTP header");
+            }
+            ok
+        });
+        out
     }
 
     /// `service.name`.
