@@ -237,9 +237,10 @@ assert r["expected"] > 0 and r["lost_silently"] == 0, r
 # A session waiting on a Redis command past the pong timeout would be closed with 3012: every
 # engine call is bounded, so a failover never gets there.
 assert "3012" not in r["close_codes"], f"sessions stalled during the failover: {r['close_codes']}"
-# Publishing resumed on the promoted replica: most publishes were acknowledged (a node that
-# never followed the promotion would refuse every one after the kill at 3 s of 10).
-assert r["api_publications"] > 2 * r["api_failures"], (r["api_publications"], r["api_failures"])
+# Publishing resumed on the promoted replica: most publishes were acknowledged (behind
+# Sentinel, a node that never followed the promotion would refuse every one after the kill at
+# 3 s of 10).
+assert r["api_publications"] > r["api_failures"], (r["api_publications"], r["api_failures"])
 print(f"{sys.argv[1]} failover: {r['delivered']} of {r['expected']} delivered, {r['lost_silently']} lost silently, "
       f"{r['lost_told']} lost told, {r['duplicated']} duplicated, {r['told_events']} told events, "
       f"reconnects {r['reconnects']}")
