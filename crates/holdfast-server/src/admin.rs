@@ -112,18 +112,12 @@ pub fn router(state: &Arc<AppState>) -> Option<Router> {
     }
     let r = Router::new()
         .route("/admin", get(|| async { Redirect::permanent("/admin/") }))
-        .route(
-            "/admin/",
-            get(|| async { page(INDEX, "text/html; charset=utf-8") }),
-        )
+        .route("/admin/", asset(INDEX, "text/html; charset=utf-8"))
         .route(
             "/admin/app.js",
-            get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
+            asset(APP_JS, "text/javascript; charset=utf-8"),
         )
-        .route(
-            "/admin/app.css",
-            get(|| async { page(APP_CSS, "text/css; charset=utf-8") }),
-        )
+        .route("/admin/app.css", asset(APP_CSS, "text/css; charset=utf-8"))
         .route("/admin/settings", get(settings))
         .route("/admin/auth", post(auth))
         .route("/admin/api/{method}", post(api))
@@ -139,19 +133,24 @@ pub fn first_page(state: &AppState) -> Option<Router> {
     }
     Some(
         Router::new()
-            .route(
-                "/",
-                get(|| async { page(FIRST_HTML, "text/html; charset=utf-8") }),
-            )
+            .route("/", asset(FIRST_HTML, "text/html; charset=utf-8"))
             .route(
                 "/first.js",
-                get(|| async { page(FIRST_JS, "text/javascript; charset=utf-8") }),
+                asset(FIRST_JS, "text/javascript; charset=utf-8"),
             )
             .route(
                 "/centrifuge.js",
-                get(|| async { page(CENTRIFUGE_JS, "text/javascript; charset=utf-8") }),
+                asset(CENTRIFUGE_JS, "text/javascript; charset=utf-8"),
             ),
     )
+}
+
+/// A GET route answering one embedded file.
+fn asset<S: Clone + Send + Sync + 'static>(
+    body: &'static str,
+    content_type: &'static str,
+) -> axum::routing::MethodRouter<S> {
+    get(move || async move { page(body, content_type) })
 }
 
 fn secure_headers(h: &mut HeaderMap) {

@@ -282,14 +282,18 @@ impl Lines {
     }
 }
 
-async fn trace(srv: &TestServer, token: &str, target: Value) -> Lines {
-    let resp = reqwest::Client::new()
+async fn trace_request(srv: &TestServer, token: &str, target: Value) -> reqwest::Response {
+    reqwest::Client::new()
         .post(srv.http("/admin/trace"))
         .header("Authorization", format!("token {token}"))
         .json(&target)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn trace(srv: &TestServer, token: &str, target: Value) -> Lines {
+    let resp = trace_request(srv, token, target).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
     Lines {
@@ -351,23 +355,11 @@ async fn trace_follows_a_channel_and_a_user() {
     for _ in 0..6 {
         more.push(trace(&srv, &token, json!({ "channel": "other" })).await);
     }
-    let r = reqwest::Client::new()
-        .post(srv.http("/admin/trace"))
-        .header("Authorization", format!("token {token}"))
-        .json(&json!({ "user": "x" }))
-        .send()
-        .await
-        .unwrap();
+    let r = trace_request(&srv, &token, json!({ "user": "x" })).await;
     assert_eq!(r.status(), 429);
     drop(more);
     eventually("traces closed", || srv.state.node.hub().tracer.count() == 2).await;
-    let r = reqwest::Client::new()
-        .post(srv.http("/admin/trace"))
-        .header("Authorization", format!("token {token}"))
-        .json(&json!({ "channel": "" }))
-        .send()
-        .await
-        .unwrap();
+    let r = trace_request(&srv, &token, json!({ "channel": "" })).await;
     assert_eq!(r.status(), 400, "a trace needs a channel or a user");
     srv.stop().await;
 }
