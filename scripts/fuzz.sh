@@ -14,7 +14,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 mkdir -p artifacts/fuzz
-for target in json_frame protobuf_frame session_frame; do
+for target in json_frame protobuf_frame session_frame ws_frames; do
   work="$(mktemp -d -t "fuzz-$target-XXXX")"
   cp -r "fuzz/corpus/$target/." "$work/"
   echo "fuzz: $target for ${secs}s"

@@ -95,6 +95,43 @@ pub struct Listener {
     pub http: HttpServerConfig,
 }
 
+/// Opens a listener on `address:port` with an accept queue of `backlog` connections (0 = the
+/// kernel's maximum, `net.core.somaxconn`; the kernel caps larger values at it too).
+pub async fn bind(address: &str, port: u16, backlog: u32) -> anyhow::Result<TcpListener> {
+    let backlog = if backlog == 0 { somaxconn() } else { backlog };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((address, port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let listener = socket.and_then(|s| {
+            #[cfg(unix)]
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(backlog)
+        });
+        match listener {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => anyhow::anyhow!("{address} resolves to no address"),
+    })
+}
+
+/// The kernel's cap on accept queues (`/proc/sys/net/core/somaxconn`), 4096 where unreadable.
+fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&n: &u32| n > 0)
+        .unwrap_or(4096)
+}
+
 /// Serves `app` on `listener` until `stop` is cancelled; then stops accepting, lets requests
 /// in flight finish (idle keep-alive connections close at once) and returns within `drain`.
 /// Upgraded WebSocket connections are not waited for here: the node closes them.

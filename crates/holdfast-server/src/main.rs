@@ -196,8 +196,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Open the engine first (the disk engine replays its log): nothing listens until it is ready.
     let state = holdfast_server::server::build(cfg.clone()).await?;
+    let backlog = cfg.http_server.listen_backlog;
     let public =
-        tokio::net::TcpListener::bind((cfg.http_server.address.as_str(), cfg.http_server.port))
+        holdfast_server::listen::bind(&cfg.http_server.address, cfg.http_server.port, backlog)
             .await
             .with_context(|| {
                 format!(
@@ -207,10 +208,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             })?;
     let internal = if cfg.http_server.internal_port != 0 {
         Some(
-            tokio::net::TcpListener::bind((
-                cfg.http_server.internal_address.as_str(),
+            holdfast_server::listen::bind(
+                &cfg.http_server.internal_address,
                 cfg.http_server.internal_port,
-            ))
+                backlog,
+            )
             .await
             .with_context(|| {
                 format!(

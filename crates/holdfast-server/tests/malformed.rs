@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Frames that must close a connection with 3501, before or after connect.
 fn bad_frames() -> Vec<Vec<u8>> {
@@ -79,7 +79,7 @@ async fn malformed_frames_close_with_3501_and_others_are_unaffected() {
     assert!(c.reply(1).await["connect"].is_object());
     assert!(c.reply(2).await["subscribe"].is_object());
     assert_eq!(c.closed().await, Closed::Code(3501, "bad request".into()));
-    let health: serde_json::Value = reqwest::get(srv.http("/health"))
+    let health: Value = reqwest::get(srv.http("/health"))
         .await
         .unwrap()
         .json()
@@ -96,7 +96,7 @@ async fn non_websocket_requests_get_json_4xx() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let body: serde_json::Value = r.json().await.unwrap();
+    let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "expected a WebSocket upgrade");
     // Raw garbage on the socket: the HTTP layer answers 400 or drops it; the server lives on.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,35 +184,50 @@ mod raw {
     /// Reads server frames until a close frame: its code; `None` when the connection ended (or
     /// was reset) without one.
     pub(crate) async fn close_code<R: AsyncReadExt + Unpin>(s: &mut R) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + WAIT;
         let mut buf = Vec::new();
         loop {
-            // Parse complete frames in the buffer.
-            while buf.len() >= 2 {
+            let (opcode, p) = next_frame(s, &mut buf).await?;
+            if opcode == 0x8 {
+                return (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
+            }
+        }
+    }
+
+    /// The next server frame (opcode, payload), reading into `buf` as needed; `None` when the
+    /// connection ended (or was reset).
+    pub(crate) async fn next_frame<R: AsyncReadExt + Unpin>(
+        s: &mut R,
+        buf: &mut Vec<u8>,
+    ) -> Option<(u8, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if buf.len() >= 2 {
+                assert_eq!(buf[1] & 0x80, 0, "server frames are not masked");
                 let opcode = buf[0] & 0x0f;
-                let (len, head) = match buf[1] & 0x7f {
-                    126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                let len_head = match buf[1] & 0x7f {
+                    126 if buf.len() >= 4 => {
+                        Some((u16::from_be_bytes([buf[2], buf[3]]) as usize, 4))
+                    }
                     127 if buf.len() >= 10 => {
                         let mut a = [0u8; 8];
                         a.copy_from_slice(&buf[2..10]);
-                        (u64::from_be_bytes(a) as usize, 10)
+                        Some((u64::from_be_bytes(a) as usize, 10))
                     }
-                    126 | 127 => break,
-                    n => (n as usize, 2),
+                    126 | 127 => None,
+                    n => Some((n as usize, 2)),
                 };
-                if buf.len() < head + len {
-                    break;
+                if let Some((len, head)) = len_head
+                    && buf.len() >= head + len
+                {
+                    let p = buf[head..head + len].to_vec();
+                    buf.drain(..head + len);
+                    return Some((opcode, p));
                 }
-                if opcode == 0x8 {
-                    let p = &buf[head..head + len];
-                    return (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]]));
-                }
-                buf.drain(..head + len);
             }
             let mut chunk = vec![0u8; 65536];
             match tokio::time::timeout_at(deadline, s.read(&mut chunk))
                 .await
-                .expect("timed out waiting for a close frame")
+                .expect("timed out waiting for a frame")
             {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -260,6 +275,50 @@ async fn websocket_protocol_violations_close_with_1002() {
     // Others are unaffected.
     let (mut c, _) = srv.connected("u").await;
     assert!(c.call("subscribe", json!({"channel": "a"})).await["subscribe"].is_object());
+    srv.stop().await;
+}
+
+/// The WebSocket layer's own duties: a ping is answered with a pong carrying its payload, even
+/// in the middle of a fragmented message; fragments make one message; a client's close is
+/// answered with its code.
+#[tokio::test]
+async fn websocket_pings_fragments_and_the_closing_handshake() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = base_config();
+    cfg.client.insecure = true;
+    let srv = TestServer::start(cfg).await;
+    let mut s = raw::open(&srv).await;
+    let connect = br#"{"id":1,"connect":{"name":"raw"}}"#;
+    let mut bytes = raw::frame(0x1, false, true, &connect[..5]);
+    bytes.extend(raw::frame(0x9, true, true, b"are you there"));
+    bytes.extend(raw::frame(0x0, false, true, &connect[5..20]));
+    bytes.extend(raw::frame(0x0, true, true, &connect[20..]));
+    s.write_all(&bytes).await.unwrap();
+    let mut buf = Vec::new();
+    let (op, pong) = raw::next_frame(&mut s, &mut buf).await.expect("a pong");
+    assert_eq!((op, pong.as_slice()), (0xA, &b"are you there"[..]));
+    let (op, reply) = raw::next_frame(&mut s, &mut buf)
+        .await
+        .expect("the connect reply");
+    assert_eq!(op, 0x1);
+    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(reply["id"], 1);
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    // A message in one frame after the fragments: the decoder is back at a frame boundary.
+    s.write_all(&raw::text(r#"{"id":2,"subscribe":{"channel":"news"}}"#))
+        .await
+        .unwrap();
+    let (_, reply) = raw::next_frame(&mut s, &mut buf)
+        .await
+        .expect("subscribe reply");
+    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    assert!(reply["subscribe"].is_object(), "{reply}");
+    // The client closes: the server answers with the same code, then ends the connection.
+    s.write_all(&raw::frame(0x8, true, true, &4000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(raw::close_code(&mut s).await, Some(4000));
+    assert_eq!(raw::next_frame(&mut s, &mut buf).await, None);
     srv.stop().await;
 }
 

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod admission;
+pub mod frame;
 mod gate;
 pub mod http;
 pub mod websocket;
@@ -58,7 +59,9 @@ pub struct WebsocketConfig {
     /// A write that takes longer closes the connection.
     #[serde(with = "holdfast_core::config::duration")]
     pub write_timeout: Duration,
-    /// Per-connection read buffer (allocated for every connection).
+    /// Bytes asked of the socket per read. The buffer is one per worker thread, so an idle
+    /// connection holds none; only a message arriving in several reads is buffered per
+    /// connection, until complete.
     pub read_buffer_size: usize,
     /// Write buffer target before bytes go to the socket (flushes always write through).
     pub write_buffer_size: usize,
@@ -69,7 +72,7 @@ impl Default for WebsocketConfig {
         Self {
             message_size_limit: 65536,
             write_timeout: Duration::from_secs(1),
-            read_buffer_size: 1024,
+            read_buffer_size: 16 * 1024,
             write_buffer_size: 16 * 1024,
         }
     }

@@ -2,28 +2,26 @@
 //! the adapters that let `holdfast_core::transport::serve_connection` drive a tungstenite stream.
 
 use crate::Transport;
+use crate::frame;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
 use holdfast_core::transport::{
     ConnectionKind, ConnectionMeta, FrameSink, FrameSource, serve_connection,
 };
 use holdfast_protocol::{Disconnect, Encoding};
 use hyper_util::rt::TokioIo;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Io = TokioIo<hyper::upgrade::Upgraded>;
 
 const JSON_PROTOCOL: &str = "centrifuge-json";
 const PROTOBUF_PROTOCOL: &str = "centrifuge-protobuf";
@@ -128,14 +126,8 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
     } else {
         ws_cfg.message_size_limit
     };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(ws_cfg.read_buffer_size)
-        .write_buffer_size(ws_cfg.write_buffer_size)
-        .max_write_buffer_size(
-            ws_cfg.write_buffer_size + 2 * ws_cfg.message_size_limit.max(1 << 20),
-        )
-        .max_message_size(Some(read_limit))
-        .max_frame_size(Some(read_limit));
+    let read_size = ws_cfg.read_buffer_size;
+    let write_buffer = ws_cfg.write_buffer_size;
     let write_timeout = ws_cfg.write_timeout;
     let join = app.config.uni_websocket.join_push_messages;
     let node = app.node.clone();
@@ -148,13 +140,23 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
                 return;
             }
         };
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        let (sink, stream) = ws.split();
+        let conn: Shared = Arc::new(parking_lot::Mutex::new(Conn {
+            io: TokioIo::new(upgraded),
+            out: Out::default(),
+            close_sent: false,
+            writer_waiting: false,
+        }));
+        let stream = WsSource {
+            conn: conn.clone(),
+            decoder: frame::Decoder::new(read_limit),
+            buf: BytesMut::new(),
+            read_size,
+            broken: false,
+        };
         let sink = WsSink {
-            inner: sink,
+            conn,
             write_timeout,
+            write_buffer,
             uni: uni.then_some(UniFraming { join }),
         };
         if uni {
@@ -168,7 +170,7 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
                 headers,
             };
             let source = UniWsSource {
-                inner: WsSource(stream),
+                inner: stream,
                 connected: false,
             };
             serve_connection(node, meta, source, sink).await;
@@ -180,7 +182,7 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
                 ip,
                 headers,
             };
-            serve_connection(node, meta, WsSource(stream), sink).await;
+            serve_connection(node, meta, stream, sink).await;
         }
     });
     let mut resp = Response::new(Body::empty());
@@ -201,34 +203,246 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
     resp
 }
 
-struct WsSource(SplitStream<Ws>);
+/// The upgraded connection, shared by the reading and the writing half (both are polled by
+/// the connection's one task, so the lock is never contended). It holds no read buffer and,
+/// between writes, no write buffer: an idle connection costs the socket and this struct.
+struct Conn {
+    io: Io,
+    out: Out,
+    /// A close frame was queued: nothing more is written after it.
+    close_sent: bool,
+    /// The writer is waiting for the socket to take its bytes (the reader then leaves the
+    /// socket's write readiness to it: it has one waker per direction).
+    writer_waiting: bool,
+}
+
+type Shared = Arc<parking_lot::Mutex<Conn>>;
+
+/// Frames queued for the socket: headers inline, payloads shared, not copied.
+#[derive(Default)]
+struct Out {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the first chunk already written.
+    offset: usize,
+    /// Bytes queued in all.
+    bytes: usize,
+}
+
+enum Chunk {
+    Head(frame::Header),
+    Data(Bytes),
+}
+
+impl Chunk {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Head(h) => h.as_slice(),
+            Chunk::Data(b) => b,
+        }
+    }
+}
+
+/// Slices handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+impl Out {
+    fn push(&mut self, opcode: u8, payload: Bytes) {
+        let head = frame::header(opcode, payload.len());
+        self.bytes += head.as_slice().len() + payload.len();
+        self.chunks.push_back(Chunk::Head(head));
+        if !payload.is_empty() {
+            self.chunks.push_back(Chunk::Data(payload));
+        }
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let Some(first) = self.chunks.front() else {
+                return;
+            };
+            let left = first.as_slice().len() - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Writes everything queued: several frames per vectored write, or one copy into a single
+    /// buffer when the stream cannot take vectors (TLS, an HTTP/2 stream).
+    fn poll_write(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.chunks.is_empty() {
+            if !io.is_write_vectored() && self.chunks.len() > 1 {
+                let mut joined = Vec::with_capacity(self.bytes);
+                for (i, c) in self.chunks.iter().enumerate() {
+                    let skip = if i == 0 { self.offset } else { 0 };
+                    joined.extend_from_slice(&c.as_slice()[skip..]);
+                }
+                self.chunks.clear();
+                self.offset = 0;
+                self.chunks.push_back(Chunk::Data(Bytes::from(joined)));
+            }
+            let n = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut k = 0;
+                for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
+                    let skip = if i == 0 { self.offset } else { 0 };
+                    slices[k] = IoSlice::new(&c.as_slice()[skip..]);
+                    k += 1;
+                }
+                ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(n);
+        }
+        // Nothing kept between writes.
+        self.chunks = VecDeque::new();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Conn {
+    /// Queues a frame unless a close frame went before it.
+    fn queue(&mut self, opcode: u8, payload: Bytes) {
+        if !self.close_sent {
+            self.out.push(opcode, payload);
+            if opcode == frame::OP_CLOSE {
+                self.close_sent = true;
+            }
+        }
+    }
+
+    /// From the reader: writes out what is queued (a pong, a close reply) if the writer is
+    /// not already waiting to; a socket that cannot take it now wakes the reader later.
+    fn write_from_reader(&mut self, cx: &mut Context<'_>) {
+        if !self.writer_waiting && !self.out.chunks.is_empty() {
+            let Conn { io, out, .. } = self;
+            if let Poll::Ready(Err(e)) = out.poll_write(io, cx) {
+                tracing::debug!(error = %e, "websocket write (control frame) failed");
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// What one read from a socket lands in: one buffer per worker thread, not per connection.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+struct WsSource {
+    conn: Shared,
+    decoder: frame::Decoder,
+    /// Bytes read and not yet decoded (empty, with no allocation, while idle).
+    buf: BytesMut,
+    read_size: usize,
+    /// After a protocol violation nothing more is parsed: input is read and dropped.
+    broken: bool,
+}
+
+impl WsSource {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Disconnect>>> {
+        {
+            let mut conn = self.conn.lock();
+            conn.write_from_reader(cx);
+        }
+        loop {
+            if !self.broken && (!self.buf.is_empty() || self.decoder.wants_more()) {
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(event)) => {
+                        if self.buf.is_empty() {
+                            self.buf = BytesMut::new();
+                        }
+                        match event {
+                            frame::Event::Message { data, .. } => {
+                                return Poll::Ready(Some(Ok(data)));
+                            }
+                            frame::Event::Ping(payload) => {
+                                let mut conn = self.conn.lock();
+                                conn.queue(frame::OP_PONG, payload);
+                                conn.write_from_reader(cx);
+                            }
+                            frame::Event::Pong => {}
+                            frame::Event::Close { code } => {
+                                // Answer with the same code (RFC 6455 §5.5.1) unless the server
+                                // closed first; the writer flushes it when it sees the close.
+                                let mut conn = self.conn.lock();
+                                let payload = code
+                                    .map(|c| Bytes::copy_from_slice(&c.to_be_bytes()))
+                                    .unwrap_or_default();
+                                conn.queue(frame::OP_CLOSE, payload);
+                                conn.write_from_reader(cx);
+                                return Poll::Ready(None);
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Poll::Ready(Some(Err(match e {
+                            frame::DecodeError::TooBig { size, max } => {
+                                tracing::info!(size, max, "incoming message too big");
+                                Disconnect::MESSAGE_TOO_BIG
+                            }
+                            frame::DecodeError::Utf8 => {
+                                self.broken = true;
+                                Disconnect::BAD_REQUEST
+                            }
+                            frame::DecodeError::Protocol(what) => {
+                                self.broken = true;
+                                tracing::info!(
+                                    error = what,
+                                    "WebSocket protocol violation: closing with 1002"
+                                );
+                                Disconnect::PROTOCOL_ERROR
+                            }
+                        })));
+                    }
+                }
+            }
+            let read = {
+                let mut conn = self.conn.lock();
+                let io = &mut conn.io;
+                SCRATCH.with_borrow_mut(|scratch| {
+                    if scratch.len() < self.read_size {
+                        scratch.resize(self.read_size, 0);
+                    }
+                    let mut rb = ReadBuf::new(&mut scratch[..self.read_size]);
+                    match Pin::new(io).poll_read(cx, &mut rb) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) => {
+                            let n = rb.filled().len();
+                            if !self.broken {
+                                self.buf.extend_from_slice(rb.filled());
+                            }
+                            Poll::Ready(Ok(n))
+                        }
+                    }
+                })
+            };
+            match ready!(read) {
+                // The peer ended the connection (with or without a closing handshake).
+                Ok(0) => return Poll::Ready(None),
+                Ok(_) if self.broken => return Poll::Ready(Some(Ok(Bytes::new()))),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "websocket read error");
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
 
 impl FrameSource for WsSource {
     async fn next_frame(&mut self) -> Option<Result<Bytes, Disconnect>> {
-        loop {
-            return match self.0.next().await? {
-                Ok(Message::Text(t)) => Some(Ok(Bytes::from(t))),
-                Ok(Message::Binary(b)) => Some(Ok(b)),
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-                Ok(Message::Close(_)) => None,
-                Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
-                    tracing::info!(size, max_size, "incoming message too big");
-                    Some(Err(Disconnect::MESSAGE_TOO_BIG))
-                }
-                Err(WsError::Capacity(_)) => Some(Err(Disconnect::MESSAGE_TOO_BIG)),
-                Err(WsError::Utf8(_)) => Some(Err(Disconnect::BAD_REQUEST)),
-                // The peer ended the connection without a closing handshake: nothing to answer.
-                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => None,
-                Err(WsError::Protocol(p)) => {
-                    tracing::info!(error = %p, "WebSocket protocol violation: closing with 1002");
-                    Some(Err(Disconnect::PROTOCOL_ERROR))
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "websocket read error");
-                    None
-                }
-            };
-        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 }
 
@@ -266,8 +480,10 @@ struct UniFraming {
 }
 
 struct WsSink {
-    inner: SplitSink<Ws, Message>,
+    conn: Shared,
     write_timeout: Duration,
+    /// Bytes queued after which a frame is written out before the batch's flush.
+    write_buffer: usize,
     /// Unidirectional framing, or None for the bidirectional protocol.
     uni: Option<UniFraming>,
 }
@@ -280,23 +496,57 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
 /// their first poll: the timer is only made for one that has to wait for the socket.
 async fn within<F>(limit: Duration, write: F) -> std::io::Result<()>
 where
-    F: std::future::Future<Output = Result<(), WsError>>,
+    F: std::future::Future<Output = std::io::Result<()>>,
 {
     let mut write = std::pin::pin!(write);
     let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
-    let result = match first {
+    match first {
         Poll::Ready(r) => r,
         Poll::Pending => tokio::time::timeout(limit, write)
             .await
             .map_err(|_| io_err("write timeout"))?,
-    };
-    result.map_err(io_err)
+    }
 }
 
 impl WsSink {
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut conn = self.conn.lock();
+        let Conn {
+            io,
+            out,
+            writer_waiting,
+            ..
+        } = &mut *conn;
+        match out.poll_write(io, cx) {
+            Poll::Pending => {
+                *writer_waiting = true;
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                *writer_waiting = false;
+                r?;
+                Pin::new(io).poll_flush(cx)
+            }
+        }
+    }
+
+    async fn queue(&mut self, opcode: u8, payload: Bytes) -> std::io::Result<()> {
+        let full = {
+            let mut conn = self.conn.lock();
+            conn.queue(opcode, payload);
+            conn.out.bytes > self.write_buffer
+        };
+        if full {
+            return self.flush().await;
+        }
+        Ok(())
+    }
+
     async fn send_text(&mut self, text: Bytes) -> std::io::Result<()> {
-        let msg = Message::Text(Utf8Bytes::try_from(text).map_err(io_err)?);
-        within(self.write_timeout, self.inner.feed(msg)).await
+        if std::str::from_utf8(&text).is_err() {
+            return Err(io_err("text frame is not UTF-8"));
+        }
+        self.queue(frame::OP_TEXT, text).await
     }
 }
 
@@ -314,16 +564,19 @@ impl FrameSink for WsSink {
             }
             return Ok(());
         }
-        let msg = if binary {
-            Message::Binary(frame)
+        if binary {
+            self.queue(frame::OP_BINARY, frame).await
         } else {
-            Message::Text(Utf8Bytes::try_from(frame).map_err(io_err)?)
-        };
-        within(self.write_timeout, self.inner.feed(msg)).await
+            self.send_text(frame).await
+        }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        within(self.write_timeout, self.inner.flush()).await
+        within(
+            self.write_timeout,
+            std::future::poll_fn(|cx| self.poll_flush(cx)),
+        )
+        .await
     }
 
     async fn close(&mut self, code: u16, reason: &str) -> std::io::Result<()> {
@@ -333,16 +586,13 @@ impl FrameSink for WsSink {
                 crate::http::disconnect_push(holdfast_protocol::Encoding::Json, true, code, reason);
             let _ = self.send_text(push).await;
         }
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: Utf8Bytes::from(reason),
-        };
+        self.conn
+            .lock()
+            .queue(frame::OP_CLOSE, frame::close_payload(code, reason));
         let send = async {
-            self.inner
-                .send(Message::Close(Some(frame)))
-                .await
-                .map_err(io_err)?;
-            self.inner.close().await.map_err(io_err)
+            std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
+            // Then the end of the stream (the reader goes on reading until the client answers).
+            std::future::poll_fn(|cx| Pin::new(&mut self.conn.lock().io).poll_shutdown(cx)).await
         };
         match tokio::time::timeout(self.write_timeout, send).await {
             Ok(r) => r,

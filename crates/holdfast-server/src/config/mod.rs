@@ -505,6 +505,11 @@ pub struct HttpServerConfig {
     /// headers name the client's address for per-IP limits and logs. Empty: every request is
     /// taken at its TCP address, and the headers are ignored.
     pub trusted_proxies: Vec<String>,
+    /// Length of each listener's accept queue (connections the kernel has completed and the
+    /// server has not accepted yet). 0 = the kernel's maximum (`net.core.somaxconn`), as Go
+    /// servers do; a longer queue rides out a connect storm instead of dropping SYNs (each
+    /// dropped SYN costs the client a 1 s retransmission).
+    pub listen_backlog: u32,
 }
 
 /// `http_server.tls.*` / `http_server.internal_tls.*`: certificate and key files (PEM),
@@ -535,6 +540,7 @@ impl Default for HttpServerConfig {
             http2_max_concurrent_streams: 250,
             tls_handshake_timeout: Duration::from_secs(10),
             trusted_proxies: Vec::new(),
+            listen_backlog: 0,
         }
     }
 }
