@@ -65,6 +65,14 @@ pub struct ClientConfig {
     /// pings only.
     #[serde(with = "duration")]
     pub delivery_cursor_confirm_delay: Duration,
+    /// Centrifugo PRO's write delay: after a wake-up the connection's writer waits this long
+    /// before writing, so one write carries whatever arrived meanwhile (fewer system calls per
+    /// delivery, each message up to this much later). 0 = write at once.
+    #[serde(with = "duration")]
+    pub write_delay: Duration,
+    /// Most messages joined into one transport frame (newline-separated JSON, length-delimited
+    /// protobuf); 0 = no limit.
+    pub max_messages_in_frame: usize,
     /// Server-side subscription to the user's personal channel.
     pub subscribe_to_user_personal_channel: PersonalChannelConfig,
     /// How a refused connect on a unidirectional transport (which reads no error replies)
@@ -145,6 +153,8 @@ impl Default for ClientConfig {
             recovery_max_publication_limit: 300,
             connect_include_server_time: false,
             delivery_cursor_confirm_delay: Duration::from_millis(500),
+            write_delay: Duration::ZERO,
+            max_messages_in_frame: crate::transport::MAX_MESSAGES_PER_FRAME,
             subscribe_to_user_personal_channel: PersonalChannelConfig::default(),
             connect_code_to_unidirectional_disconnect: UniDisconnectConfig::default(),
         }
@@ -329,6 +339,12 @@ impl NodeConfig {
             err(
                 "client.delivery_cursor_confirm_delay".into(),
                 "must be shorter than client.ping_interval (or 0 to use regular pings only)",
+            );
+        }
+        if c.write_delay > Duration::from_secs(1) {
+            err(
+                "client.write_delay".into(),
+                "at most 1s (it delays every message of every connection)",
             );
         }
         if c.queue_max_size < 1024 {

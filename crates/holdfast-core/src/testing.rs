@@ -142,6 +142,8 @@ pub struct TestClient {
     pub closed_with: Option<(u16, String)>,
     /// Answer pings (`{}`) with a pong and hide them (what SDKs do).
     pub auto_pong: bool,
+    /// Frames received so far (several messages may share one).
+    pub frames: u64,
 }
 
 impl TestClient {
@@ -171,6 +173,7 @@ impl TestClient {
             next_id: 0,
             closed_with: None,
             auto_pong: true,
+            frames: 0,
         }
     }
 
@@ -219,6 +222,7 @@ impl TestClient {
                 .unwrap_or_else(|_| panic!("nothing from the server for {PATIENCE:?}"))?;
             match out {
                 ServerOut::Frame(f) => {
+                    self.frames += 1;
                     for line in f.split(|b| *b == b'\n') {
                         let v = serde_json::from_slice(line).unwrap_or_else(|e| {
                             panic!(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Messages joined into one frame at most.
-const MAX_MESSAGES_PER_FRAME: usize = 64;
+pub(crate) const MAX_MESSAGES_PER_FRAME: usize = 64;
 /// Bytes joined into one frame at most (a single larger message still goes alone).
 const MAX_FRAME_BYTES: usize = 64 * 1024;
 
@@ -368,8 +368,10 @@ async fn write_loop<K: FrameSink>(
             // size every idle connection's task; one allocation per batch, not per frame.
             let max = if client.single_message_frames() {
                 1
+            } else if cfg.max_messages_in_frame == 0 {
+                usize::MAX
             } else {
-                MAX_MESSAGES_PER_FRAME
+                cfg.max_messages_in_frame
             };
             let written = Box::pin(write_batch(
                 &mut sink,
@@ -476,7 +478,14 @@ async fn write_loop<K: FrameSink>(
         }
         timers_due = tokio::select! {
             biased;
-            _ = client.writer_notified() => client.take_timers_changed(),
+            _ = client.writer_notified() => {
+                if !cfg.write_delay.is_zero() && !client.is_closing() {
+                    // Let more messages join this write (boxed: off by default, it would
+                    // otherwise size every connection's task).
+                    Box::pin(tokio::time::sleep(cfg.write_delay)).await;
+                }
+                client.take_timers_changed()
+            }
             () = &mut sleep => true,
         };
     }

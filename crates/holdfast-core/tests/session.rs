@@ -768,3 +768,46 @@ async fn a_filtered_subscription_skips_without_a_gap_and_recovers_filtered() {
     node.publish("tags:t", tagged(9, "a")).await.unwrap();
     assert_eq!(c.push().await["pub"]["offset"], 9);
 }
+
+/// `client.write_delay`: what arrives while the writer waits goes out in one frame, the first
+/// message no later than the delay; `client.max_messages_in_frame` caps a frame.
+#[tokio::test(start_paused = true)]
+async fn write_delay_joins_messages_into_one_frame_within_the_delay() {
+    async fn five_spread(node: &Node, c: &mut TestClient) -> (u64, Duration) {
+        let before = c.frames;
+        let t0 = Instant::now();
+        for n in 0..5 {
+            publish(node, "a", n).await;
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+        assert_eq!(offsets(c, "a", 5).await.len(), 5);
+        (c.frames - before, t0.elapsed())
+    }
+    // Off (the default): one frame per publication, each at once.
+    let (node, _) = testing::node(config());
+    let mut c = user(&node, "u").await;
+    c.call("subscribe", json!({"channel": "a"})).await;
+    let (frames, _) = five_spread(&node, &mut c).await;
+    assert_eq!(frames, 5);
+
+    let mut cfg = config();
+    cfg.client.write_delay = Duration::from_millis(50);
+    let (node, _) = testing::node(cfg);
+    let mut c = user(&node, "u").await;
+    c.call("subscribe", json!({"channel": "a"})).await;
+    let (frames, took) = five_spread(&node, &mut c).await;
+    assert_eq!(frames, 1, "20 ms of publications in one frame");
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_millis(60),
+        "{took:?}"
+    );
+
+    let mut cfg = config();
+    cfg.client.write_delay = Duration::from_millis(50);
+    cfg.client.max_messages_in_frame = 2;
+    let (node, _) = testing::node(cfg);
+    let mut c = user(&node, "u").await;
+    c.call("subscribe", json!({"channel": "a"})).await;
+    let (frames, _) = five_spread(&node, &mut c).await;
+    assert_eq!(frames, 3, "at most two messages per frame");
+}
