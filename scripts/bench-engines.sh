@@ -2,7 +2,9 @@
 # Acknowledged publishes per second and publish latency through the server API, for the memory
 # engine, the disk engine in both durability modes and the Redis engine (a local redis-server
 # without persistence, and with appendfsync always), side by side in one run: release build,
-# server pinned to core 0, load (and redis-server) on core 1, 3 runs each, medians. Writes the table into
+# server pinned to core 0, load (and redis-server) on core 1, 3 runs each, medians; then the memory
+# and disk engines again with publications in /api/batch requests of BATCH (100), with the
+# server's CPU time per publication. Writes the table into
 # docs/BENCHMARKS.md (between the engine markers) and the raw results to artifacts/.
 #
 #   scripts/bench-engines.sh            # 32 concurrent publishers, 5 s per run
@@ -29,7 +31,8 @@ stop_redis() {
   while kill -0 "$(cat "$work/redis.pid")" 2>/dev/null; do sleep 0.02; done
   rm -f "$work/redis.pid"
 }
-engines="memory disk-fsync disk-os redis redis-aof-always"
+engines="memory disk-fsync disk-os redis redis-aof-always memory-batch disk-fsync-batch disk-os-batch"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for engine in $engines; do
   for run in 1 2 3; do
     rm -rf "$work/data"
@@ -37,7 +40,9 @@ for engine in $engines; do
       redis) start_redis --appendonly no ;;
       redis-aof-always) start_redis --appendonly yes --appendfsync always ;;
     esac
-    case "$engine" in
+    batch=1
+    case "$engine" in *-batch) batch="${BATCH:-100}" ;; esac
+    case "${engine%-batch}" in
       memory) env=(HOLDFAST_ENGINE_TYPE=memory) ;;
       disk-fsync) env=(HOLDFAST_ENGINE_TYPE=disk HOLDFAST_ENGINE_DISK_DURABILITY=fsync HOLDFAST_ENGINE_DISK_PATH="$work/data") ;;
       disk-os) env=(HOLDFAST_ENGINE_TYPE=disk HOLDFAST_ENGINE_DISK_DURABILITY=os HOLDFAST_ENGINE_DISK_PATH="$work/data") ;;
@@ -48,9 +53,12 @@ for engine in $engines; do
     echo $! > "$work/pid"
     for _ in $(seq 1 400); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.025; done
     echo -n "$engine run $run: "
+    before="$(cpu_ticks "$(cat "$work/pid")")"
     taskset -c 1 "$bin/holdfast-bench" publish --api "http://127.0.0.1:$port" --api-key verify-api-key \
-      --concurrency "${CONCURRENCY:-32}" --duration "${DURATION:-5}" \
+      --concurrency "${CONCURRENCY:-32}" --duration "${DURATION:-5}" --batch "$batch" \
       --report "artifacts/bench-publish-$engine-$run.json"
+    # Server CPU seconds over the run, beside the result.
+    echo "$(( $(cpu_ticks "$(cat "$work/pid")") - before )) $(getconf CLK_TCK)" > "artifacts/bench-publish-$engine-$run.cpu"
     kill "$(cat "$work/pid")"; wait "$(cat "$work/pid")" 2>/dev/null || true
     stop_redis
   done
@@ -59,11 +67,17 @@ done
 python3 - <<'PY'
 import json, statistics, pathlib, platform, os, subprocess
 rows = []
-for engine in ["memory", "disk-fsync", "disk-os", "redis", "redis-aof-always"]:
+for engine in ["memory", "disk-fsync", "disk-os", "redis", "redis-aof-always",
+               "memory-batch", "disk-fsync-batch", "disk-os-batch"]:
     rs = [json.load(open(f"artifacts/bench-publish-{engine}-{i}.json")) for i in (1, 2, 3)]
+    cpu = []
+    for i in (1, 2, 3):
+        ticks, hz = open(f"artifacts/bench-publish-{engine}-{i}.cpu").read().split()
+        cpu.append(int(ticks) / int(hz))
+    per_core = statistics.median(r["acked"] / c for r, c in zip(rs, cpu) if c > 0)
     rows.append((engine, statistics.median(r["per_second"] for r in rs),
                  statistics.median(r["p50_ms"] for r in rs), statistics.median(r["p99_ms"] for r in rs),
-                 sum(r["failed"] for r in rs)))
+                 sum(r["failed"] for r in rs), per_core, rs[0]["scenario"]["batch"]))
 s = rs[0]["scenario"]
 mem = rows[0][1]
 lines = [
@@ -72,13 +86,16 @@ lines = [
     f"{s['channels']} channels with history, {s['payload']}-byte payloads, {s['duration']:.0f} s per run, "
     "3 runs per engine, medians; server on core 0, load generator (and redis-server 7, local, "
     "without persistence or with `appendonly yes` + `appendfsync always`) on core 1 "
-    f"({os.cpu_count()} cores, {platform.machine()}).",
+    f"({os.cpu_count()} cores, {platform.machine()}). Rows ending in `-batch` send "
+    f"{rows[-1][6]} publications per `/api/batch` request (latency is per request); the others one "
+    "per `/api/publish`. Per server CPU-second: acknowledged publications over the server's CPU time "
+    "(user + system) in the run.",
     "",
-    "| Engine | Acknowledged publishes/s | vs memory | p50 latency | p99 latency | Failed |",
-    "|---|---|---|---|---|---|",
+    "| Engine | Acknowledged publishes/s | vs memory | Per server CPU-second | p50 latency | p99 latency | Failed |",
+    "|---|---|---|---|---|---|---|",
 ]
-for engine, ps, p50, p99, failed in rows:
-    lines.append(f"| {engine} | {ps:,.0f} | {ps / mem:.2f}× | {p50:.2f} ms | {p99:.2f} ms | {failed} |")
+for engine, ps, p50, p99, failed, per_core, _ in rows:
+    lines.append(f"| {engine} | {ps:,.0f} | {ps / mem:.2f}× | {per_core:,.0f} | {p50:.2f} ms | {p99:.2f} ms | {failed} |")
 lines.append("<!-- engines:end -->")
 doc = pathlib.Path("docs/BENCHMARKS.md")
 text = doc.read_text()

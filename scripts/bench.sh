@@ -21,6 +21,11 @@ if [ -n "${QUICK:-}" ]; then
     [ -s "$out/plots/$p.png" ] || { echo "missing plot $p.png" >&2; exit 1; }
   done
   grep -q "S6: S2 across two nodes" "$out/BENCHMARKS.md"
+  # The step tables: latency and CPU per delivery against the raw baseline at each step.
+  for sc in S2 S3; do
+    grep -q "^$sc step by step" "$out/BENCHMARKS.md"
+  done
+  grep -Eq '^\| [0-9,]+ \| [0-9.]+ ms\*? \([0-9.]+×\) \| [0-9,]+ ns \([0-9.]+×\)' "$out/BENCHMARKS.md"
   # Every run must have worked (a peer failing is a failure of the smoke test).
   failed="$(grep -L '"error": null' "$out"/results/*.json || true)"
   if [ -n "$failed" ]; then

@@ -29,6 +29,10 @@ pub struct PublishArgs {
     /// Payload size in bytes.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
+    /// Publications per request: 1 posts to `/api/publish`, more send that many `publish`
+    /// commands in one `/api/batch` request (acknowledged publications are counted).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
     /// Seconds to run.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
@@ -48,7 +52,7 @@ pub struct PublishReport {
     pub failed: u64,
     /// Acknowledged per second.
     pub per_second: f64,
-    /// Latency percentiles (ms).
+    /// Latency percentiles of a request (ms).
     pub p50_ms: f64,
     /// 99th percentile (ms).
     pub p99_ms: f64,
@@ -80,29 +84,52 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<PublishReport> {
             let mut n = w;
             while !stop.load(Ordering::Relaxed) {
                 n += args.concurrency;
-                let body = serde_json::json!({
-                    "channel": format!("{}:pub-{run}-{}", args.namespace, n % args.channels),
-                    "data": {"p": payload},
-                });
+                let publish = |i: usize| {
+                    serde_json::json!({
+                        "channel": format!("{}:pub-{run}-{}", args.namespace, i % args.channels),
+                        "data": {"p": payload},
+                    })
+                };
+                let batch = args.batch as usize;
+                let (url, body) = if batch == 1 {
+                    (format!("{}/api/publish", args.api), publish(n))
+                } else {
+                    let commands: Vec<serde_json::Value> = (0..batch)
+                        .map(|i| serde_json::json!({"publish": publish(n * batch + i)}))
+                        .collect();
+                    (
+                        format!("{}/api/batch", args.api),
+                        serde_json::json!({"commands": commands}),
+                    )
+                };
                 let t = Instant::now();
                 let r = http
-                    .post(format!("{}/api/publish", args.api))
+                    .post(url)
                     .header("X-API-Key", &args.api_key)
                     .json(&body)
                     .send()
                     .await;
-                let good = match r {
-                    Ok(resp) => resp
-                        .json::<serde_json::Value>()
-                        .await
-                        .is_ok_and(|v| v["result"]["offset"].is_u64()),
-                    Err(_) => false,
+                let acked = match r {
+                    Ok(resp) => resp.json::<serde_json::Value>().await.map_or(0, |v| {
+                        if batch == 1 {
+                            u64::from(v["result"]["offset"].is_u64())
+                        } else {
+                            let replies = if v["result"].is_object() {
+                                &v["result"]["replies"]
+                            } else {
+                                &v["replies"]
+                            };
+                            replies.as_array().map_or(0, |a| {
+                                a.iter().filter(|x| x["publish"]["offset"].is_u64()).count() as u64
+                            })
+                        }
+                    }),
+                    Err(_) => 0,
                 };
-                if good {
-                    ok += 1;
+                ok += acked;
+                failed += batch as u64 - acked;
+                if acked > 0 {
                     let _ = hist.record(t.elapsed().as_micros() as u64);
-                } else {
-                    failed += 1;
                 }
             }
             (hist, ok, failed)

@@ -473,6 +473,12 @@ fn rate_section(
             cdfs.push((s.clone(), r.steps.clone()));
         }
     }
+    let side: Vec<String> = servers
+        .iter()
+        .filter(|s| s.starts_with("holdfast") || s.as_str() == "raw")
+        .cloned()
+        .collect();
+    step_table(l, sc, &side, md);
     // Latency compared at one rate: the highest step every server kept up with.
     let common = cdfs
         .iter()
@@ -518,6 +524,101 @@ fn rate_section(
         "\n![{sc:?} throughput]({rel}/{name}-throughput.png)\n![{sc:?} latency]({rel}/{name}-latency-cdf.png)"
     );
     Ok(())
+}
+
+/// Server CPU time per delivery in a step, ns (the server's CPU share over its deliveries).
+fn cpu_ns_per_delivery(st: &Step) -> Option<f64> {
+    (st.delivered_s > 0.0).then(|| st.cpu_pct / 100.0 * 1e9 / st.delivered_s)
+}
+
+/// Every step side by side: p99 latency and CPU per delivery of Holdfast and the raw baseline, and Holdfast's
+/// against the raw baseline's at the same offered rate (medians over the runs that reached
+/// the step; `*` marks a step the server did not keep up with in most of them).
+fn step_table(l: &Loaded, sc: Scenario, servers: &[String], md: &mut String) {
+    let mut rates: Vec<f64> = servers
+        .iter()
+        .flat_map(|s| ok_runs(l, sc, s))
+        .flat_map(|r| r.steps.iter().map(|st| st.offered_pub_s))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    if rates.is_empty() {
+        return;
+    }
+    let at = |s: &str, rate: f64| -> Vec<&Step> {
+        ok_runs(l, sc, s)
+            .into_iter()
+            .filter_map(|r| {
+                r.steps
+                    .iter()
+                    .find(|st| (st.offered_pub_s - rate).abs() < 1e-9)
+            })
+            .collect()
+    };
+    // (median p99 ms, median CPU ns per delivery, behind in most runs)
+    let cell = |s: &str, rate: f64| -> Option<(f64, Option<f64>, bool)> {
+        let steps = at(s, rate);
+        let p99 = median(steps.iter().map(|st| st.p99_ms).collect())?;
+        let ns = median(
+            steps
+                .iter()
+                .filter_map(|st| cpu_ns_per_delivery(st))
+                .collect(),
+        );
+        let behind = steps.iter().filter(|st| st.overloaded).count() * 2 > steps.len();
+        Some((p99, ns, behind))
+    };
+    let raw = servers.iter().any(|s| s == "raw").then_some("raw");
+    let _ = write!(
+        md,
+        "\n{sc:?} step by step: p99 publish → receive latency and server CPU time per delivery \
+         (the server's CPU share over the deliveries it made){}; medians of the runs that \
+         reached the step, `*` where the server fell behind in most of them.\n\n\
+         | Publications/s |",
+        if raw.is_some() {
+            ", each Holdfast figure also as a multiple of the raw baseline's at the same step"
+        } else {
+            ""
+        }
+    );
+    for s in servers {
+        let _ = write!(md, " {s} p99 | {s} CPU/delivery |");
+    }
+    let _ = write!(
+        md,
+        "
+|---|"
+    );
+    for _ in servers {
+        let _ = write!(md, "---|---|");
+    }
+    let _ = writeln!(md);
+    for rate in rates {
+        let base = raw.and_then(|r| cell(r, rate));
+        let _ = write!(md, "| {} |", fmt_n(rate));
+        for s in servers {
+            let Some((p99, ns, behind)) = cell(s, rate) else {
+                let _ = write!(md, " — | — |");
+                continue;
+            };
+            let star = if behind { "*" } else { "" };
+            let vs = |x: f64, b: Option<f64>| match (b, s.starts_with("holdfast")) {
+                (Some(b), true) if b > 0.0 => format!(" ({:.2}×)", x / b),
+                _ => String::new(),
+            };
+            let _ = write!(
+                md,
+                " {p99:.1} ms{star}{} | {} |",
+                vs(p99, base.map(|b| b.0)),
+                ns.map_or("—".into(), |ns| format!(
+                    "{} ns{}",
+                    fmt_n(ns),
+                    vs(ns, base.and_then(|b| b.1))
+                )),
+            );
+        }
+        let _ = writeln!(md);
+    }
 }
 
 fn cdf(pairs: &[(u64, u64)]) -> Vec<(f64, f64)> {
