@@ -322,6 +322,54 @@ async fn websocket_pings_fragments_and_the_closing_handshake() {
     srv.stop().await;
 }
 
+/// A client that pings without reading does not grow a queue of pongs on the server: while
+/// the socket is full, the pongs of many pings are one (RFC 6455 §5.5.3), and the connection
+/// works afterwards.
+#[tokio::test]
+async fn pings_from_a_client_that_does_not_read_are_answered_once() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = base_config();
+    cfg.client.insecure = true;
+    let srv = TestServer::start(cfg).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = raw::open_on(&srv, sock.connect(srv.addr).await.unwrap()).await;
+    // 12.7 MB of pongs if each were answered: more than the server's socket can hold.
+    let pings = 100_000;
+    let payload = [b'p'; 125];
+    let one = raw::frame(0x9, true, true, &payload);
+    let burst: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * pings)
+        .collect();
+    s.write_all(&burst).await.unwrap();
+    s.write_all(&raw::text(r#"{"id":1,"connect":{}}"#))
+        .await
+        .unwrap();
+    // Every pong before the connect reply is read now.
+    let mut buf = Vec::new();
+    let mut pongs = 0;
+    let reply = loop {
+        let (op, p) = raw::next_frame(&mut s, &mut buf).await.expect("a frame");
+        if op == 0xA {
+            assert_eq!(p, payload);
+            pongs += 1;
+        } else {
+            break p;
+        }
+    };
+    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    assert!(pongs >= 1, "pings are answered");
+    assert!(
+        pongs < pings,
+        "{pongs} pongs for {pings} pings: the unread ones were not coalesced"
+    );
+    srv.stop().await;
+}
+
 /// A client that keeps sending while the server closes it, and reads slowly, still reads the
 /// close frame, not a reset: after closing, the server goes on reading (and dropping) its input
 /// for a bounded time while the close frame waits behind what the client has not read yet.

@@ -63,6 +63,9 @@ pub struct Decoder {
     partial: Option<(bool, BytesMut)>,
     /// Payload bytes of an oversized frame still to be discarded.
     skip: u64,
+    /// The fragmented message being received went over the limit: its remaining fragments
+    /// are skipped up to the final one (control frames between them are still read).
+    discarding: bool,
 }
 
 impl Decoder {
@@ -72,12 +75,13 @@ impl Decoder {
             max_message,
             partial: None,
             skip: 0,
+            discarding: false,
         }
     }
 
     /// Bytes the decoder needs before it can say more: at least one.
     pub fn wants_more(&self) -> bool {
-        self.skip > 0 || self.partial.is_some()
+        self.skip > 0 || self.partial.is_some() || self.discarding
     }
 
     /// Decodes the next event from the front of `buf`, consuming what it used. `Ok(None)`: more
@@ -143,7 +147,8 @@ impl Decoder {
                     return Err(DecodeError::Protocol("control frame over 125 bytes"));
                 }
             } else {
-                match (opcode, self.partial.is_some()) {
+                let in_message = self.partial.is_some() || self.discarding;
+                match (opcode, in_message) {
                     (OP_CONTINUATION, false) => {
                         return Err(DecodeError::Protocol("continuation without a start"));
                     }
@@ -151,6 +156,16 @@ impl Decoder {
                         return Err(DecodeError::Protocol("new message inside a fragmented one"));
                     }
                     _ => {}
+                }
+                if self.discarding {
+                    // A later fragment of a message already refused: skip it silently.
+                    if buf.len() < head {
+                        return Ok(None);
+                    }
+                    buf.advance(head);
+                    self.skip = len;
+                    self.discarding = !fin;
+                    continue;
                 }
                 let so_far = self.partial.as_ref().map_or(0, |(_, b)| b.len() as u64);
                 let size = so_far.saturating_add(len);
@@ -161,6 +176,7 @@ impl Decoder {
                     buf.advance(head);
                     self.partial = None;
                     self.skip = len;
+                    self.discarding = !fin;
                     return Err(DecodeError::TooBig {
                         size,
                         max: self.max_message,
@@ -170,8 +186,9 @@ impl Decoder {
             // Bounded: a control frame is at most 125 bytes, a data frame at most the limit.
             let len = len as usize;
             if buf.len() < head + len {
-                // Room for the rest in one allocation rather than growing as reads arrive.
-                buf.reserve(head + len - buf.len());
+                // Room for the rest, up to 64 KiB at a time: a header alone does not make the
+                // server set aside the whole message before its bytes arrive.
+                buf.reserve((head + len - buf.len()).min(64 * 1024));
                 return Ok(None);
             }
             let mask = [buf[head - 4], buf[head - 3], buf[head - 2], buf[head - 1]];
@@ -500,6 +517,25 @@ mod tests {
                     max: 100
                 }),
                 Ok(Event::Close { code: Some(1000) }),
+            ]
+        );
+        // Over the limit in a first fragment: the rest of the message is skipped, pings
+        // between its fragments still answered, and the next message read.
+        let mut d = Decoder::new(100);
+        let mut stream = client(OP_BINARY, false, &[0; 150]);
+        stream.extend(client(OP_PING, true, b"p"));
+        stream.extend(client(OP_CONTINUATION, false, &[0; 10]));
+        stream.extend(client(OP_CONTINUATION, true, &[0; 10]));
+        stream.extend(client(OP_TEXT, true, b"{}"));
+        assert_eq!(
+            decode_all(&mut d, &stream),
+            vec![
+                Err(DecodeError::TooBig {
+                    size: 150,
+                    max: 100
+                }),
+                Ok(Event::Ping(Bytes::from_static(b"p"))),
+                Ok(text("{}")),
             ]
         );
         // Nothing is buffered for the skipped payload, and the limit holds without the

@@ -145,6 +145,8 @@ async fn upgrade_as(app: Arc<Transport>, mut req: Request, uni: bool) -> Respons
             out: Out::default(),
             close_sent: false,
             writer_waiting: false,
+            pong: None,
+            reader_flushing: false,
         }));
         let stream = WsSource {
             conn: conn.clone(),
@@ -211,9 +213,14 @@ struct Conn {
     out: Out,
     /// A close frame was queued: nothing more is written after it.
     close_sent: bool,
-    /// The writer is waiting for the socket to take its bytes (the reader then leaves the
-    /// socket's write readiness to it: it has one waker per direction).
+    /// The writer is waiting for the socket to take its bytes, flush them or shut down (the
+    /// reader then leaves the socket's write readiness to it: it has one waker per direction).
     writer_waiting: bool,
+    /// The answer to the latest ping, not queued yet: a client pinging faster than it reads
+    /// gets one pong for the lot (RFC 6455 §5.5.3), not a queue that grows.
+    pong: Option<Bytes>,
+    /// The reader wrote and its flush did not finish (TLS keeps bytes until flushed).
+    reader_flushing: bool,
 }
 
 type Shared = Arc<parking_lot::Mutex<Conn>>;
@@ -318,14 +325,34 @@ impl Conn {
         }
     }
 
-    /// From the reader: writes out what is queued (a pong, a close reply) if the writer is
-    /// not already waiting to; a socket that cannot take it now wakes the reader later.
+    /// Moves the pending pong behind what is queued, once the queue is empty (so at most one
+    /// pong waits, however many pings arrive while the socket is full).
+    fn take_pong(&mut self) {
+        if self.out.chunks.is_empty()
+            && let Some(p) = self.pong.take()
+        {
+            self.queue(frame::OP_PONG, p);
+        }
+    }
+
+    /// From the reader: writes out and flushes what is queued (a pong, a close reply) unless
+    /// the writer is waiting to; a socket that cannot take it now wakes the reader later.
     fn write_from_reader(&mut self, cx: &mut Context<'_>) {
-        if !self.writer_waiting && !self.out.chunks.is_empty() {
-            let Conn { io, out, .. } = self;
-            if let Poll::Ready(Err(e)) = out.poll_write(io, cx) {
-                tracing::debug!(error = %e, "websocket write (control frame) failed");
-            }
+        if self.writer_waiting {
+            return;
+        }
+        self.take_pong();
+        if self.out.chunks.is_empty() && !self.reader_flushing {
+            return;
+        }
+        let Conn { io, out, .. } = self;
+        let r = match out.poll_write(io, cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut *io).poll_flush(cx),
+            other => other,
+        };
+        self.reader_flushing = r.is_pending();
+        if let Poll::Ready(Err(e)) = r {
+            tracing::debug!(error = %e, "websocket write (control frame) failed");
         }
     }
 }
@@ -364,7 +391,10 @@ impl WsSource {
                             }
                             frame::Event::Ping(payload) => {
                                 let mut conn = self.conn.lock();
-                                conn.queue(frame::OP_PONG, payload);
+                                if !conn.close_sent {
+                                    // A copy: the payload would keep the read buffer alive.
+                                    conn.pong = Some(Bytes::copy_from_slice(&payload));
+                                }
                                 conn.write_from_reader(cx);
                             }
                             frame::Event::Pong => {}
@@ -389,12 +419,12 @@ impl WsSource {
                                 tracing::info!(size, max, "incoming message too big");
                                 Disconnect::MESSAGE_TOO_BIG
                             }
-                            frame::DecodeError::Utf8 => {
-                                self.broken = true;
-                                Disconnect::BAD_REQUEST
-                            }
+                            // The message was consumed whole: the frames after it (the
+                            // client's close) are still read.
+                            frame::DecodeError::Utf8 => Disconnect::BAD_REQUEST,
                             frame::DecodeError::Protocol(what) => {
                                 self.broken = true;
+                                self.buf = BytesMut::new();
                                 tracing::info!(
                                     error = what,
                                     "WebSocket protocol violation: closing with 1002"
@@ -404,6 +434,10 @@ impl WsSource {
                         })));
                     }
                 }
+            }
+            if self.buf.is_empty() && self.buf.capacity() > 0 {
+                // Nothing pending (a skipped payload ended, say): hold no buffer while idle.
+                self.buf = BytesMut::new();
             }
             let read = {
                 let mut conn = self.conn.lock();
@@ -511,23 +545,25 @@ where
 impl WsSink {
     fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let mut conn = self.conn.lock();
-        let Conn {
-            io,
-            out,
-            writer_waiting,
-            ..
-        } = &mut *conn;
-        match out.poll_write(io, cx) {
-            Poll::Pending => {
-                *writer_waiting = true;
-                Poll::Pending
-            }
-            Poll::Ready(r) => {
-                *writer_waiting = false;
-                r?;
-                Pin::new(io).poll_flush(cx)
-            }
+        conn.take_pong();
+        let Conn { io, out, .. } = &mut *conn;
+        let r = match out.poll_write(io, cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut *io).poll_flush(cx),
+            other => other,
+        };
+        // Waiting in the write or in the flush alike: the socket's write waker is ours.
+        conn.writer_waiting = r.is_pending();
+        if r.is_ready() {
+            conn.reader_flushing = false;
         }
+        r
+    }
+
+    fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut conn = self.conn.lock();
+        let r = Pin::new(&mut conn.io).poll_shutdown(cx);
+        conn.writer_waiting = r.is_pending();
+        r
     }
 
     async fn queue(&mut self, opcode: u8, payload: Bytes) -> std::io::Result<()> {
@@ -592,7 +628,7 @@ impl FrameSink for WsSink {
         let send = async {
             std::future::poll_fn(|cx| self.poll_flush(cx)).await?;
             // Then the end of the stream (the reader goes on reading until the client answers).
-            std::future::poll_fn(|cx| Pin::new(&mut self.conn.lock().io).poll_shutdown(cx)).await
+            std::future::poll_fn(|cx| self.poll_shutdown(cx)).await
         };
         match tokio::time::timeout(self.write_timeout, send).await {
             Ok(r) => r,
