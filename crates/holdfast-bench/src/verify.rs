@@ -472,7 +472,11 @@ async fn final_tops(args: &VerifyArgs, run: &str) -> anyhow::Result<Tops> {
     for k in 0..args.channels {
         let ch = channel_name(args, run, k);
         let mut last_err = None;
-        for _ in 0..100 {
+        // Bounded by time, not attempts: after a Redis Cluster failover a node may refuse or
+        // time out reads for tens of seconds while it finds the new master, and quick
+        // refusals would use up a count of attempts.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
             match api(&http, args, "history", serde_json::json!({"channel": ch})).await {
                 Ok(v) => {
                     let epoch = v["epoch"].as_str().unwrap_or("").to_owned();
