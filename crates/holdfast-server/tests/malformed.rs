@@ -128,6 +128,14 @@ mod raw {
         open_on(srv, TcpStream::connect(srv.addr).await.unwrap()).await
     }
 
+    /// Opens a connection with a small receive buffer (what the server sends waits in its
+    /// own send queue until read) and completes the upgrade.
+    pub(crate) async fn open_slow_reader(srv: &TestServer) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        open_on(srv, sock.connect(srv.addr).await.unwrap()).await
+    }
+
     /// Completes the upgrade on an open connection.
     pub(crate) async fn open_on(srv: &TestServer, mut s: TcpStream) -> TcpStream {
         let req = format!(
@@ -331,9 +339,7 @@ async fn pings_from_a_client_that_does_not_read_are_answered_once() {
     let mut cfg = base_config();
     cfg.client.insecure = true;
     let srv = TestServer::start(cfg).await;
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = raw::open_on(&srv, sock.connect(srv.addr).await.unwrap()).await;
+    let mut s = raw::open_slow_reader(&srv).await;
     // 12.7 MB of pongs if each were answered: more than the server's socket can hold.
     let pings = 100_000;
     let payload = [b'p'; 125];
@@ -383,10 +389,7 @@ async fn a_client_still_sending_reads_the_close_frame() {
     cfg.client.command_burst = 20;
     cfg.client.command_excess_disconnect = 20;
     let srv = TestServer::start(cfg).await;
-    // A small receive buffer: what the server sends waits in its own send queue until read.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = raw::open_on(&srv, sock.connect(srv.addr).await.unwrap()).await;
+    let mut s = raw::open_slow_reader(&srv).await;
     s.write_all(&raw::text(r#"{"id":1,"connect":{}}"#))
         .await
         .unwrap();
