@@ -140,6 +140,12 @@ pub struct ClientHandle {
     /// When the connection expires (None = never); the writer closes it with 3005 after the
     /// grace delay unless a refresh moves this.
     expires_at: Mutex<Option<tokio::time::Instant>>,
+    /// When the session next has timer work (subscription expiry, connection refresh): the
+    /// writer keeps the connection's one timer, the reader sets this and runs the work when
+    /// the writer says it is due (see [`ClientHandle::take_session_due`]).
+    session_at: Mutex<Option<tokio::time::Instant>>,
+    /// The writer found `session_at` due and woke the reader for it.
+    session_due: AtomicBool,
     /// User id, set on connect.
     user: std::sync::OnceLock<Arc<str>>,
     /// Set on connect.
@@ -186,6 +192,8 @@ impl ClientHandle {
             ping_outstanding: AtomicBool::new(false),
             timers_changed: AtomicBool::new(false),
             expires_at: Mutex::new(None),
+            session_at: Mutex::new(None),
+            session_due: AtomicBool::new(false),
             user: std::sync::OnceLock::new(),
             details: std::sync::OnceLock::new(),
             sent: AtomicU64::new(0),
@@ -432,6 +440,35 @@ impl ClientHandle {
     pub(crate) fn set_expires_at(&self, at: Option<tokio::time::Instant>) {
         *self.expires_at.lock() = at;
         self.wake_writer();
+    }
+
+    /// When the session next has timer work (None = none).
+    pub(crate) fn session_at(&self) -> Option<tokio::time::Instant> {
+        *self.session_at.lock()
+    }
+
+    /// Tells the writer when the session next has timer work.
+    pub(crate) fn set_session_at(&self, at: Option<tokio::time::Instant>) {
+        *self.session_at.lock() = at;
+        self.wake_writer();
+    }
+
+    /// Called by the writer with the time: when `session_at` is due, clears it and wakes the
+    /// reader, which runs the session's timer work and sets the next instant.
+    pub(crate) fn fire_session_timer(&self, now: tokio::time::Instant) {
+        let mut at = self.session_at.lock();
+        if at.is_none_or(|t| t > now) {
+            return;
+        }
+        *at = None;
+        drop(at);
+        self.session_due.store(true, Ordering::Release);
+        self.halves.notify_reader();
+    }
+
+    /// Whether the session's timer work is due (once per firing).
+    pub(crate) fn take_session_due(&self) -> bool {
+        self.session_due.swap(false, Ordering::AcqRel)
     }
 }
 

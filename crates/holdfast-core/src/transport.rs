@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 /// Messages joined into one frame at most.
 pub(crate) const MAX_MESSAGES_PER_FRAME: usize = 64;
@@ -157,29 +158,49 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
     let client = session.client().clone();
     let shutdown = session.node().shutdown_token();
     let metrics = session.node().transport_metrics(session.transport());
+    // Until the connect succeeds the reader watches the node's shutdown token (boxed, and
+    // registered once, not per frame); from then on the hub holds the client and shutdown
+    // closes it there like any other close, so an idle connection's task keeps no waiter.
+    let mut until_connected = Some(Box::pin(shutdown.clone().cancelled_owned()));
+    // The session's timer work (subscription expiry, connection refresh) runs when the writer,
+    // which keeps the connection's one timer, says it is due.
+    let mut session_at = None;
     let mut peer_gone = false;
     loop {
-        let deadline = session.next_deadline();
-        let frame = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
+        if until_connected.is_some() && client.is_connected() {
+            until_connected = None;
+            // Either shutdown's walk over the hub found this client, or it started after the
+            // connect put the client in the hub, which this sees.
+            if shutdown.is_cancelled() {
                 client.close(Disconnect::SHUTDOWN);
                 break;
             }
-            _ = client.reader_notified() => {
+        }
+        let next = session.next_deadline();
+        if next != session_at {
+            session_at = next;
+            client.set_session_at(next);
+        }
+        let frame = tokio::select! {
+            biased;
+            () = cancelled_opt(&mut until_connected) => {
+                client.close(Disconnect::SHUTDOWN);
+                break;
+            }
+            () = client.reader_notified() => {
                 if client.is_closing() {
                     break;
                 }
-                // Boxed, like every rarely running step below: the connection's task then holds
-                // only its small idle state, not the largest command future.
+                if client.take_session_due() {
+                    session_at = None;
+                    // Boxed, like every rarely running step below: the connection's task then
+                    // holds only its small idle state, not the largest command future.
+                    Box::pin(session.on_timer()).await;
+                }
                 if let Err(d) = Box::pin(session.handle_control()).await {
                     client.close(d);
                     break;
                 }
-                continue;
-            }
-            _ = sleep_until_opt(deadline) => {
-                Box::pin(session.on_timer()).await;
                 continue;
             }
             f = source.next_frame() => f,
@@ -208,10 +229,19 @@ async fn read_loop<S: FrameSource>(mut session: Session, mut source: S) {
             }
         }
     }
+    drop(until_connected);
     Box::pin(session.close()).await;
     if !peer_gone {
         // Boxed: it runs once, at the end, and would otherwise size every idle connection.
         Box::pin(drain_input(&mut source)).await;
+    }
+}
+
+/// Resolves when the token is cancelled; never when there is no token to watch.
+async fn cancelled_opt(f: &mut Option<std::pin::Pin<Box<WaitForCancellationFutureOwned>>>) {
+    match f {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -230,13 +260,6 @@ async fn drain_input<S: FrameSource>(source: &mut S) {
                 tokio::task::yield_now().await;
             }
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -415,6 +438,8 @@ async fn write_loop<K: FrameSink>(
                         .random_range(interval / 2..interval.max(Duration::from_millis(2)));
                     timers.next_ping = Some(now + first);
                 }
+                // The reader runs the session's timer work and sets the next instant.
+                client.fire_session_timer(now);
                 if let Some(deadline) = timers.pong_deadline {
                     if !client.ping_outstanding() {
                         timers.pong_deadline = None;
@@ -464,6 +489,7 @@ async fn write_loop<K: FrameSink>(
                     timers.next_ping,
                     timers.pong_deadline,
                     client.expires_at().map(|e| e + cfg.expired_close_delay),
+                    client.session_at(),
                 ]
                 .into_iter()
                 .flatten()

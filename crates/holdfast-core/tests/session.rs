@@ -582,13 +582,17 @@ async fn shutdown_closes_every_connection_with_3001() {
     let (node, engine) = testing::node(config());
     let mut a = user(&node, "a").await;
     let mut b = user(&node, "b").await;
+    // Open but not connected yet: not in the hub, closed through the shutdown token.
+    let mut c = TestClient::connect(&node);
     a.call("subscribe", json!({"channel": "rec:z"})).await;
     let stop = node.clone();
     let shutdown = tokio::spawn(async move { stop.shutdown(Duration::from_secs(5)).await });
     assert_eq!(a.closed().await, Some((3001, "shutdown".into())));
     assert_eq!(b.closed().await, Some((3001, "shutdown".into())));
+    assert_eq!(c.closed().await, Some((3001, "shutdown".into())));
     a.hang_up();
     b.hang_up();
+    c.hang_up();
     shutdown.await.unwrap();
     assert_eq!(counts(&node), (0, 0, 0));
     assert!(
