@@ -422,7 +422,10 @@ async fn write_loop<K: FrameSink>(
             return;
         }
         // The timers are looked at when one fired or something they depend on changed, not
-        // on every delivery.
+        // on every delivery. A writer that goes from one write straight to the next (a client
+        // reading about as fast as messages come) does not reach the select below, so the
+        // fired timer is also looked for here.
+        timers_due |= sleep.is_elapsed();
         if timers_due {
             let now = Instant::now();
             if !client.is_connected() {

@@ -242,6 +242,49 @@ async fn an_expired_subscription_token_unsubscribes_with_2501() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_busy_connection_still_unsubscribes_an_expired_subscription() {
+    let (node, _) = testing::node(config());
+    // One frame in flight: the writer waits for the client to read, and a publication arrives
+    // each time, so a message is always queued when the writer looks at its notifications.
+    let mut c = TestClient::connect_with(&node, 1);
+    let r = c
+        .call("connect", json!({ "token": token("u", None) }))
+        .await;
+    assert!(r["connect"].is_object(), "{r}");
+    let sub_tok =
+        json!({"sub": "u", "channel": "$busy", "exp": holdfast_core::time::unix_secs() + 30});
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "$busy", "token": sub_tok.to_string()}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["expires"], true, "{r}");
+    // One frame waits in the channel and the writer waits to put the next one: from here on
+    // the writer goes from one write straight to the next.
+    publish(&node, "$busy", 0).await;
+    tokio::time::advance(Duration::from_millis(1)).await;
+    publish(&node, "$busy", 1).await;
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let started = Instant::now();
+    for n in 2..1200 {
+        let m = c.next().await;
+        publish(&node, "$busy", n).await;
+        tokio::time::advance(Duration::from_millis(100)).await;
+        if m["push"]["unsubscribe"].is_object() {
+            assert_eq!(m["push"]["unsubscribe"]["code"], 2501, "{m}");
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_secs(55) && waited < Duration::from_secs(57),
+                "expiry (30 s) + grace (25 s): {waited:?}"
+            );
+            return;
+        }
+    }
+    panic!("the expired subscription was not unsubscribed while publications kept coming");
+}
+
+#[tokio::test(start_paused = true)]
 async fn recovery_merges_publications_that_arrive_during_the_history_read() {
     let (node, engine) = testing::node(config());
     let mut c = user(&node, "u").await;
