@@ -6,7 +6,6 @@
 #
 #   scripts/bench-heap.sh                  # release build, 5,000 connections
 #   CONNECTIONS=10000 scripts/bench-heap.sh
-#   SERVER=holdfast-sse scripts/bench-heap.sh   # another transport (holdfast-protobuf, holdfast-sse)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v heaptrack >/dev/null || { apt-get update -q && apt-get install -y -q heaptrack; }
@@ -20,7 +19,7 @@ cat > "$work/bin/holdfast" <<EOF
 exec heaptrack -o "$work/trace" "$PWD/target/release/holdfast" "\$@"
 EOF
 chmod +x "$work/bin/holdfast"
-taskset -c 1 target/release/holdfast-bench bench --scenarios s1 --servers "${SERVER:-holdfast}" --runs 1 \
+taskset -c 1 target/release/holdfast-bench bench --scenarios s1 --servers holdfast --runs 1 \
   --connections "$n" --bin-dir "$work/bin" --out "$work/results" > /dev/null
 # heaptrack writes its file as the server exits.
 for _ in $(seq 1 100); do

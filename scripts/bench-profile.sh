@@ -7,7 +7,6 @@
 #   scripts/bench-profile.sh                         # Holdfast, S2, 50 publications/s
 #   SERVER=raw RATE=100 scripts/bench-profile.sh
 #   SCENARIO=s3 RATE=10000 scripts/bench-profile.sh
-#   SCENARIO=s4 WAIT=0 scripts/bench-profile.sh     # S4's connect storm, from the server's start
 set -euo pipefail
 cd "$(dirname "$0")/.."
 server="${SERVER:-holdfast}"
