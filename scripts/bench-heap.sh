@@ -6,26 +6,32 @@
 #
 #   scripts/bench-heap.sh                  # release build, 5,000 connections
 #   CONNECTIONS=10000 scripts/bench-heap.sh
+#   SERVER=holdfast-sse scripts/bench-heap.sh   # another transport or encoding
+#   KEEP=1 scripts/bench-heap.sh               # keep the trace and folded stacks (path printed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v heaptrack >/dev/null || { apt-get update -q && apt-get install -y -q heaptrack; }
 n="${CONNECTIONS:-5000}"
+server="${SERVER:-holdfast}"
 cargo build --release -q --bins
 work="$(mktemp -d -t holdfast-heap-XXXX)"
-trap 'rm -rf "$work"' EXIT
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 mkdir -p "$work/bin"
 cat > "$work/bin/holdfast" <<EOF
 #!/usr/bin/env bash
 exec heaptrack -o "$work/trace" "$PWD/target/release/holdfast" "\$@"
 EOF
 chmod +x "$work/bin/holdfast"
-taskset -c 1 target/release/holdfast-bench bench --scenarios s1 --servers holdfast --runs 1 \
+taskset -c 1 target/release/holdfast-bench bench --scenarios s1 --servers "$server" --runs 1 \
   --connections "$n" --bin-dir "$work/bin" --out "$work/results" > /dev/null
-# heaptrack writes its file as the server exits.
-for _ in $(seq 1 100); do
-  [ -s "$work/trace.zst" ] && ! pgrep -f "heaptrack -o $work/trace" > /dev/null && break
+# The bench kills the wrapper (heaptrack's script), not the server under it: stop the server
+# gracefully so heaptrack finishes its trace, then wait for heaptrack's processes to end.
+pkill -TERM -f "^$PWD/target/release/holdfast serve" || true
+for _ in $(seq 1 300); do
+  pgrep -f "heaptrack.*$work/trace" > /dev/null || pgrep -f "^$PWD/target/release/holdfast serve" > /dev/null || break
   sleep 0.2
 done
+[ -s "$work/trace.zst" ] || { echo "heaptrack left no trace" >&2; exit 1; }
 heaptrack_print --flamegraph-cost-type peak -F "$work/peak.folded" "$work/trace.zst" > /dev/null
 N="$n" python3 - "$work/peak.folded" <<'PY'
 import collections, os, re, sys
@@ -53,3 +59,4 @@ for site, cost in by.most_common(25):
         break
     print(f"{cost / n:8,.0f}  {site}")
 PY
+[ -z "${KEEP:-}" ] || echo "kept: $work (trace.zst, peak.folded)" >&2
