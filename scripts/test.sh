@@ -70,7 +70,7 @@ py="$(tests/compat/setup.sh)"
 
 step "compatibility: centrifuge-js in Node (plain and protocol features) and in Chromium, and behind nginx over two nodes"
 rm -rf artifacts/compat
-(cd tests/compat/js && node --test --test-concurrency=1 --test-force-exit --test-reporter=spec node.test.mjs features.test.mjs browser.test.mjs proxy.test.mjs)
+(cd tests/compat/js && node --test --test-concurrency=1 --test-force-exit --test-reporter=spec node.test.mjs features.test.mjs map.test.mjs browser.test.mjs proxy.test.mjs)
 
 step "admin web UI and the development first page in Chromium (screenshots in artifacts/admin)"
 # The first page embeds the npm client's bundle: it must be the one the suites test.

@@ -279,6 +279,146 @@ pub struct ChannelOptions {
     pub sub_refresh_proxy_enabled: bool,
     /// Named proxy for subscription refresh.
     pub sub_refresh_proxy_name: String,
+    /// What subscribers of the namespace's channels get: a stream of publications (`stream`)
+    /// or keyed state kept in sync (`map`).
+    pub subscription_type: SubscriptionType,
+    /// Map channels' options (with a map `subscription_type`).
+    pub map: MapOptions,
+}
+
+/// `subscription_type` of a namespace.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionType {
+    /// Publications in order (the default).
+    #[default]
+    Stream,
+    /// Keyed state: a snapshot on subscribe, then every change.
+    Map,
+    /// Connection presence as a map (not built yet: refused at start).
+    MapClients,
+    /// User presence as a map (not built yet: refused at start).
+    MapUsers,
+    /// Shared polls (not built yet: refused at start).
+    SharedPoll,
+}
+
+impl SubscriptionType {
+    /// Whether subscribers get keyed state.
+    pub fn is_map(self) -> bool {
+        matches!(self, Self::Map | Self::MapClients | Self::MapUsers)
+    }
+
+    /// The `type` a client's subscribe request carries for it.
+    pub fn wire(self) -> i32 {
+        match self {
+            Self::Stream => 0,
+            Self::Map => 1,
+            Self::MapClients => 2,
+            Self::MapUsers => 3,
+            Self::SharedPoll => 4,
+        }
+    }
+}
+
+/// `map.mode`: how long keys live and whether subscribers can catch up after a disconnect.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MapMode {
+    /// Keys expire by `key_ttl`; a reconnecting subscriber gets a fresh snapshot.
+    Ephemeral,
+    /// Keys expire by `key_ttl`; a reconnecting subscriber catches up from the change stream.
+    #[serde(alias = "durable")]
+    Recoverable,
+    /// Keys never expire; a reconnecting subscriber catches up from the change stream.
+    Persistent,
+}
+
+/// A map namespace's `map` table (Centrifugo's names).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MapOptions {
+    /// Required with a map `subscription_type`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MapMode>,
+    /// Keys expire this long after their last write (ephemeral and recoverable modes).
+    #[serde(with = "duration")]
+    pub key_ttl: Duration,
+    /// Change stream entries kept (recoverable and persistent; 0 = 100).
+    pub stream_size: usize,
+    /// How long change stream entries are kept (0 = 1m).
+    #[serde(with = "duration")]
+    pub stream_ttl: Duration,
+    /// Lifetime of the map's epoch after its last use (0 = `channel.history_meta_ttl`).
+    #[serde(with = "duration")]
+    pub meta_ttl: Duration,
+    /// Authenticated users may write keys.
+    pub allow_publish_for_client: bool,
+    /// Subscribers may write keys.
+    pub allow_publish_for_subscriber: bool,
+    /// Anonymous users may write keys (with one of the above).
+    pub allow_publish_for_anonymous: bool,
+    /// Authenticated users may remove keys.
+    pub allow_remove_for_client: bool,
+    /// Subscribers may remove keys.
+    pub allow_remove_for_subscriber: bool,
+    /// Anonymous users may remove keys (with one of the above).
+    pub allow_remove_for_anonymous: bool,
+    /// A client's write goes to its own key: `client_id` or `user_id` (empty = the key the
+    /// client names).
+    pub client_key: String,
+    /// Page size when a subscriber asks for none.
+    pub default_page_size: usize,
+    /// Smallest page size a subscriber gets.
+    pub min_page_size: usize,
+    /// Largest page size a subscriber gets.
+    pub max_page_size: usize,
+    /// Holdfast bound: most keys per channel (a write of a new key beyond it is refused).
+    pub max_keys: usize,
+    /// Holdfast bound: longest key in bytes.
+    pub max_key_length: usize,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            key_ttl: Duration::ZERO,
+            stream_size: 0,
+            stream_ttl: Duration::ZERO,
+            meta_ttl: Duration::ZERO,
+            allow_publish_for_client: false,
+            allow_publish_for_subscriber: false,
+            allow_publish_for_anonymous: false,
+            allow_remove_for_client: false,
+            allow_remove_for_subscriber: false,
+            allow_remove_for_anonymous: false,
+            client_key: String::new(),
+            default_page_size: 100,
+            min_page_size: 100,
+            max_page_size: 1000,
+            max_keys: 1_000_000,
+            max_key_length: 256,
+        }
+    }
+}
+
+impl MapOptions {
+    /// Whether reconnecting subscribers catch up from the change stream.
+    pub fn recoverable(&self) -> bool {
+        matches!(self.mode, Some(MapMode::Recoverable | MapMode::Persistent))
+    }
+
+    /// The page size for a subscriber asking for `limit` (0 = default).
+    pub fn page_size(&self, limit: i32) -> usize {
+        let asked = usize::try_from(limit).unwrap_or(0);
+        let size = if asked == 0 {
+            self.default_page_size
+        } else {
+            asked
+        };
+        size.clamp(self.min_page_size.max(1), self.max_page_size.max(1))
+    }
 }
 
 impl ChannelOptions {
@@ -290,6 +430,74 @@ impl ChannelOptions {
     /// Whether subscribers may negotiate fossil delta compression.
     pub fn allows_fossil(&self) -> bool {
         self.allowed_delta_types.iter().any(|t| t == FOSSIL)
+    }
+}
+
+/// The map rules of one namespace.
+fn check_map(o: &ChannelOptions, e: &mut impl FnMut(&str, &str)) {
+    let m = &o.map;
+    match o.subscription_type {
+        SubscriptionType::Stream => {
+            if m.mode.is_some() {
+                e(
+                    "map.mode",
+                    "set for a stream namespace (subscription_type = \"map\" is missing)",
+                );
+            }
+            return;
+        }
+        SubscriptionType::Map => {}
+        SubscriptionType::MapClients
+        | SubscriptionType::MapUsers
+        | SubscriptionType::SharedPoll => {
+            e(
+                "subscription_type",
+                "map_clients, map_users and shared_poll are not supported yet (stream and map are)",
+            );
+            return;
+        }
+    }
+    match m.mode {
+        None => e(
+            "map.mode",
+            "required for a map namespace: ephemeral, recoverable or persistent",
+        ),
+        Some(MapMode::Persistent) if !m.key_ttl.is_zero() => e(
+            "map.key_ttl",
+            "persistent keys never expire (leave key_ttl unset)",
+        ),
+        Some(MapMode::Ephemeral | MapMode::Recoverable) if m.key_ttl.is_zero() => {
+            e("map.key_ttl", "required for ephemeral and recoverable maps")
+        }
+        Some(MapMode::Ephemeral) if m.stream_size > 0 || !m.stream_ttl.is_zero() => e(
+            "map.stream_size",
+            "an ephemeral map keeps no change stream for clients (use recoverable)",
+        ),
+        _ => {}
+    }
+    if o.history_enabled() || o.force_recovery || o.force_positioning || o.delivery_cursor {
+        e(
+            "history_size",
+            "a map namespace keeps its change stream in map.stream_size and map.stream_ttl",
+        );
+    }
+    if !matches!(m.client_key.as_str(), "" | "client_id" | "user_id") {
+        e("map.client_key", "client_id, user_id or empty");
+    }
+    if m.min_page_size == 0 || m.min_page_size > m.max_page_size {
+        e(
+            "map.min_page_size",
+            "must be at least 1 and at most map.max_page_size",
+        );
+    }
+    if m.max_page_size > 10_000 {
+        e("map.max_page_size", "at most 10000");
+    }
+    if m.max_keys == 0 || m.max_key_length == 0 {
+        e(
+            "map.max_keys",
+            "max_keys and max_key_length must be at least 1",
+        );
     }
 }
 
@@ -412,6 +620,7 @@ impl NodeConfig {
             {
                 e("history_meta_ttl", "must not be shorter than history_ttl");
             }
+            check_map(o, &mut e);
         };
         check(
             "channel.without_namespace",

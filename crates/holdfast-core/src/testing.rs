@@ -347,6 +347,7 @@ impl RecordingEngine {
             broker: self.clone(),
             presence: self.clone(),
             cursors: self.clone(),
+            maps: crate::engine::MemoryMapBroker::new(),
         }
     }
 

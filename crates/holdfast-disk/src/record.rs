@@ -235,6 +235,9 @@ fn read_publication(r: &mut R<'_>) -> Result<Publication, DecodeError> {
         binary,
         delta: false,
         use_delta: false,
+        // Map entries live in the map broker, not in channel history.
+        key: String::new(),
+        removed: false,
     })
 }
 
@@ -451,6 +454,8 @@ mod tests {
                     binary: true,
                     delta: false,
                     use_delta: false,
+                    key: String::new(),
+                    removed: false,
                 }),
                 version: Some((5, "ve".into())),
             },

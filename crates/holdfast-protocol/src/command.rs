@@ -1,8 +1,8 @@
 //! Client → server commands, as decoded from the wire.
 //!
 //! Payloads (`data`) stay raw bytes: they are validated once at decode time and never parsed
-//! again. Fields that Holdfast does not implement (map subscriptions, shared polls) are accepted
-//! and ignored so that newer clients keep working.
+//! again. Fields that Holdfast does not implement (shared polls) are accepted and ignored so
+//! that newer clients keep working.
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -143,6 +143,16 @@ pub struct SubscribeRequest {
     pub delta: String,
     /// Tag filter for the publications this subscription receives.
     pub tf: Option<FilterNode>,
+    /// Subscription type: [`SubscribeRequest::TYPE_STREAM`], `TYPE_MAP`, `TYPE_MAP_CLIENTS`,
+    /// `TYPE_MAP_USERS`, `TYPE_SHARED_POLL`.
+    pub sub_type: i32,
+    /// Map subscriptions: which page is asked for ([`SubscribeRequest::PHASE_STATE`],
+    /// `PHASE_STREAM`; the server decides when it is live).
+    pub phase: i32,
+    /// Map subscriptions: the state page to continue from (from the previous reply).
+    pub cursor: String,
+    /// Map subscriptions: page size asked for (0 = the server's default).
+    pub limit: i32,
 }
 
 impl SubscribeRequest {
@@ -150,6 +160,22 @@ impl SubscribeRequest {
     pub const FLAG_CHANNEL_COMPACTION: i64 = 1;
     /// Flag bit asking the server to answer 112 instead of `recovered:false`.
     pub const FLAG_REJECT_UNRECOVERED: i64 = 2;
+    /// A plain stream subscription.
+    pub const TYPE_STREAM: i32 = 0;
+    /// A map subscription (keyed state).
+    pub const TYPE_MAP: i32 = 1;
+    /// A map of the channel's connections.
+    pub const TYPE_MAP_CLIENTS: i32 = 2;
+    /// A map of the channel's users.
+    pub const TYPE_MAP_USERS: i32 = 3;
+    /// A shared poll.
+    pub const TYPE_SHARED_POLL: i32 = 4;
+    /// Map phase: live (only the server answers with it).
+    pub const PHASE_LIVE: i32 = 0;
+    /// Map phase: a page of the change stream.
+    pub const PHASE_STREAM: i32 = 1;
+    /// Map phase: a page of the state.
+    pub const PHASE_STATE: i32 = 2;
 }
 
 /// A publication tag filter as sent by clients (`tf`): a leaf when `op` is empty (`key`, `cmp`
@@ -178,12 +204,18 @@ pub struct FilterNode {
 }
 
 /// `publish` request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PublishRequest {
     /// Channel name.
     pub channel: String,
     /// Raw payload.
     pub data: Bytes,
+    /// 1 = a map entry write (`key`, `removed`); 0 = a stream publication.
+    pub pub_type: i32,
+    /// Map entry key.
+    pub key: String,
+    /// Map entry removal.
+    pub removed: bool,
 }
 
 /// `history` request.

@@ -152,6 +152,9 @@ impl WireCommand<'_> {
             Request::Publish(PublishRequest {
                 channel: p.channel,
                 data: raw_or_empty(p.data),
+                pub_type: p.r#type,
+                key: p.key,
+                removed: p.removed,
             })
         } else if let Some(p) = self.presence {
             Request::Presence { channel: p.channel }
@@ -243,6 +246,15 @@ impl WireConnect<'_> {
     }
 }
 
+/// A field that may also be `null` (centrifuge-js sends `"offset":null` in map stream pages).
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Deserialize)]
 struct WireSubscribe<'a> {
     #[serde(default)]
@@ -251,9 +263,9 @@ struct WireSubscribe<'a> {
     token: String,
     #[serde(default)]
     recover: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     epoch: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     offset: u64,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
@@ -269,6 +281,14 @@ struct WireSubscribe<'a> {
     delta: String,
     #[serde(default)]
     tf: Option<FilterNode>,
+    #[serde(default)]
+    r#type: i32,
+    #[serde(default)]
+    phase: i32,
+    #[serde(default, deserialize_with = "nullable")]
+    cursor: String,
+    #[serde(default)]
+    limit: i32,
 }
 
 impl WireSubscribe<'_> {
@@ -286,6 +306,10 @@ impl WireSubscribe<'_> {
             flag: self.flag,
             delta: self.delta,
             tf: self.tf,
+            sub_type: self.r#type,
+            phase: self.phase,
+            cursor: self.cursor,
+            limit: self.limit,
         }
     }
 }
@@ -302,6 +326,12 @@ struct WirePublish<'a> {
     channel: String,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(default)]
+    r#type: i32,
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    removed: bool,
 }
 
 #[derive(Deserialize)]
@@ -507,6 +537,8 @@ pub fn write_publication(out: &mut Vec<u8>, p: &Publication) {
         }
         t.end();
     }
+    o.str("key", &p.key);
+    o.bool("removed", p.removed);
     o.end();
 }
 
@@ -537,6 +569,13 @@ fn write_subscribe_result(out: &mut Vec<u8>, r: &SubscribeResult) {
     o.bool("was_recovering", r.was_recovering);
     o.bool("delta", r.delta);
     o.i64("id", r.id);
+    o.i64("type", i64::from(r.sub_type));
+    o.i64("phase", i64::from(r.phase));
+    o.str("cursor", &r.cursor);
+    if !r.state.is_empty() {
+        write_publications(o.key("state"), &r.state);
+    }
+    o.u64("publish_debounce", u64::from(r.publish_debounce));
     o.end();
 }
 

@@ -98,6 +98,10 @@ fn subscribe_request(s: pb::SubscribeRequest) -> SubscribeRequest {
         flag: s.flag,
         delta: s.delta,
         tf: s.tf.map(filter_node),
+        sub_type: s.r#type,
+        phase: s.phase,
+        cursor: s.cursor,
+        limit: s.limit,
     }
 }
 
@@ -143,6 +147,9 @@ pub fn decode_command(msg: &[u8]) -> Result<Command, DecodeError> {
         Request::Publish(PublishRequest {
             channel: r.channel,
             data: r.data,
+            pub_type: r.r#type,
+            key: r.key,
+            removed: r.removed,
         })
     } else if let Some(r) = c.presence {
         Request::Presence { channel: r.channel }
@@ -208,6 +215,8 @@ pub fn publication(p: &Publication) -> pb::Publication {
         offset: p.offset,
         tags: p.tags.as_deref().cloned().unwrap_or_default(),
         delta: p.delta,
+        key: p.key.clone(),
+        removed: p.removed,
         ..Default::default()
     }
 }
@@ -226,6 +235,11 @@ fn subscribe_result(r: &SubscribeResult) -> pb::SubscribeResult {
         was_recovering: r.was_recovering,
         delta: r.delta,
         id: r.id,
+        r#type: r.sub_type,
+        phase: r.phase,
+        cursor: r.cursor.clone(),
+        state: r.state.iter().map(|p| publication(p)).collect(),
+        publish_debounce: r.publish_debounce,
     }
 }
 

@@ -40,6 +40,10 @@ pub struct Publication {
     /// The publisher allows sending this publication as a delta (API `delta`, namespace
     /// `delta_publish`). Travels through engines; not sent to clients.
     pub use_delta: bool,
+    /// Map subscriptions: the entry's key (empty in stream channels).
+    pub key: String,
+    /// Map subscriptions: the entry was removed.
+    pub removed: bool,
 }
 
 /// `connect` result.
@@ -101,6 +105,16 @@ pub struct SubscribeResult {
     /// Channel compaction: pushes of this subscription carry this id instead of the channel
     /// (0 = not negotiated).
     pub id: i64,
+    /// Subscription type echoed for map subscriptions (0 = stream).
+    pub sub_type: i32,
+    /// Map subscriptions: 2 = another state page follows, 1 = a stream page, 0 = live.
+    pub phase: i32,
+    /// Map subscriptions: the next state page's cursor (empty = last page).
+    pub cursor: String,
+    /// Map subscriptions: state entries (a state page, or the last one with the live reply).
+    pub state: Vec<Arc<Publication>>,
+    /// Map subscriptions: milliseconds the client debounces its own writes per key.
+    pub publish_debounce: u32,
 }
 
 /// `history` result.

@@ -44,6 +44,82 @@ fn decode_connect() {
 }
 
 #[test]
+fn map_subscribe_pages_and_writes_decode() {
+    // centrifuge-js sends a stream page's position as `null` before it has one.
+    let c = one(r#"{"id":3,"subscribe":{"channel":"m:a","type":1,"phase":1,"flag":1,"limit":2,"offset":null,"epoch":null,"recover":true}}"#).expect("decode");
+    let Request::Subscribe(s) = c.request else {
+        panic!()
+    };
+    assert_eq!((s.sub_type, s.phase, s.limit), (1, 1, 2));
+    assert_eq!((s.offset, s.epoch.as_str()), (0, ""));
+    let c = one(r#"{"id":4,"subscribe":{"channel":"m:a","type":1,"phase":2,"cursor":"k7","offset":9,"epoch":"e"}}"#).expect("decode");
+    let Request::Subscribe(s) = c.request else {
+        panic!()
+    };
+    assert_eq!((s.phase, s.cursor.as_str(), s.offset), (2, "k7", 9));
+    let c = one(r#"{"id":5,"publish":{"channel":"m:a","type":1,"key":"k","removed":true}}"#)
+        .expect("decode");
+    let Request::Publish(p) = c.request else {
+        panic!()
+    };
+    assert_eq!((p.pub_type, p.key.as_str(), p.removed), (1, "k", true));
+    assert!(p.data.is_empty());
+}
+
+#[test]
+fn map_replies_carry_state_phase_cursor_and_keys() {
+    let entry = |offset, key: &str, removed| {
+        Arc::new(Publication {
+            offset,
+            data: if removed {
+                Bytes::new()
+            } else {
+                Bytes::from_static(b"{\"v\":1}")
+            },
+            key: key.into(),
+            removed,
+            ..Default::default()
+        })
+    };
+    let r = SubscribeResult {
+        sub_type: 1,
+        phase: 2,
+        cursor: "b".into(),
+        state: vec![entry(1, "a", false), entry(2, "b", false)],
+        offset: 2,
+        epoch: "e".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        reply(6, ReplyBody::Subscribe(Box::new(r.clone()))),
+        r#"{"id":6,"subscribe":{"epoch":"e","offset":2,"type":1,"phase":2,"cursor":"b","state":[{"data":{"v":1},"offset":1,"key":"a"},{"data":{"v":1},"offset":2,"key":"b"}]}}"#
+    );
+    let live = SubscribeResult {
+        sub_type: 1,
+        recoverable: true,
+        publications: vec![entry(3, "a", true)],
+        offset: 3,
+        epoch: "e".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        reply(7, ReplyBody::Subscribe(Box::new(live.clone()))),
+        r#"{"id":7,"subscribe":{"recoverable":true,"epoch":"e","publications":[{"offset":3,"key":"a","removed":true}],"offset":3,"type":1}}"#,
+        "a removal has no data and phase 0 is left out"
+    );
+    // Protobuf: the same fields at their numbers.
+    let mut out = Vec::new();
+    crate::Encoding::Protobuf.encode_reply(&mut out, 6, &ReplyBody::Subscribe(Box::new(r)));
+    let mut buf = &out[..];
+    let len = prost::encoding::decode_varint(&mut buf).expect("len") as usize;
+    let decoded = <crate::proto::pb::Reply as prost::Message>::decode(&buf[..len]).expect("reply");
+    let s = decoded.subscribe.expect("subscribe");
+    assert_eq!((s.r#type, s.phase, s.cursor.as_str()), (1, 2, "b"));
+    assert_eq!(s.state.len(), 2);
+    assert_eq!((s.state[1].key.as_str(), s.state[1].offset), ("b", 2));
+}
+
+#[test]
 fn decode_subscribe_ignores_unimplemented_fields() {
     let c = one(r#"{"id":2,"subscribe":{"channel":"chat:index","flag":1,"recover":true,"epoch":"kqXb","offset":12,"positioned":true,"recoverable":true,"join_leave":true,"delta":"fossil","tf":{"op":"eq","key":"a","val":"b"},"type":0,"phase":0,"cursor":"","limit":10,"asc":true,"data":{"x":1}}}"#).expect("decode");
     let Request::Subscribe(s) = c.request else {
@@ -360,6 +436,8 @@ fn encode_history() {
         binary: false,
         delta: false,
         use_delta: false,
+        key: String::new(),
+        removed: false,
     };
     let h = HistoryResult {
         publications: vec![Arc::new(p)],
@@ -540,6 +618,7 @@ mod protobuf {
                 publish: Some(pb::PublishRequest {
                     channel: "c".into(),
                     data: Bytes::from_static(&[0, 1, 2]),
+                    ..Default::default()
                 }),
                 ..Default::default()
             },

@@ -79,6 +79,9 @@ pub(crate) fn decode_pub(buf: &[u8], offset: u64) -> Result<Publication, prost::
         binary: s.binary,
         delta: false,
         use_delta: s.use_delta,
+        // Map entries live in the map broker, not in channel history.
+        key: String::new(),
+        removed: false,
     })
 }
 
@@ -157,6 +160,8 @@ mod tests {
             binary: true,
             delta: false,
             use_delta: false,
+            key: String::new(),
+            removed: false,
         };
         let enc = encode_pub(&p);
         assert_eq!(decode_pub(&enc, 9).unwrap(), p);

@@ -48,7 +48,7 @@ async fn method_not_allowed() -> Response {
 
 /// Why an API call failed before or while running.
 #[derive(Debug)]
-enum ApiError {
+pub(crate) enum ApiError {
     /// A protocol error (envelope `{"error":…}`).
     Reply(ErrorReply),
     /// The body could not be decoded (HTTP 400).
@@ -61,9 +61,9 @@ impl From<ErrorReply> for ApiError {
     }
 }
 
-type ApiResult = Result<Vec<u8>, ApiError>;
+pub(crate) type ApiResult = Result<Vec<u8>, ApiError>;
 
-fn bad(msg: &str) -> ApiError {
+pub(crate) fn bad(msg: &str) -> ApiError {
     ApiError::Reply(ErrorReply::BAD_REQUEST.with_message(format!("bad request: {msg}")))
 }
 
@@ -361,6 +361,12 @@ const KNOWN: &[&str] = &[
     "channels",
     "info",
     "connections",
+    "map_publish",
+    "map_remove",
+    "map_read_state",
+    "map_read_stream",
+    "map_stats",
+    "map_clear",
     "batch",
 ];
 
@@ -569,6 +575,26 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
             out.extend_from_slice(format!(",\"offset\":{}}}", page.top.offset).as_bytes());
             Ok(out)
         }
+        "map_publish" | "map_remove" => {
+            let req: crate::api_map::MapWriteReq<'_> = decode(body, top_level)?;
+            crate::api_map::write(state, &req, method == "map_remove").await
+        }
+        "map_read_state" => {
+            let req: crate::api_map::MapStateReq = decode(body, top_level)?;
+            crate::api_map::read_state(state, &req).await
+        }
+        "map_read_stream" => {
+            let req: crate::api_map::MapStreamReq = decode(body, top_level)?;
+            crate::api_map::read_stream(state, &req).await
+        }
+        "map_stats" => {
+            let req: crate::api_map::MapChannelReq = decode(body, top_level)?;
+            crate::api_map::stats(state, &req).await
+        }
+        "map_clear" => {
+            let req: crate::api_map::MapChannelReq = decode(body, top_level)?;
+            crate::api_map::clear(state, &req).await
+        }
         "history_remove" => {
             let req: ChannelReq = decode(body, top_level)?;
             required(&req.channel, "channel")?;
@@ -634,7 +660,7 @@ async fn execute_one(state: &AppState, method: &str, body: &[u8], top_level: boo
 
 /// A publication in an API result; binary data goes as `b64data` (what Centrifugo API clients
 /// expect), since raw bytes cannot be embedded in JSON.
-fn write_api_publication(out: &mut Vec<u8>, p: &holdfast_protocol::Publication) {
+pub(crate) fn write_api_publication(out: &mut Vec<u8>, p: &holdfast_protocol::Publication) {
     if !p.binary {
         write_publication(out, p);
         return;
@@ -661,7 +687,7 @@ fn write_api_publication(out: &mut Vec<u8>, p: &holdfast_protocol::Publication) 
     }
 }
 
-fn required(v: &str, name: &str) -> Result<(), ApiError> {
+pub(crate) fn required(v: &str, name: &str) -> Result<(), ApiError> {
     if v.is_empty() {
         Err(bad(&format!("{name} required")))
     } else {

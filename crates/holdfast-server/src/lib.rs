@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod api;
+mod api_map;
 pub mod config;
 pub mod consumer;
 pub mod jwt;

@@ -67,6 +67,7 @@ async fn protobuf_session_with_binary_payloads_and_mixed_encodings() {
             publish: Some(pb::PublishRequest {
                 channel: "bin".into(),
                 data: payload.clone(),
+                ..Default::default()
             }),
             ..Default::default()
         })

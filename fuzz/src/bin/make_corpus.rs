@@ -73,6 +73,28 @@ fn main() {
             c.publish = Some(pb::PublishRequest {
                 channel: "a".into(),
                 data: bytes::Bytes::from_static(b"{\"x\":1}"),
+                ..Default::default()
+            })
+        }),
+        cmd(12, |c| {
+            c.publish = Some(pb::PublishRequest {
+                channel: "m:a".into(),
+                data: bytes::Bytes::from_static(b"{\"x\":1}"),
+                r#type: 1,
+                key: "k".into(),
+                removed: false,
+            })
+        }),
+        cmd(13, |c| {
+            c.subscribe = Some(pb::SubscribeRequest {
+                channel: "m:a".into(),
+                r#type: 1,
+                phase: 2,
+                cursor: "k".into(),
+                limit: 2,
+                offset: 3,
+                epoch: "e".into(),
+                ..Default::default()
             })
         }),
         cmd(4, |c| {

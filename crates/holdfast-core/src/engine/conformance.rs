@@ -531,3 +531,366 @@ async fn cursors(c: &dyn CursorStore) {
         "cursors expire"
     );
 }
+
+/// Map settings for the suite: a 100-entry stream kept a minute, `key_ttl` as given, at most
+/// 1,000 keys.
+pub fn map_settings(key_ttl: Option<Duration>) -> super::map::MapSettings {
+    super::map::MapSettings {
+        key_ttl,
+        stream: HistoryOptions {
+            size: 100,
+            ttl: Duration::from_secs(60),
+            meta_ttl: Duration::from_secs(300),
+        },
+        max_keys: 1000,
+    }
+}
+
+fn put(key: &str, v: &str) -> super::map::MapWrite {
+    super::map::MapWrite {
+        key: key.into(),
+        data: Bytes::from(v.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn del(key: &str) -> super::map::MapWrite {
+    super::map::MapWrite {
+        key: key.into(),
+        removed: true,
+        ..Default::default()
+    }
+}
+
+/// Runs every map broker check, each on a fresh broker from `factory`.
+pub async fn run_map<F, Fut>(factory: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn super::map::MapBroker>>,
+{
+    let fresh = || async {
+        let b = factory().await;
+        let rec = Arc::new(Recorder::default());
+        b.set_handler(rec.clone());
+        (b, rec)
+    };
+    let (b, rec) = fresh().await;
+    map_writes_state_and_stream(&*b, &rec).await;
+    let (b, _) = fresh().await;
+    map_paging_at_a_revision(&*b).await;
+    let (b, rec) = fresh().await;
+    map_versions_idempotency_and_key_modes(&*b, &rec).await;
+    let (b, rec) = fresh().await;
+    map_key_ttl(&*b, &rec).await;
+    let (b, _) = fresh().await;
+    map_limits_and_clear(&*b).await;
+}
+
+async fn map_writes_state_and_stream(b: &dyn super::map::MapBroker, rec: &Recorder) {
+    use super::map::StateQuery;
+    let s = map_settings(None);
+    let first = b.publish("m", put("a", "1"), &s).await.expect("publish");
+    assert_eq!(first.position.offset, 1, "the first write is offset 1");
+    assert!(first.suppressed.is_none());
+    b.publish("m", put("b", "2"), &s).await.expect("publish");
+    b.publish("m", put("a", "3"), &s).await.expect("publish");
+    let removed = b.publish("m", del("b"), &s).await.expect("remove");
+    assert_eq!(removed.position.offset, 4, "a removal is a stream entry");
+    rec.wait_for("four deliveries in offset order", |ev| {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::Pub(ch, o, ..) if ch == "m" => Some(*o),
+                _ => None,
+            })
+            .eq([1, 2, 3, 4])
+    })
+    .await;
+    let page = b
+        .read_state(
+            "m",
+            &StateQuery {
+                limit: 10,
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("state");
+    assert_eq!(page.top, removed.position, "a state read names the top");
+    let got: Vec<(&str, u64, &[u8])> = page
+        .entries
+        .iter()
+        .map(|p| (p.key.as_str(), p.offset, &p.data[..]))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("a", 3, &b"3"[..])],
+        "state = the newest write per key"
+    );
+    let stream = b
+        .read_stream("m", &query(Some((1, &page.top.epoch)), None, false))
+        .await
+        .expect("stream");
+    let keys: Vec<(u64, &str, bool)> = stream
+        .publications
+        .iter()
+        .map(|p| (p.offset, p.key.as_str(), p.removed))
+        .collect();
+    assert_eq!(keys, vec![(2, "b", false), (3, "a", false), (4, "b", true)]);
+    assert_eq!(b.num_keys("m").await.expect("stats"), 1);
+    assert_eq!(
+        b.read_stream("m", &query(Some((1, "other")), None, false))
+            .await,
+        Err(EngineError::UnrecoverablePosition),
+        "a stream read in another epoch is refused"
+    );
+}
+
+async fn map_paging_at_a_revision(b: &dyn super::map::MapBroker) {
+    use super::map::StateQuery;
+    let s = map_settings(None);
+    for k in ["a", "b", "c", "d", "e"] {
+        b.publish("m", put(k, k), &s).await.expect("publish");
+    }
+    let p1 = b
+        .read_state(
+            "m",
+            &StateQuery {
+                limit: 2,
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("page 1");
+    assert_eq!(p1.entries.len(), 2);
+    assert!(!p1.cursor.is_empty(), "more pages follow");
+    // Writes while paging: an update of a key not yet read and of one already read.
+    b.publish("m", put("d", "d2"), &s).await.expect("publish");
+    b.publish("m", put("a", "a2"), &s).await.expect("publish");
+    let revision = Some((p1.top.offset, p1.top.epoch.to_string()));
+    let mut keys: Vec<String> = p1.entries.iter().map(|p| p.key.clone()).collect();
+    let mut cursor = p1.cursor.clone();
+    while !cursor.is_empty() {
+        let p = b
+            .read_state(
+                "m",
+                &StateQuery {
+                    cursor: cursor.clone(),
+                    limit: 2,
+                    revision: revision.clone(),
+                    key: None,
+                },
+                &s,
+            )
+            .await
+            .expect("next page");
+        assert_eq!(p.top, p1.top, "later pages keep the first page's position");
+        assert!(
+            p.entries.iter().all(|e| e.offset <= p1.top.offset),
+            "entries written after the revision are left to the stream"
+        );
+        keys.extend(p.entries.iter().map(|p| p.key.clone()));
+        cursor = p.cursor;
+    }
+    assert_eq!(keys, ["a", "b", "c", "e"], "d changed after the revision");
+    let rest = b
+        .read_stream(
+            "m",
+            &query(Some((p1.top.offset, &p1.top.epoch)), None, false),
+        )
+        .await
+        .expect("stream");
+    let keys: Vec<&str> = rest.publications.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["d", "a"],
+        "the stream after the revision has both updates"
+    );
+    let one = b
+        .read_state(
+            "m",
+            &StateQuery {
+                key: Some("c".into()),
+                limit: 1,
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("one key");
+    assert_eq!(one.entries.len(), 1);
+    assert_eq!(
+        b.read_state(
+            "m",
+            &StateQuery {
+                limit: 2,
+                revision: Some((1, "nope".into())),
+                ..Default::default()
+            },
+            &s
+        )
+        .await,
+        Err(EngineError::UnrecoverablePosition),
+        "a revision in another epoch is refused"
+    );
+}
+
+async fn map_versions_idempotency_and_key_modes(b: &dyn super::map::MapBroker, rec: &Recorder) {
+    use super::map::{KeyMode, MapWrite, Suppressed};
+    let s = map_settings(None);
+    let v = |n: u64, data: &str| MapWrite {
+        version: n,
+        ..put("k", data)
+    };
+    b.publish("m", v(2, "two"), &s).await.expect("publish");
+    let stale = b.publish("m", v(1, "one"), &s).await.expect("publish");
+    assert_eq!(
+        stale.suppressed,
+        Some(Suppressed::Version),
+        "an older version never overwrites"
+    );
+    let same = b
+        .publish("m", v(2, "two again"), &s)
+        .await
+        .expect("publish");
+    assert_eq!(same.suppressed, Some(Suppressed::Version));
+    b.publish("m", v(3, "three"), &s).await.expect("publish");
+    let idem = || MapWrite {
+        idempotency_key: Some("x".into()),
+        idempotency_ttl: Duration::from_secs(60),
+        ..put("i", "once")
+    };
+    let first = b.publish("m", idem(), &s).await.expect("publish");
+    let again = b.publish("m", idem(), &s).await.expect("publish");
+    assert_eq!(again.suppressed, Some(Suppressed::Idempotent));
+    assert_eq!(
+        again.position, first.position,
+        "a repeat answers as the first write"
+    );
+    let if_new = MapWrite {
+        key_mode: KeyMode::IfNew,
+        ..put("k", "new?")
+    };
+    assert_eq!(
+        b.publish("m", if_new, &s)
+            .await
+            .expect("publish")
+            .suppressed,
+        Some(Suppressed::KeyMode)
+    );
+    let if_exists = MapWrite {
+        key_mode: KeyMode::IfExists,
+        ..put("absent", "x")
+    };
+    assert_eq!(
+        b.publish("m", if_exists, &s)
+            .await
+            .expect("publish")
+            .suppressed,
+        Some(Suppressed::KeyMode)
+    );
+    assert_eq!(
+        b.publish("m", del("absent"), &s)
+            .await
+            .expect("remove")
+            .suppressed,
+        Some(Suppressed::KeyMode),
+        "removing an absent key writes nothing"
+    );
+    rec.wait_for("three writes delivered", |ev| {
+        ev.iter().filter(|e| matches!(e, Event::Pub(..))).count() == 3
+    })
+    .await;
+    let st = b
+        .read_state(
+            "m",
+            &super::map::StateQuery {
+                key: Some("k".into()),
+                limit: 1,
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("state");
+    assert_eq!(&st.entries[0].data[..], b"three");
+}
+
+async fn map_key_ttl(b: &dyn super::map::MapBroker, rec: &Recorder) {
+    let s = map_settings(Some(Duration::from_secs(5)));
+    b.publish("m", put("gone", "1"), &s).await.expect("publish");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.publish("m", put("kept", "1"), &s).await.expect("publish");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    rec.wait_for("the expired key's removal delivered", |ev| {
+        ev.iter()
+            .filter(|e| matches!(e, Event::Pub(_, 3, ..)))
+            .count()
+            == 1
+    })
+    .await;
+    assert_eq!(
+        b.num_keys("m").await.expect("stats"),
+        1,
+        "only the fresh key is left"
+    );
+    let stream = b
+        .read_stream("m", &query(Some((2, "")), None, false))
+        .await
+        .expect("stream");
+    assert_eq!(stream.publications.len(), 1);
+    assert!(stream.publications[0].removed && stream.publications[0].key == "gone");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        b.num_keys("m").await.expect("stats"),
+        0,
+        "every key expires"
+    );
+}
+
+async fn map_limits_and_clear(b: &dyn super::map::MapBroker) {
+    use super::map::StateQuery;
+    let mut s = map_settings(None);
+    s.max_keys = 2;
+    b.publish("m", put("a", "1"), &s).await.expect("publish");
+    b.publish("m", put("b", "1"), &s).await.expect("publish");
+    assert!(
+        matches!(
+            b.publish("m", put("c", "1"), &s).await,
+            Err(EngineError::Limit(_))
+        ),
+        "a new key beyond max_keys is refused"
+    );
+    b.publish("m", put("a", "2"), &s)
+        .await
+        .expect("an existing key may still change");
+    let before = b
+        .read_state(
+            "m",
+            &StateQuery {
+                limit: 10,
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("state");
+    b.clear("m").await.expect("clear");
+    let after = b
+        .read_state(
+            "m",
+            &StateQuery {
+                limit: 10,
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("state");
+    assert!(after.entries.is_empty());
+    assert_ne!(
+        after.top.epoch, before.top.epoch,
+        "a cleared map starts a new epoch"
+    );
+}

@@ -3,7 +3,8 @@
 //! An engine is two small traits chosen at start-up. [`Broker`] appends to history and delivers
 //! publications to every node's [`BrokerHandler`] atomically per channel: a publication is
 //! delivered in offset order, and only after it is in history. [`PresenceStore`] keeps who is in
-//! a channel. Every implementation runs the conformance suite in [`conformance`].
+//! a channel. [`MapBroker`] keeps map subscriptions' keyed state. Every implementation runs the
+//! conformance suite in [`conformance`].
 
 use async_trait::async_trait;
 use holdfast_protocol::{ClientInfo, Publication};
@@ -12,9 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod conformance;
+pub mod map;
+pub mod map_memory;
 pub mod memory;
 pub mod window;
 
+pub use map::MapBroker;
+pub use map_memory::MemoryMapBroker;
 pub use memory::MemoryEngine;
 pub use window::StreamWindow;
 
@@ -233,15 +238,19 @@ pub struct Engine {
     pub presence: Arc<dyn PresenceStore>,
     /// Delivery cursors.
     pub cursors: Arc<dyn CursorStore>,
+    /// Map subscriptions' state and change streams.
+    pub maps: Arc<dyn MapBroker>,
 }
 
 impl Engine {
-    /// All three parts from one implementation.
+    /// All three parts from one implementation, with the memory map broker. Must be called
+    /// inside a Tokio runtime.
     pub fn from_one<E: Broker + PresenceStore + CursorStore + 'static>(e: Arc<E>) -> Self {
         Self {
             broker: e.clone(),
             presence: e.clone(),
             cursors: e,
+            maps: MemoryMapBroker::new(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod control;
 mod emulation;
+mod map;
 
 pub use control::NodeInfo;
 use control::{HEARTBEAT, NodeCommand, SurveyReplies};
@@ -117,6 +118,7 @@ struct NodeInner {
     broker: Arc<dyn Broker>,
     presence: Arc<dyn PresenceStore>,
     cursors: Arc<dyn CursorStore>,
+    maps: Arc<dyn crate::engine::MapBroker>,
     /// The application hooks, one slot per role.
     hooks: Hooks,
     /// Upgrades are accepted only while set (engine connected, hooks in place, not draining).
@@ -158,15 +160,18 @@ impl Node {
             broker,
             presence,
             cursors,
+            maps,
         } = engine;
         config.validate()?;
         let hub = Arc::new(Hub::new());
         let rules = ChannelRules::for_node(&config);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<NodeInner>| {
-            broker.set_handler(Arc::new(NodeEvents {
+            let events = Arc::new(NodeEvents {
                 hub: hub.clone(),
                 node: weak.clone(),
-            }));
+            });
+            broker.set_handler(events.clone());
+            maps.set_handler(events);
             NodeInner {
                 id: uuid::Uuid::new_v4().to_string().into(),
                 name: std::env::var("HOSTNAME").unwrap_or_else(|_| "holdfast".into()),
@@ -177,6 +182,7 @@ impl Node {
                 broker,
                 presence,
                 cursors,
+                maps,
                 hooks,
                 ready: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
@@ -379,6 +385,11 @@ impl Node {
         &*self.inner.broker
     }
 
+    /// The map broker (map subscriptions' state and change streams).
+    pub fn maps(&self) -> &dyn crate::engine::MapBroker {
+        &*self.inner.maps
+    }
+
     pub(crate) fn presence_store(&self) -> &dyn PresenceStore {
         &*self.inner.presence
     }
@@ -449,6 +460,12 @@ impl Node {
         req: PublishRequest,
     ) -> Result<PublishOutcome, ErrorReply> {
         let resolved = self.inner.rules.resolve(channel)?;
+        if resolved.options.subscription_type.is_map() {
+            return Err(ErrorReply::new(
+                ErrorReply::BAD_REQUEST.code,
+                "bad request: a map channel takes map_publish and map_remove",
+            ));
+        }
         let history = if req.skip_history {
             None
         } else {
@@ -463,6 +480,8 @@ impl Node {
             binary: req.binary,
             delta: false,
             use_delta: req.delta || resolved.options.delta_publish,
+            key: String::new(),
+            removed: false,
         };
         let versioned = history.is_some();
         let opts = PublishOptions {

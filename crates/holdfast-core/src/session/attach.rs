@@ -33,6 +33,8 @@ pub(super) struct Plan {
     pub(super) cursor_from: u64,
     /// Delta compression, compaction and tag filter of a client-side subscription.
     pub(super) delivery: DeliveryOptions,
+    /// A map subscription: its stream is the map broker's change stream.
+    pub(super) map: bool,
 }
 
 impl Plan {
@@ -62,6 +64,7 @@ impl Plan {
             cursor: false,
             cursor_from: 0,
             delivery: DeliveryOptions::default(),
+            map: false,
             options,
         }
     }
@@ -107,6 +110,30 @@ impl Attachment {
     /// The reply (or `subscribe` push) for the client.
     pub(super) fn result(&self) -> &SubscribeResult {
         &self.inner().result
+    }
+
+    /// Makes the reply a map subscription's live reply: `state` (the last state page, if
+    /// any), the stream read after the attach as `publications`, the position after them,
+    /// `recovered` only when the client asked to recover (a client coming from state pages
+    /// folds the publications into its state instead).
+    pub(super) fn shape_map(
+        &mut self,
+        sub_type: i32,
+        state: Vec<Arc<holdfast_protocol::Publication>>,
+        recoverable: bool,
+        recover: bool,
+    ) {
+        let Some(a) = self.inner.as_mut() else { return };
+        let r = &mut a.result;
+        r.sub_type = sub_type;
+        r.phase = 0;
+        r.state = state;
+        r.offset = a.live_offset;
+        r.epoch = a.live_epoch.to_string();
+        r.recoverable = recoverable;
+        r.positioned = recoverable;
+        r.recovered = recover && r.recovered;
+        r.was_recovering = recover;
     }
 
     /// Ends it before it went live: no more deliveries, out of the hub (and of the broker when
@@ -192,6 +219,14 @@ impl Session {
     /// Registers the subscription (buffering deliveries) and reads the position or the
     /// publications to recover.
     pub(super) async fn attach(&mut self, plan: Plan) -> Result<Attachment, ErrorReply> {
+        if plan.options.subscription_type.is_map() != plan.map {
+            // Server-side subscriptions (connect, API) to a map channel, or a stream plan for
+            // one: a map subscription is only made by its client's pages.
+            return Err(ErrorReply::new(
+                ErrorReply::BAD_REQUEST.code,
+                "bad request: the subscription type does not match the namespace's",
+            ));
+        }
         let sub = Subscription::new(
             self.client.clone(),
             plan.channel.clone(),
@@ -231,6 +266,19 @@ impl Session {
         }
     }
 
+    /// Reads the subscription's stream: the channel's history, or a map's change stream.
+    async fn stream_history(
+        &self,
+        plan: &Plan,
+        q: &HistoryQuery,
+    ) -> Result<crate::engine::HistoryPage, crate::engine::EngineError> {
+        if plan.map {
+            self.node.maps().read_stream(&plan.channel, q).await
+        } else {
+            self.node.broker().history(&plan.channel, q).await
+        }
+    }
+
     /// Fills in the reply's position (and the publications to recover) of an attachment.
     async fn read_position(&mut self, att: &mut Attachment) -> Result<(), ErrorReply> {
         let Some(a) = att.inner.as_mut() else {
@@ -249,7 +297,7 @@ impl Session {
             result.expires = true;
             result.ttl = (exp - unix_secs()).clamp(0, i64::from(u32::MAX)) as u32;
         }
-        if plan.options.history_enabled() && (plan.positioned || plan.recoverable) {
+        if (plan.options.history_enabled() || plan.map) && (plan.positioned || plan.recoverable) {
             let max = self.node.config().client.recovery_max_publication_limit;
             let meta_ttl = self.node.rules().meta_ttl(&plan.options);
             let read = match &plan.recover {
@@ -260,7 +308,7 @@ impl Session {
                         reverse: false,
                         meta_ttl,
                     };
-                    match self.node.broker().history(&plan.channel, &q).await {
+                    match self.stream_history(plan, &q).await {
                         Ok(page) => {
                             let pubs = &page.publications;
                             let top = page.top.offset;
@@ -298,7 +346,7 @@ impl Session {
                             reverse: false,
                             meta_ttl,
                         };
-                        if let Ok(p) = self.node.broker().history(&plan.channel, &q).await {
+                        if let Ok(p) = self.stream_history(plan, &q).await {
                             a.recovered_last = p
                                 .publications
                                 .into_iter()
@@ -319,9 +367,7 @@ impl Session {
                                 reverse: false,
                                 meta_ttl,
                             };
-                            self.node
-                                .broker()
-                                .history(&plan.channel, &q)
+                            self.stream_history(plan, &q)
                                 .await
                                 .map_err(engine_error)?
                                 .top

@@ -8,6 +8,7 @@ mod attach;
 mod connect;
 mod cursor;
 mod history;
+mod map;
 mod presence;
 mod publish;
 mod refresh;
@@ -371,6 +372,9 @@ impl Session {
             (State::Connected(_), Request::Subscribe(req)) => self.subscribe(id, req).await,
             (State::Connected(_), Request::Unsubscribe { channel }) => {
                 self.unsubscribe(id, &channel).await
+            }
+            (State::Connected(_), Request::Publish(req)) if req.pub_type == 1 => {
+                self.map_write(id, req).await
             }
             (State::Connected(_), Request::Publish(req)) => {
                 self.publish(id, &req.channel, req.data).await

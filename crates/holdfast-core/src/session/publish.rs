@@ -22,6 +22,16 @@ impl Session {
         if self.refused_foreign(id, &resolved, channel) {
             return Ok(());
         }
+        if resolved.options.subscription_type.is_map() {
+            self.reply_error(
+                id,
+                ErrorReply::new(
+                    ErrorReply::BAD_REQUEST.code,
+                    "bad request: a map channel takes map writes (publish with type 1 and a key)",
+                ),
+            );
+            return Ok(());
+        }
         let conn = self.conn()?;
         let sub = conn.subs.get(channel);
         let ev = ChannelEvent {

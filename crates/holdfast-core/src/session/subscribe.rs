@@ -37,6 +37,22 @@ impl Session {
         if self.refused_foreign(id, &resolved, &req.channel) {
             return Ok(());
         }
+        let ns_type = resolved.options.subscription_type;
+        if req.sub_type != ns_type.wire() {
+            tracing::info!(client = %self.client.id(), channel = %req.channel, asked = req.sub_type, "subscription type does not match the namespace's");
+            self.reply_error(
+                id,
+                ErrorReply::new(
+                    ErrorReply::BAD_REQUEST.code,
+                    format!(
+                        "bad request: subscription type {} does not match the channel's ({:?})",
+                        req.sub_type, ns_type
+                    ),
+                ),
+            );
+            return Ok(());
+        }
+        let conn = self.conn()?;
         let ctx = conn.ctx.clone();
         let no_compaction = conn.no_compaction;
         let client_filter = match &req.tf {
@@ -95,6 +111,19 @@ impl Session {
             (Some(s), Some(c)) => Some(s.and(c)),
             (s, c) => s.or(c),
         };
+        if options.subscription_type.is_map() {
+            let compact = req.flag & SubscribeRequest::FLAG_CHANNEL_COMPACTION != 0
+                && options.allow_channel_compaction
+                && !no_compaction;
+            let ask = super::map::MapAsk {
+                req,
+                options,
+                decision,
+                filter,
+                compact,
+            };
+            return self.map_subscribe(id, ask).await;
+        }
         // As Centrifugo: delta and a filter exclude each other; delta is then not negotiated.
         let delivery = DeliveryOptions {
             delta: req.delta == crate::config::FOSSIL
@@ -154,6 +183,7 @@ impl Session {
             cursor: false,
             cursor_from: 0,
             delivery,
+            map: false,
             options,
         };
         let a = match self.attach(plan).await {

@@ -89,6 +89,7 @@ impl TestServer {
                 broker: engine.clone(),
                 presence: engine.inner.clone(),
                 cursors: engine.inner.clone(),
+                maps: holdfast_core::engine::MemoryMapBroker::new(),
             },
         )
         .await

@@ -1,0 +1,424 @@
+//! The memory map broker: map state and change streams in this process.
+//!
+//! A write takes its channel's lock, appends to the stream, updates the state and calls the
+//! node's handler before releasing it, so state, stream and delivery agree per channel. A
+//! sweeper removes expired keys once a second, each removal a stream entry like any other. A
+//! restart loses everything and every channel starts under a new epoch, so a subscriber that
+//! recovers is told to start over (112) instead of being given a stale state.
+
+use super::map::Suppressed;
+use super::map::{KeyMode, MapBroker, MapOutcome, MapSettings, MapWrite, StatePage, StateQuery};
+use super::window::StreamWindow;
+use super::{BrokerHandler, EngineError, HistoryPage, HistoryQuery, StreamTop, new_epoch};
+use crate::shard::Sharded;
+use async_trait::async_trait;
+use holdfast_protocol::Publication;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const SHARDS: usize = 64;
+
+/// Idempotency results kept per channel (as the memory engine).
+const MAX_IDEMPOTENCY_KEYS_PER_CHANNEL: usize = 100_000;
+
+/// The memory map broker.
+#[derive(Debug)]
+pub struct MemoryMapBroker {
+    channels: Sharded<Mutex<HashMap<Arc<str>, SharedMap>>>,
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+}
+
+type SharedMap = Arc<Mutex<MapChannel>>;
+
+#[derive(Debug)]
+struct Entry {
+    publication: Arc<Publication>,
+    expires: Option<Instant>,
+    version: u64,
+    version_epoch: Arc<str>,
+}
+
+#[derive(Debug)]
+struct MapChannel {
+    entries: BTreeMap<String, Entry>,
+    /// (expiry, key) of every expiring key.
+    expiries: BTreeSet<(Instant, String)>,
+    stream: StreamWindow,
+    /// The stream's retention as last written (the sweeper appends removals with it).
+    retention: super::HistoryOptions,
+    idempotent: HashMap<String, (StreamTop, Instant)>,
+}
+
+impl MapChannel {
+    fn new(now: Instant, settings: &MapSettings) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            expiries: BTreeSet::new(),
+            stream: StreamWindow::new(new_epoch(), now, settings.stream.meta_ttl),
+            retention: settings.stream,
+            idempotent: HashMap::new(),
+        }
+    }
+
+    /// Appends `p` (its offset set here) to the stream and returns it as stored.
+    fn append(&mut self, mut p: Publication, now: Instant) -> Arc<Publication> {
+        p.offset = self.stream.top + 1;
+        let p = Arc::new(p);
+        let retention = self.retention;
+        self.stream.push(p.clone(), &retention, now);
+        p
+    }
+
+    fn unschedule(&mut self, key: &str, e: &Entry) {
+        if let Some(at) = e.expires {
+            self.expiries.remove(&(at, key.to_owned()));
+        }
+    }
+}
+
+impl MemoryMapBroker {
+    /// Creates the broker and its sweeper (which stops when the broker is dropped). Must be
+    /// called inside a Tokio runtime.
+    pub fn new() -> Arc<Self> {
+        let b = Arc::new(Self {
+            channels: Sharded::new(SHARDS, || Mutex::new(HashMap::new())),
+            handler: OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&b);
+        tokio::spawn(sweep_loop(weak));
+        b
+    }
+
+    fn channel(&self, channel: &str, settings: &MapSettings) -> SharedMap {
+        let mut shard = self.channels.get(channel).lock();
+        if let Some(c) = shard.get(channel) {
+            return c.clone();
+        }
+        let c = Arc::new(Mutex::new(MapChannel::new(Instant::now(), settings)));
+        shard.insert(channel.into(), c.clone());
+        c
+    }
+
+    fn existing(&self, channel: &str) -> Option<SharedMap> {
+        self.channels.get(channel).lock().get(channel).cloned()
+    }
+
+    /// Number of channels held.
+    pub fn num_channels(&self) -> usize {
+        self.channels.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Removes expired keys (each removal appended and delivered), expired idempotency results,
+    /// and channels with no keys whose stream's epoch has expired.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let handler = self.handler.get();
+        for shard in self.channels.iter() {
+            let mut shard = shard.lock();
+            shard.retain(|name, ch| {
+                let mut c = ch.lock();
+                while let Some((at, key)) = c.expiries.first().cloned() {
+                    if at > now {
+                        break;
+                    }
+                    c.expiries.pop_first();
+                    if c.entries.remove(&key).is_none() {
+                        continue;
+                    }
+                    let p = c.append(
+                        Publication {
+                            key,
+                            removed: true,
+                            time: unix_ms(),
+                            ..Default::default()
+                        },
+                        now,
+                    );
+                    metrics::counter!("holdfast_map_keys_expired_total").increment(1);
+                    if let Some(h) = handler {
+                        h.on_publication(name, &p, &c.stream.epoch);
+                    }
+                }
+                c.idempotent.retain(|_, (_, exp)| *exp > now);
+                c.stream.expire(now);
+                !(c.entries.is_empty() && c.idempotent.is_empty() && now >= c.stream.meta_expire)
+            });
+        }
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn sweep_loop(b: Weak<MemoryMapBroker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match b.upgrade() {
+            Some(b) => b.sweep(),
+            None => return,
+        }
+    }
+}
+
+#[async_trait]
+impl MapBroker for MemoryMapBroker {
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        write: MapWrite,
+        settings: &MapSettings,
+    ) -> Result<MapOutcome, EngineError> {
+        let ch = self.channel(channel, settings);
+        let mut c = ch.lock();
+        let now = Instant::now();
+        c.retention = settings.stream;
+        if let Some(k) = &write.idempotency_key {
+            if let Some((pos, exp)) = c.idempotent.get(k)
+                && *exp > now
+            {
+                return Ok(MapOutcome {
+                    position: pos.clone(),
+                    suppressed: Some(Suppressed::Idempotent),
+                });
+            }
+            if c.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
+                c.idempotent.retain(|_, (_, exp)| *exp > now);
+                if c.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
+                    return Err(EngineError::Limit("idempotency keys per channel"));
+                }
+            }
+        }
+        let existing = c.entries.get(&write.key);
+        let suppressed = match (write.key_mode, existing) {
+            (KeyMode::IfNew, Some(_)) | (KeyMode::IfExists, None) => Some(Suppressed::KeyMode),
+            // Removing what is not there changes nothing: no stream entry for it.
+            (_, None) if write.removed => Some(Suppressed::KeyMode),
+            (_, Some(e))
+                if write.version > 0
+                    && e.version > 0
+                    && (write.version_epoch.is_empty()
+                        || *write.version_epoch == *e.version_epoch)
+                    && write.version <= e.version =>
+            {
+                Some(Suppressed::Version)
+            }
+            _ => None,
+        };
+        if suppressed.is_some() {
+            return Ok(MapOutcome {
+                position: c.stream.top(),
+                suppressed,
+            });
+        }
+        if existing.is_none() && c.entries.len() >= settings.max_keys {
+            return Err(EngineError::Limit("keys per map channel"));
+        }
+        let MapWrite {
+            key,
+            data,
+            removed,
+            info,
+            tags,
+            binary,
+            idempotency_key,
+            idempotency_ttl,
+            version,
+            version_epoch,
+            ..
+        } = write;
+        let p = c.append(
+            Publication {
+                data,
+                info,
+                tags,
+                time: unix_ms(),
+                binary,
+                key: key.clone(),
+                removed,
+                ..Default::default()
+            },
+            now,
+        );
+        if let Some(old) = c.entries.remove(&key) {
+            c.unschedule(&key, &old);
+        }
+        if !removed {
+            let expires = settings.key_ttl.map(|t| now + t);
+            if let Some(at) = expires {
+                c.expiries.insert((at, key.clone()));
+            }
+            c.entries.insert(
+                key,
+                Entry {
+                    publication: p.clone(),
+                    expires,
+                    version,
+                    version_epoch: version_epoch.into(),
+                },
+            );
+        }
+        let position = c.stream.top();
+        if let Some(h) = self.handler.get() {
+            h.on_publication(channel, &p, &position.epoch);
+        }
+        if let Some(k) = idempotency_key {
+            c.idempotent
+                .insert(k, (position.clone(), now + idempotency_ttl));
+        }
+        Ok(MapOutcome {
+            position,
+            suppressed: None,
+        })
+    }
+
+    async fn read_state(
+        &self,
+        channel: &str,
+        query: &StateQuery,
+        settings: &MapSettings,
+    ) -> Result<StatePage, EngineError> {
+        let ch = self.channel(channel, settings);
+        let mut c = ch.lock();
+        let now = Instant::now();
+        c.stream.meta_expire = c.stream.meta_expire.max(now + settings.stream.meta_ttl);
+        let top = match &query.revision {
+            Some((offset, epoch)) => {
+                if **epoch != *c.stream.epoch || *offset > c.stream.top {
+                    return Err(EngineError::UnrecoverablePosition);
+                }
+                StreamTop {
+                    offset: *offset,
+                    epoch: c.stream.epoch.clone(),
+                }
+            }
+            None => c.stream.top(),
+        };
+        let visible = |e: &Entry| e.publication.offset <= top.offset;
+        if let Some(k) = &query.key {
+            let entries = c
+                .entries
+                .get(k)
+                .filter(|e| visible(e))
+                .map(|e| vec![e.publication.clone()])
+                .unwrap_or_default();
+            return Ok(StatePage {
+                entries,
+                cursor: String::new(),
+                top,
+            });
+        }
+        let start = if query.cursor.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(query.cursor.clone())
+        };
+        let limit = query.limit.max(1);
+        let mut entries = Vec::with_capacity(limit.min(c.entries.len()));
+        let mut last = None;
+        let mut more = false;
+        for (k, e) in c.entries.range((start, Bound::Unbounded)) {
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            last = Some(k);
+            if visible(e) {
+                entries.push(e.publication.clone());
+            }
+        }
+        let cursor = match (more, last) {
+            (true, Some(k)) => k.clone(),
+            _ => String::new(),
+        };
+        Ok(StatePage {
+            entries,
+            cursor,
+            top,
+        })
+    }
+
+    async fn read_stream(
+        &self,
+        channel: &str,
+        query: &HistoryQuery,
+    ) -> Result<HistoryPage, EngineError> {
+        match self.existing(channel) {
+            Some(ch) => ch.lock().stream.read(query, Instant::now()),
+            None => {
+                // A stream no one has written or read yet: a fresh epoch, as a state read makes.
+                let settings = MapSettings {
+                    key_ttl: None,
+                    stream: super::HistoryOptions {
+                        size: 1,
+                        ttl: Duration::ZERO,
+                        meta_ttl: query.meta_ttl,
+                    },
+                    max_keys: usize::MAX,
+                };
+                self.channel(channel, &settings)
+                    .lock()
+                    .stream
+                    .read(query, Instant::now())
+            }
+        }
+    }
+
+    async fn num_keys(&self, channel: &str) -> Result<usize, EngineError> {
+        Ok(self.existing(channel).map_or(0, |c| c.lock().entries.len()))
+    }
+
+    async fn clear(&self, channel: &str) -> Result<(), EngineError> {
+        let Some(ch) = self.existing(channel) else {
+            return Ok(());
+        };
+        let mut c = ch.lock();
+        let now = Instant::now();
+        let retention = c.retention;
+        let meta = c.stream.meta_expire.saturating_duration_since(now);
+        c.entries.clear();
+        c.expiries.clear();
+        c.idempotent.clear();
+        c.stream = StreamWindow::new(new_epoch(), now, meta.max(retention.meta_ttl));
+        // Every subscriber's position is in the old epoch: tell them to start over.
+        if let Some(h) = self.handler.get() {
+            h.on_rewind(channel, &c.stream.top());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::conformance;
+
+    #[tokio::test(start_paused = true)]
+    async fn map_conformance_suite() {
+        conformance::run_map(|| async { MemoryMapBroker::new() as Arc<dyn MapBroker> }).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restart_means_new_epoch() {
+        let s = conformance::map_settings(None);
+        let q = StateQuery {
+            limit: 10,
+            ..Default::default()
+        };
+        let a = MemoryMapBroker::new().read_state("m", &q, &s).await;
+        let b = MemoryMapBroker::new().read_state("m", &q, &s).await;
+        assert_ne!(a.expect("read").top.epoch, b.expect("read").top.epoch);
+    }
+}
