@@ -284,6 +284,15 @@ pub struct ChannelOptions {
     pub subscription_type: SubscriptionType,
     /// Map channels' options (with a map `subscription_type`).
     pub map: MapOptions,
+    /// Every subscriber of this namespace's channels is an entry (key: its connection id,
+    /// `info`: its client info) of the channel named by this prefix and the channel, in a
+    /// `map_clients` namespace: added on subscribe, removed on unsubscribe or disconnect.
+    pub map_clients_presence_channel_prefix: String,
+    /// Every subscribed user of this namespace's channels is an entry (key: the user id) of
+    /// the channel named by this prefix and the channel, in a `map_users` namespace: added on
+    /// subscribe, kept while the user has a subscription, removed by its `key_ttl` after the
+    /// last one ends. Anonymous subscribers are not entered.
+    pub map_users_presence_channel_prefix: String,
 }
 
 /// `subscription_type` of a namespace.
@@ -295,9 +304,10 @@ pub enum SubscriptionType {
     Stream,
     /// Keyed state: a snapshot on subscribe, then every change.
     Map,
-    /// Connection presence as a map (not built yet: refused at start).
+    /// Connection presence as a map, written by the server
+    /// (`map_clients_presence_channel_prefix`).
     MapClients,
-    /// User presence as a map (not built yet: refused at start).
+    /// User presence as a map, written by the server (`map_users_presence_channel_prefix`).
     MapUsers,
     /// Shared polls (not built yet: refused at start).
     SharedPoll,
@@ -447,12 +457,18 @@ fn check_map(o: &ChannelOptions, e: &mut impl FnMut(&str, &str)) {
             return;
         }
         SubscriptionType::Map => {}
-        SubscriptionType::MapClients
-        | SubscriptionType::MapUsers
-        | SubscriptionType::SharedPoll => {
+        SubscriptionType::MapClients | SubscriptionType::MapUsers => {
+            if m.mode == Some(MapMode::Persistent) {
+                e(
+                    "map.mode",
+                    "presence maps need expiring keys: ephemeral or recoverable",
+                );
+            }
+        }
+        SubscriptionType::SharedPoll => {
             e(
                 "subscription_type",
-                "map_clients, map_users and shared_poll are not supported yet (stream and map are)",
+                "shared_poll is not supported yet (stream, map, map_clients and map_users are)",
             );
             return;
         }
@@ -651,6 +667,47 @@ impl NodeConfig {
                 });
             }
             check(&prefix, ns, &mut errs);
+        }
+        let rules = crate::channel::ChannelRules::new(&self.channel);
+        let all = std::iter::once((
+            "channel.without_namespace".to_owned(),
+            &self.channel.without_namespace,
+        ))
+        .chain(
+            self.channel
+                .namespaces
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| (format!("channel.namespaces[{i}]"), ns)),
+        );
+        for (prefix_key, ns) in all {
+            for (key, prefix, want) in [
+                (
+                    "map_clients_presence_channel_prefix",
+                    &ns.map_clients_presence_channel_prefix,
+                    SubscriptionType::MapClients,
+                ),
+                (
+                    "map_users_presence_channel_prefix",
+                    &ns.map_users_presence_channel_prefix,
+                    SubscriptionType::MapUsers,
+                ),
+            ] {
+                if prefix.is_empty() {
+                    continue;
+                }
+                let ok = rules
+                    .resolve(&format!("{prefix}x"))
+                    .is_ok_and(|r| r.options.subscription_type == want);
+                if !ok || ns.subscription_type.is_map() {
+                    errs.push(ConfigError {
+                        key: format!("{prefix_key}.{key}"),
+                        problem: format!(
+                            "{prefix:?} must name a namespace of subscription_type {want:?} (e.g. \"clients:\"), on a stream namespace"
+                        ),
+                    });
+                }
+            }
         }
         let personal = &c.subscribe_to_user_personal_channel;
         if personal.enabled

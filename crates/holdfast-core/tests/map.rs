@@ -48,6 +48,21 @@ fn config() -> NodeConfig {
     c.channel
         .namespaces
         .push(map_ns("em", MapMode::Ephemeral, 30));
+    c.channel.namespaces.push(ChannelOptions {
+        name: "game".into(),
+        allow_subscribe_for_client: true,
+        map_clients_presence_channel_prefix: "clients:".into(),
+        map_users_presence_channel_prefix: "users:".into(),
+        ..Default::default()
+    });
+    c.channel.namespaces.push(ChannelOptions {
+        subscription_type: SubscriptionType::MapClients,
+        ..map_ns("clients", MapMode::Ephemeral, 30)
+    });
+    c.channel.namespaces.push(ChannelOptions {
+        subscription_type: SubscriptionType::MapUsers,
+        ..map_ns("users", MapMode::Recoverable, 30)
+    });
     c
 }
 
@@ -117,6 +132,8 @@ struct Mirror {
     pages: [usize; 3],
     recovered: bool,
     synced: bool,
+    /// 1 map, 2 map_clients, 3 map_users.
+    sub_type: u64,
 }
 
 fn apply(state: &mut BTreeMap<String, Value>, p: &Value) {
@@ -132,7 +149,15 @@ impl Mirror {
     fn new(channel: &str) -> Self {
         Self {
             channel: channel.into(),
+            sub_type: 1,
             ..Default::default()
+        }
+    }
+
+    fn of_type(channel: &str, sub_type: u64) -> Self {
+        Self {
+            sub_type,
+            ..Self::new(channel)
         }
     }
 
@@ -153,7 +178,7 @@ impl Mirror {
             let r = c
                 .call(
                     "subscribe",
-                    json!({"channel": self.channel, "type": 1, "phase": 1, "flag": 1,
+                    json!({"channel": self.channel, "type": self.sub_type, "phase": 1, "flag": 1,
                            "limit": limit, "offset": offset, "epoch": self.epoch, "recover": true}),
                 )
                 .await;
@@ -187,8 +212,7 @@ impl Mirror {
     async fn full_sync(&mut self, c: &mut TestClient, limit: u64) {
         let mut state = BTreeMap::new();
         let mut stream = Vec::new();
-        let mut req =
-            json!({"channel": self.channel, "type": 1, "phase": 2, "flag": 1, "limit": limit});
+        let mut req = json!({"channel": self.channel, "type": self.sub_type, "phase": 2, "flag": 1, "limit": limit});
         loop {
             let r = c.call("subscribe", req.clone()).await;
             let s = &r["subscribe"];
@@ -203,9 +227,11 @@ impl Mirror {
                     self.pages[2] += 1;
                     let (offset, epoch) = (s["offset"].as_u64().unwrap_or(0), &s["epoch"]);
                     req = match s["cursor"].as_str() {
-                        Some(cursor) => json!({"channel": self.channel, "type": 1, "phase": 2,
-                            "flag": 1, "limit": limit, "cursor": cursor, "offset": offset, "epoch": epoch}),
-                        None => json!({"channel": self.channel, "type": 1, "phase": 1,
+                        Some(cursor) => {
+                            json!({"channel": self.channel, "type": self.sub_type, "phase": 2,
+                            "flag": 1, "limit": limit, "cursor": cursor, "offset": offset, "epoch": epoch})
+                        }
+                        None => json!({"channel": self.channel, "type": self.sub_type, "phase": 1,
                             "flag": 1, "limit": limit, "offset": offset, "epoch": epoch}),
                     };
                 }
@@ -231,7 +257,10 @@ impl Mirror {
     }
 
     fn live(&mut self, s: &Value) {
-        assert_eq!(s["type"], 1, "the live reply names the map type: {s}");
+        assert_eq!(
+            s["type"], self.sub_type,
+            "the live reply names the map type: {s}"
+        );
         self.offset = s["offset"].as_u64().unwrap_or(0);
         self.epoch = s["epoch"].as_str().unwrap_or_default().to_owned();
         self.recoverable = s["recoverable"] == true;
@@ -561,4 +590,141 @@ async fn random_changes_and_reconnects_leave_every_mirror_equal_to_the_server() 
             remove(&node, &ch, &barrier).await;
         }
     }
+}
+
+/// The next live push on `channel` (other channels' pushes skipped).
+async fn next_on(c: &mut TestClient, channel: &str) -> Value {
+    loop {
+        let p = c.push().await;
+        if p["channel"] == channel && p.get("pub").is_some() {
+            return p["pub"].clone();
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn presence_maps_follow_connections_and_users() {
+    let (node, _) = testing::node(config());
+    let mut a1 = user(&node, "alice").await;
+    let mut a2 = user(&node, "alice").await;
+    let mut b = user(&node, "bob").await;
+    for c in [&mut a1, &mut a2, &mut b] {
+        let r = c.call("subscribe", json!({"channel": "game:1"})).await;
+        assert!(r["subscribe"].is_object(), "{r}");
+    }
+    let mut w = user(&node, "watcher").await;
+    let mut clients = Mirror::of_type("clients:game:1", 2);
+    clients.subscribe(&mut w, 100).await;
+    let mut users = Mirror::of_type("users:game:1", 3);
+    users.subscribe(&mut w, 100).await;
+    assert_eq!(
+        clients.state.len(),
+        3,
+        "one entry per connection: {:?}",
+        clients.state
+    );
+    let users_of = |m: &Mirror| m.state.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(users_of(&users), ["alice", "bob"], "one entry per user");
+    let snapshot = node
+        .map_read_state(
+            "clients:game:1",
+            StateQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        snapshot
+            .entries
+            .iter()
+            .all(|e| e.info.as_ref().is_some_and(|i| *i.client == *e.key)),
+        "a connection's entry carries its client info"
+    );
+    // A map subscription of the wrong presence type is refused.
+    let mut x = user(&node, "x").await;
+    let r = x
+        .call(
+            "subscribe",
+            json!({"channel": "users:game:1", "type": 2, "phase": 2}),
+        )
+        .await;
+    assert_eq!(code(&r), 107, "{r}");
+    // Clients cannot write presence maps.
+    let r = w
+        .call(
+            "publish",
+            json!({"channel": "clients:game:1", "type": 1, "key": "x", "data": {}}),
+        )
+        .await;
+    assert_eq!(code(&r), 107, "{r}");
+    // One of alice's connections leaves: its entry goes at once, alice stays.
+    a2.call("unsubscribe", json!({"channel": "game:1"})).await;
+    let p = next_on(&mut w, "clients:game:1").await;
+    assert_eq!(p["removed"], true, "{p}");
+    // bob disconnects: his connection's entry goes at once, his user entry by TTL.
+    b.hang_up();
+    let p = next_on(&mut w, "clients:game:1").await;
+    assert_eq!(p["removed"], true, "{p}");
+    assert_eq!(node.map_num_keys("clients:game:1").await.unwrap(), 1);
+    assert_eq!(node.map_num_keys("users:game:1").await.unwrap(), 2);
+    // Alice's entry is kept alive past its TTL by the node while she is subscribed.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let p = next_on(&mut w, "users:game:1").await;
+    assert_eq!(
+        (p["key"].as_str(), p["removed"].as_bool()),
+        (Some("bob"), Some(true)),
+        "{p}"
+    );
+    assert_eq!(
+        node.map_num_keys("users:game:1").await.unwrap(),
+        1,
+        "alice is still there"
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        node.map_num_keys("users:game:1").await.unwrap(),
+        1,
+        "and stays while subscribed"
+    );
+    a1.hang_up();
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    assert_eq!(
+        node.map_num_keys("users:game:1").await.unwrap(),
+        0,
+        "gone after the last one left"
+    );
+    assert_eq!(node.map_num_keys("clients:game:1").await.unwrap(), 0);
+}
+
+#[test]
+fn presence_prefixes_must_name_presence_namespaces() {
+    let mut c = config();
+    c.channel.namespaces.push(ChannelOptions {
+        name: "bad".into(),
+        map_clients_presence_channel_prefix: "users:".into(),
+        map_users_presence_channel_prefix: "nowhere:".into(),
+        ..Default::default()
+    });
+    let errs = c.validate().unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with("map_clients_presence_channel_prefix")),
+        "{errs:?}"
+    );
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with("map_users_presence_channel_prefix")),
+        "{errs:?}"
+    );
+    let mut c = config();
+    c.channel.namespaces.push(ChannelOptions {
+        name: "nomode".into(),
+        subscription_type: SubscriptionType::Map,
+        ..Default::default()
+    });
+    let errs = c.validate().unwrap_err();
+    assert!(errs.iter().any(|e| e.key.ends_with("map.mode")), "{errs:?}");
 }

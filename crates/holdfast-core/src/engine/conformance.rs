@@ -841,6 +841,24 @@ async fn map_key_ttl(b: &dyn super::map::MapBroker, rec: &Recorder) {
         .expect("stream");
     assert_eq!(stream.publications.len(), 1);
     assert!(stream.publications[0].removed && stream.publications[0].key == "gone");
+    // A touch keeps a key past its TTL without a stream entry, and names the missing ones.
+    let missing = b
+        .touch("m", &["kept".into(), "gone".into()], &s)
+        .await
+        .expect("touch");
+    assert_eq!(missing, vec!["gone".to_owned()]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        b.num_keys("m").await.expect("stats"),
+        1,
+        "a touched key outlives its first TTL"
+    );
+    let top = b
+        .read_stream("m", &query(None, Some(0), false))
+        .await
+        .expect("top")
+        .top;
+    assert_eq!(top.offset, 3, "a touch appends nothing");
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
         b.num_keys("m").await.expect("stats"),

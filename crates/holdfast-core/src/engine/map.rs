@@ -154,6 +154,16 @@ pub trait MapBroker: Send + Sync + Debug {
         query: &HistoryQuery,
     ) -> Result<HistoryPage, EngineError>;
 
+    /// Extends the expiry of `keys` (by `settings.key_ttl` from now) without a stream entry;
+    /// returns the keys that are not there (expired or removed meanwhile), for the caller to
+    /// write again.
+    async fn touch(
+        &self,
+        channel: &str,
+        keys: &[String],
+        settings: &MapSettings,
+    ) -> Result<Vec<String>, EngineError>;
+
     /// Number of keys in a channel.
     async fn num_keys(&self, channel: &str) -> Result<usize, EngineError>;
 

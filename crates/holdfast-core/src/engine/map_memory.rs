@@ -376,6 +376,38 @@ impl MapBroker for MemoryMapBroker {
         }
     }
 
+    async fn touch(
+        &self,
+        channel: &str,
+        keys: &[String],
+        settings: &MapSettings,
+    ) -> Result<Vec<String>, EngineError> {
+        let Some(ch) = self.existing(channel) else {
+            return Ok(keys.to_vec());
+        };
+        let mut c = ch.lock();
+        let now = Instant::now();
+        let mut missing = Vec::new();
+        for k in keys {
+            let Some(old) = c.entries.get(k).and_then(|e| e.expires) else {
+                if !c.entries.contains_key(k) {
+                    missing.push(k.clone());
+                }
+                continue;
+            };
+            let Some(ttl) = settings.key_ttl else {
+                continue;
+            };
+            c.expiries.remove(&(old, k.clone()));
+            let at = now + ttl;
+            c.expiries.insert((at, k.clone()));
+            if let Some(e) = c.entries.get_mut(k) {
+                e.expires = Some(at);
+            }
+        }
+        Ok(missing)
+    }
+
     async fn num_keys(&self, channel: &str) -> Result<usize, EngineError> {
         Ok(self.existing(channel).map_or(0, |c| c.lock().entries.len()))
     }

@@ -4,7 +4,7 @@
 
 mod control;
 mod emulation;
-mod map;
+pub(crate) mod map;
 
 pub use control::NodeInfo;
 use control::{HEARTBEAT, NodeCommand, SurveyReplies};
@@ -151,6 +151,9 @@ struct NodeInner {
     surveys: parking_lot::Mutex<std::collections::HashMap<u64, SurveyReplies>>,
     /// Interval of this node's announcements to its peers, in milliseconds.
     heartbeat_ms: AtomicU64,
+    /// Presence map entries this node keeps alive: (presence channel, key) → local
+    /// subscriptions holding it and the entry's client info.
+    presence_keys: map::PresenceKeys,
 }
 
 impl Node {
@@ -198,6 +201,7 @@ impl Node {
                 peers: Default::default(),
                 surveys: Default::default(),
                 heartbeat_ms: AtomicU64::new(HEARTBEAT.as_millis() as u64),
+                presence_keys: Default::default(),
             }
         });
         Ok(Self { inner })
@@ -210,6 +214,9 @@ impl Node {
             return;
         }
         let was = self.inner.ready.swap(true, Ordering::AcqRel);
+        if !was {
+            self.start_presence_map_refresh();
+        }
         if !was && self.inner.broker.distributed() {
             let weak = Arc::downgrade(&self.inner);
             let stop = self.inner.shutdown.clone();

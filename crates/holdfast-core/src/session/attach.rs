@@ -483,6 +483,7 @@ impl Session {
                     .hooks()
                     .channels
                     .refreshes_subscriptions(&plan.options),
+            presence_maps: crate::node::map::has_presence_maps(&plan.options),
         };
         conn.subs.insert(plan.channel.clone(), s);
         self.node
@@ -492,6 +493,11 @@ impl Session {
                 user: conn.ctx.user.clone(),
                 channel: plan.channel.clone(),
             });
+        if crate::node::map::has_presence_maps(&plan.options) {
+            self.node
+                .presence_maps_join(&plan.channel, &plan.options, &info)
+                .await;
+        }
         if plan.options.presence
             && let Err(e) = self
                 .node

@@ -275,8 +275,9 @@ impl Session {
         if self.refused_foreign(id, &resolved, &req.channel) {
             return Ok(());
         }
-        if !resolved.options.subscription_type.is_map() {
-            self.reply_error(id, bad_request("not a map channel"));
+        if resolved.options.subscription_type != crate::config::SubscriptionType::Map {
+            // Presence maps (map_clients, map_users) are written by the server only.
+            self.reply_error(id, bad_request("not a map channel clients write to"));
             return Ok(());
         }
         let conn = self.conn()?;

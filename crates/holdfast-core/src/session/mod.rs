@@ -91,6 +91,8 @@ struct SessionSub {
     confirmed: u64,
     /// The server refreshes this subscription at expiry (instead of the client's sub_refresh).
     server_refresh: bool,
+    /// The subscription entered presence maps (left at detach).
+    presence_maps: bool,
 }
 
 /// One connection's protocol state.
@@ -461,6 +463,9 @@ fn emit_unsubscribed(node: &Node, client: &ClientHandle, user: &Arc<str>, channe
 async fn detach(node: &Node, client: &Arc<ClientHandle>, s: SessionSub) {
     s.sub.kill();
     node.remove_subscription(&s.sub.channel, client.seq).await;
+    if s.presence_maps {
+        node.presence_maps_leave(&s.sub.channel, &s.info).await;
+    }
     if s.presence
         && let Err(e) = node
             .presence_store()
