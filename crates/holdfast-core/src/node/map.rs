@@ -186,6 +186,9 @@ pub(super) type PresenceKeys = parking_lot::Mutex<
     std::collections::HashMap<(Arc<str>, Arc<str>), (u32, Option<Arc<ClientInfo>>)>,
 >;
 
+/// (presence channel, key, the client info of a `map_clients` entry).
+type PresenceEntry = (Arc<str>, Arc<str>, Option<Arc<ClientInfo>>);
+
 /// Whether subscriptions of a namespace enter presence maps.
 pub(crate) fn has_presence_maps(o: &ChannelOptions) -> bool {
     !o.map_clients_presence_channel_prefix.is_empty()
@@ -198,7 +201,7 @@ fn presence_entries(
     channel: &str,
     o: &ChannelOptions,
     info: &Arc<ClientInfo>,
-) -> Vec<(Arc<str>, Arc<str>, Option<Arc<ClientInfo>>)> {
+) -> Vec<PresenceEntry> {
     let mut out = Vec::with_capacity(2);
     if !o.map_clients_presence_channel_prefix.is_empty() {
         out.push((
