@@ -6,7 +6,9 @@ publications to the user's personal channel `agents:#<user>` with `cent`. Every 
 user is subscribed to that channel by the server, so a second or fifth browser opened mid-answer
 shows the same conversation (history first, then live), and none can orphan another: the
 backend never holds a WebSocket. An agent that fails is reported in the conversation as an error
-message, and the next question works as usual.
+message, and the next question works as usual. Each agent's live status (state, step, progress,
+last update) is a key of the map channel `status:#<user>`, written with the server API's
+`map_publish`: every browser shows the current state on open and each change after it.
 
 Environment (besides shared.py's): AGENT_STEP (seconds of simulated work per step).
 """
@@ -19,6 +21,7 @@ import sys
 import time
 import uuid
 
+import httpx
 from cent import PublishRequest
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -45,22 +48,44 @@ async def post(user: str, **data) -> None:
     )
 
 
+async def status(user: str, agent: str, **data) -> None:
+    """Sets `agent`'s entry in the user's status map (server API `map_publish`)."""
+    s = app.state.settings
+    async with httpx.AsyncClient(timeout=5) as http:
+        r = await http.post(
+            f"{s.api}/api/map_publish",
+            headers={"X-API-Key": s.api_key},
+            json={"channel": f"status:#{user}", "key": agent, "data": {**data, "at": time.time()}},
+        )
+    r.raise_for_status()
+    if "error" in r.json():
+        raise RuntimeError(f"map_publish: {r.json()['error']}")
+
+
 async def run_agents(user: str, turn: str, text: str) -> None:
     """One answer: each agent's steps, then the answer, or an error message. Never raises."""
+    current = None
     try:
         await post(user, kind="user", turn=turn, text=text)
+        for agent, _ in AGENTS:
+            await status(user, agent, state="waiting", turn=turn, step="", progress=0)
         for agent, steps in AGENTS:
-            for step in steps:
+            current = agent
+            for i, step in enumerate(steps):
+                await status(user, agent, state="working", turn=turn, step=step, progress=i / len(steps))
                 await asyncio.sleep(STEP)  # the agent's (simulated) work
                 if agent == "researcher" and "fail" in text.lower():
                     raise RuntimeError("the source server answered 503")
                 await post(user, kind="progress", turn=turn, agent=agent, text=step)
+            await status(user, agent, state="done", turn=turn, step=steps[-1], progress=1)
         await post(user, kind="answer", turn=turn, text=f"Here is what the agents found about: {text}")
     except asyncio.CancelledError:
         raise
     except Exception as e:  # reported to the user; the conversation goes on
         log.warning("turn %s failed: %s", turn, e)
         try:
+            if current:
+                await status(user, current, state="failed", turn=turn, step=str(e), progress=0)
             await post(user, kind="error", turn=turn, text=f"The agents could not finish: {e}. Ask again.")
         except Exception:
             log.exception("could not report the failure of turn %s", turn)

@@ -482,11 +482,19 @@ test('agents: browsers opened during an answer show the same conversation; error
     await finished(first, 1);
     let conv = await conversation(first);
     assert.deepEqual(conv.map((e) => e.kind), ['user', ...Array(6).fill('progress'), 'answer']);
+    // Each agent's status (a map channel) ends "done" on the page that asked.
+    const statesOf = (page) => page.evaluate(() => Object.fromEntries(Object.entries(window.agentStatus).map(([k, v]) => [k, v.state])));
+    const allDone = { planner: 'done', researcher: 'done', writer: 'done' };
+    await first.waitForFunction(() => ['planner', 'researcher', 'writer'].every((a) => window.agentStatus[a]?.state === 'done'), null, { timeout: 15000 });
+    assert.equal(await first.$$eval('#agents .agent-card[data-state="done"]', (els) => els.length), 3);
 
-    // Two browsers in sequence: the second one opened afterwards shows the same conversation.
+    // Two browsers in sequence: the second one opened afterwards shows the same conversation,
+    // and the agents' status from the map's snapshot.
     const second = await open();
     await finished(second, 1);
     assert.deepEqual(await conversation(second), conv);
+    await second.waitForFunction(() => Object.keys(window.agentStatus).length === 3, null, { timeout: 15000 });
+    assert.deepEqual(await statesOf(second), allDone);
 
     // Browsers opened while an answer streams: one, then three more (five in all).
     await ask(first, 'And what happens to a second browser tab?');
@@ -508,6 +516,11 @@ test('agents: browsers opened during an answer show the same conversation; error
     const failed = (await conversation(first)).at(-1);
     assert.equal(failed.kind, 'error');
     assert.match(failed.text, /could not finish/);
+    // The failing agent's status says so in every browser, live.
+    for (const p of pages) {
+      await p.waitForFunction(() => window.agentStatus.researcher?.state === 'failed', null, { timeout: 15000 });
+      assert.deepEqual(await statesOf(p), { planner: 'done', researcher: 'failed', writer: 'waiting' });
+    }
     await ask(during[2], 'Recovered?');
     await Promise.all(pages.map((p) => finished(p, 4)));
     assert.equal((await conversation(first)).at(-1).kind, 'answer');
