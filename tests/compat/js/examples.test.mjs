@@ -399,6 +399,10 @@ test('interview: both views see every question and answer; refresh and network l
     };
     const waitEntries = (page, n) =>
       page.waitForFunction((n) => document.querySelectorAll('#transcript .entry').length >= n, n, { timeout: 30000 });
+    // Who is in the room (a map_users channel the server keeps), as the page shows it.
+    const present = (page, users) =>
+      page.waitForSelector(`#present[data-users="${users}"]`, { timeout: 20000 });
+    await Promise.all([present(interviewer, 'ann, carl'), present(candidate, 'ann, carl')]);
 
     await say(interviewer, 'Tell me about a production incident you handled.');
     await Promise.all([waitEntries(interviewer, 1), waitEntries(candidate, 1)]);
@@ -417,8 +421,11 @@ test('interview: both views see every question and answer; refresh and network l
     await candidate.waitForSelector('#state:not([data-state="connected"])', { timeout: 15000 });
     await say(interviewer, 'How would you make that impossible?');
     await waitEntries(interviewer, 3);
+    // The candidate has left the room for the interviewer once the entry's key_ttl passed.
+    await present(interviewer, 'ann');
     await ctxC.setOffline(false);
     await waitEntries(candidate, 3);
+    await Promise.all([present(interviewer, 'ann, carl'), present(candidate, 'ann, carl')]);
     await say(candidate, 'Number every message and let clients recover from their position.');
     await Promise.all([waitEntries(interviewer, 4), waitEntries(candidate, 4)]);
 
