@@ -728,3 +728,77 @@ fn presence_prefixes_must_name_presence_namespaces() {
     let errs = c.validate().unwrap_err();
     assert!(errs.iter().any(|e| e.key.ends_with("map.mode")), "{errs:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cleared_map_tells_its_subscribers_to_start_over() {
+    let (node, _) = testing::node(config());
+    put(&node, "pm:c", "a", 1).await;
+    let mut c = user(&node, "u").await;
+    let mut m = Mirror::new("pm:c");
+    m.subscribe(&mut c, 100).await;
+    node.map_clear("pm:c").await.unwrap();
+    let p = c.push().await;
+    assert_eq!(p["unsubscribe"]["code"], 2500, "{p}");
+    // The client resubscribes from its position: the old epoch is refused, it re-syncs.
+    m.subscribe(&mut c, 100).await;
+    assert!(m.synced, "a fresh snapshot");
+    assert!(m.state.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn more_changes_than_a_recovery_read_takes_go_in_stream_pages() {
+    let mut cfg = config();
+    cfg.client.recovery_max_publication_limit = 5;
+    let (node, _) = testing::node(cfg);
+    put(&node, "pm:l", "a", 0).await;
+    let mut c = user(&node, "u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "pm:l", "type": 1, "phase": 2, "flag": 1, "limit": 50}),
+        )
+        .await;
+    assert!(r["subscribe"].get("phase").is_none(), "live at once: {r}");
+    let s = &r["subscribe"];
+    let (offset, epoch) = (s["offset"].as_u64().unwrap(), s["epoch"].clone());
+    c.call("unsubscribe", json!({"channel": "pm:l"})).await;
+    // Ten changes: within a page of 50, beyond what the live step's read takes (5).
+    for n in 0..10 {
+        put(&node, "pm:l", "a", n).await;
+    }
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "pm:l", "type": 1, "phase": 1, "flag": 1, "limit": 50,
+                   "offset": offset, "epoch": epoch, "recover": true}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["phase"], 1, "a stream page, not 112: {r}");
+    assert_eq!(r["subscribe"]["publications"].as_array().unwrap().len(), 10);
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "pm:l", "type": 1, "phase": 1, "flag": 1, "limit": 50,
+                   "offset": offset + 10, "epoch": epoch, "recover": true}),
+        )
+        .await;
+    assert_eq!(r["subscribe"]["recovered"], true, "then live: {r}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tag_filter_on_a_map_subscription_is_refused() {
+    let mut cfg = config();
+    for ns in &mut cfg.channel.namespaces {
+        ns.allow_tags_filter = true;
+    }
+    let (node, _) = testing::node(cfg);
+    let mut c = user(&node, "u").await;
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": "pm:f", "type": 1, "phase": 2,
+                   "tf": {"key": "k", "cmp": "eq", "val": "v"}}),
+        )
+        .await;
+    assert_eq!(code(&r), 107, "{r}");
+}

@@ -426,7 +426,7 @@ impl MapBroker for MemoryMapBroker {
         c.stream = StreamWindow::new(new_epoch(), now, meta.max(retention.meta_ttl));
         // Every subscriber's position is in the old epoch: tell them to start over.
         if let Some(h) = self.handler.get() {
-            h.on_rewind(channel, &c.stream.top());
+            h.check_position(channel, &c.stream.top());
         }
         Ok(())
     }

@@ -29,6 +29,10 @@ fn bad_request(why: &str) -> ErrorReply {
     ErrorReply::new(ErrorReply::BAD_REQUEST.code, format!("bad request: {why}"))
 }
 
+fn binary_for_json() -> ErrorReply {
+    bad_request("the map holds binary values a JSON connection cannot receive")
+}
+
 impl Session {
     pub(super) async fn map_subscribe(&mut self, id: u32, ask: MapAsk) -> Result<(), Disconnect> {
         let Some(settings) = self.node.map_settings_of(&ask.options) else {
@@ -36,15 +40,22 @@ impl Session {
             return Ok(());
         };
         let limit = ask.options.map.page_size(ask.req.limit);
+        // The live step reads the rest of the stream through the recovery read, which takes at
+        // most `client.recovery_max_publication_limit`: more than that left goes in stream pages.
+        let live_limit = limit.min(self.node.config().client.recovery_max_publication_limit) as u64;
         if ask.req.cursor.len() > ask.options.map.max_key_length {
             self.reply_error(id, bad_request("cursor too long"));
             return Ok(());
         }
         let reply = match ask.req.phase {
             SubscribeRequest::PHASE_STATE | SubscribeRequest::PHASE_LIVE => {
-                self.map_state_page(id, ask, &settings, limit).await
+                self.map_state_page(id, ask, &settings, limit, live_limit)
+                    .await
             }
-            SubscribeRequest::PHASE_STREAM => self.map_stream_page(id, ask, &settings, limit).await,
+            SubscribeRequest::PHASE_STREAM => {
+                self.map_stream_page(id, ask, &settings, limit, live_limit)
+                    .await
+            }
             _ => Err(bad_request("unknown map phase")),
         };
         match reply {
@@ -73,6 +84,7 @@ impl Session {
         ask: MapAsk,
         settings: &MapSettings,
         limit: usize,
+        live_limit: u64,
     ) -> Result<Option<SubscribeResult>, ErrorReply> {
         let req = &ask.req;
         let revision = (!req.epoch.is_empty()).then(|| (req.offset, req.epoch.clone()));
@@ -93,6 +105,9 @@ impl Session {
             .read_state(&req.channel, &query, settings)
             .await
             .map_err(engine_error)?;
+        if !sendable(self.client.encoding(), &page.entries) {
+            return Err(binary_for_json());
+        }
         metrics::counter!("holdfast_map_state_pages_total").increment(1);
         let state_page = |cursor: String, state| SubscribeResult {
             sub_type: ask.options.subscription_type.wire(),
@@ -110,7 +125,7 @@ impl Session {
         if top.epoch != page.top.epoch {
             return Err(ErrorReply::UNRECOVERABLE_POSITION);
         }
-        if top.offset.saturating_sub(page.top.offset) > limit as u64 {
+        if top.offset.saturating_sub(page.top.offset) > live_limit {
             // Too much changed while paging: the client reads the stream in pages first.
             return Ok(Some(state_page(String::new(), page.entries.clone())));
         }
@@ -127,6 +142,7 @@ impl Session {
         ask: MapAsk,
         settings: &MapSettings,
         limit: usize,
+        live_limit: u64,
     ) -> Result<Option<SubscribeResult>, ErrorReply> {
         let req = &ask.req;
         if req.epoch.is_empty() {
@@ -137,7 +153,7 @@ impl Session {
         if *top.epoch != *req.epoch || req.offset > top.offset {
             return Err(ErrorReply::UNRECOVERABLE_POSITION);
         }
-        if top.offset - req.offset <= limit as u64 {
+        if top.offset - req.offset <= live_limit {
             let from = (req.offset, req.epoch.clone());
             self.map_go_live(id, ask, from, Vec::new()).await?;
             return Ok(None);
@@ -162,10 +178,7 @@ impl Session {
             return Err(ErrorReply::UNRECOVERABLE_POSITION);
         }
         if !sendable(self.client.encoding(), &page.publications) {
-            return Err(ErrorReply::new(
-                ErrorReply::BAD_REQUEST.code,
-                "bad request: the map holds binary values a JSON connection cannot receive",
-            ));
+            return Err(binary_for_json());
         }
         metrics::counter!("holdfast_map_stream_pages_total").increment(1);
         Ok(Some(SubscribeResult {
@@ -242,10 +255,7 @@ impl Session {
             || !sendable(self.client.encoding(), &state)
         {
             a.abandon().await;
-            return Err(ErrorReply::new(
-                ErrorReply::BAD_REQUEST.code,
-                "bad request: the map holds binary values a JSON connection cannot receive",
-            ));
+            return Err(binary_for_json());
         }
         a.shape_map(sub_type, state, recoverable, req.recover);
         metrics::counter!("holdfast_subscriptions_accepted_total").increment(1);

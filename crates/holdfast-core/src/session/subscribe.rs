@@ -112,6 +112,17 @@ impl Session {
             (s, c) => s.or(c),
         };
         if options.subscription_type.is_map() {
+            if filter.is_some() {
+                // State pages are not filtered: a filtered mirror would not be the map's state.
+                self.reply_error(
+                    id,
+                    ErrorReply::new(
+                        ErrorReply::BAD_REQUEST.code,
+                        "bad request: tag filters are not supported on map subscriptions",
+                    ),
+                );
+                return Ok(());
+            }
             let compact = req.flag & SubscribeRequest::FLAG_CHANNEL_COMPACTION != 0
                 && options.allow_channel_compaction
                 && !no_compaction;

@@ -212,7 +212,7 @@ mod tests {
             "config.json",
             r#"{"client":{"token":{"hmac_secret_key":"secret"},"insecure":true,"allowed_origins":["*"]},
                "http_api":{"key":"k"},"admin":{"enabled":true},"uni_websocket":{"enabled":true},"uni_grpc":{"enabled":true},
-               "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true,"subscription_type":"map"}}}"#,
+               "channel":{"without_namespace":{"presence":true,"history_size":100,"history_ttl":"300s","force_recovery":true,"delta_publish":true,"channel_regex":"^[a-z]+$"}}}"#,
         );
         let l = load(Some(&p), Vec::new(), &[]).expect("load");
         assert_eq!(l.config.client.token.hmac_secret_key, "secret");
@@ -223,7 +223,7 @@ mod tests {
         unknown.sort();
         assert_eq!(
             unknown,
-            ["channel.without_namespace.subscription_type", "uni_grpc"]
+            ["channel.without_namespace.channel_regex", "uni_grpc"]
         );
     }
 
