@@ -8,6 +8,7 @@ pub mod client;
 pub mod cursor_window;
 pub mod fanout;
 pub mod load;
+pub mod map;
 pub mod peers;
 pub mod publish;
 pub mod report;

@@ -5,7 +5,7 @@
 
 use clap::{Parser, Subcommand};
 use holdfast_bench::{
-    abuse, baseline, cursor_window, fanout, load, publish, report, scenario, verify,
+    abuse, baseline, cursor_window, fanout, load, map, publish, report, scenario, verify,
 };
 
 #[derive(Parser, Debug)]
@@ -33,6 +33,9 @@ enum Command {
     CursorWindow(cursor_window::CursorWindowArgs),
     /// Acknowledged publishes per second and publish latency through the server API.
     Publish(publish::PublishArgs),
+    /// A map channel under load: fill, a subscribe storm through the paged state, then
+    /// updates; snapshot time, update latency and memory per key.
+    Map(Box<map::MapArgs>),
     /// Abusive clients (garbage frames, slowloris, never-reading subscribers, reconnect loops)
     /// for soak runs next to `verify`.
     Abuse(abuse::AbuseArgs),
@@ -78,6 +81,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Publish(args) => {
             rt.block_on(publish::run(args))?;
+        }
+        Command::Map(args) => {
+            rt.block_on(map::run(*args))?;
         }
         Command::CursorWindow(args) => {
             rt.block_on(cursor_window::run(args))?;
