@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -107,7 +107,10 @@ pub struct MapReport {
     pub snapshot_storm: Millis,
     /// Subscribers that did not reach the live phase.
     pub failed_subscribers: u64,
-    /// Update latency: from the write's send to its arrival at a subscriber.
+    /// Subscribers whose connection ended before the run did.
+    pub disconnected_subscribers: u64,
+    /// Update latency: from the write's send to its arrival at a subscriber (deliveries that
+    /// arrived within 10 s after the last update only: compare `deliveries_received`).
     pub update_latency: Millis,
     /// Updates written.
     pub updates: u64,
@@ -115,8 +118,20 @@ pub struct MapReport {
     pub deliveries_expected: u64,
     /// Deliveries received.
     pub deliveries_received: u64,
-    /// Deliveries per second received.
+    /// Deliveries per second received while the updates were written.
     pub deliveries_per_second: f64,
+    /// Share of a core the server used while the updates were written (with `--server-pid`).
+    pub server_cpu: Option<f64>,
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn rss(pid: u32) -> Option<u64> {
@@ -208,17 +223,22 @@ async fn read_reply(ws: &mut Ws, id: u32) -> anyhow::Result<Value> {
     }
 }
 
-/// Reads pushes until `stop`, recording each update's latency.
-async fn follow(mut ws: Ws, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) -> Histogram<u64> {
+/// Reads pushes (answering pings) until `stop`, recording each update's latency; the flag says
+/// whether the connection ended before.
+async fn follow(
+    mut ws: Ws,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    received: Arc<AtomicU64>,
+) -> (Histogram<u64>, bool) {
     let mut hist = Histogram::<u64>::new(3).expect("valid histogram");
     loop {
-        let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let Ok(Some(Ok(Message::Text(text)))) = next else {
-            if matches!(next, Ok(None) | Ok(Some(Err(_)))) {
-                break;
+        let next = tokio::select! {
+            m = ws.next() => m,
+            _ = stop.changed() => return (hist, false),
+        };
+        let Some(Ok(Message::Text(text))) = next else {
+            if matches!(next, None | Some(Err(_))) {
+                return (hist, true);
             }
             continue;
         };
@@ -239,7 +259,6 @@ async fn follow(mut ws: Ws, stop: Arc<AtomicBool>, received: Arc<AtomicU64>) -> 
             }
         }
     }
-    hist
 }
 
 /// Runs the benchmark.
@@ -277,44 +296,46 @@ pub async fn run(args: MapArgs) -> anyhow::Result<MapReport> {
     alone.sort();
     let snapshot_alone_ms = alone[2].as_secs_f64() * 1000.0;
     eprintln!("lone snapshot {snapshot_alone_ms:.1} ms in {pages} pages");
-    // The storm.
+    // The storm. Each subscriber follows its pushes (and answers pings) as soon as it is live.
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let received = Arc::new(AtomicU64::new(0));
     let bar = indicatif::ProgressBar::new(args.subscribers as u64);
     let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let mut joins = Vec::with_capacity(args.subscribers);
     for i in 0..args.subscribers {
         let (args, sem, bar) = (args.clone(), sem.clone(), bar.clone());
+        let (stop, received) = (stop_rx.clone(), received.clone());
         joins.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.ok()?;
+            let permit = sem.acquire_owned().await.ok()?;
             let r = subscribe(&args, &format!("sub-{i}")).await;
+            drop(permit);
             bar.inc(1);
-            r.ok()
+            let (ws, took, _) = r.ok()?;
+            Some((took, tokio::spawn(follow(ws, stop, received))))
         }));
     }
     let mut storm = Histogram::<u64>::new(3).expect("valid histogram");
-    let mut live = Vec::new();
+    let mut followers = Vec::new();
     let mut failed = 0u64;
     for j in joins {
         match j.await.ok().flatten() {
-            Some((ws, took, _)) => {
+            Some((took, follower)) => {
                 let _ = storm.record(took.as_micros() as u64);
-                live.push(ws);
+                followers.push(follower);
             }
             None => failed += 1,
         }
     }
     bar.finish_and_clear();
-    eprintln!("{} subscribers live ({failed} failed)", live.len());
+    let n_live = followers.iter().filter(|f| !f.is_finished()).count() as u64;
+    eprintln!("{n_live} subscribers live ({failed} failed)");
     // Updates.
-    let stop = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicU64::new(0));
-    let n_live = live.len() as u64;
-    let followers: Vec<_> = live
-        .into_iter()
-        .map(|ws| tokio::spawn(follow(ws, stop.clone(), received.clone())))
-        .collect();
-    let per_tick = (args.rate / 100).max(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    // One batch every 10 ms (or every 1/rate s below 100 updates/s).
+    let every = Duration::from_secs_f64((1.0 / args.rate.max(1) as f64).max(0.01));
+    let per_tick = ((args.rate as f64 * every.as_secs_f64()).round() as u64).max(1);
+    let mut tick = tokio::time::interval(every);
     let started = Instant::now();
+    let cpu_before = args.server_pid.and_then(cpu_secs);
     let mut updates = 0u64;
     let mut rng = rand::rng();
     while started.elapsed().as_secs_f64() < args.duration {
@@ -330,17 +351,24 @@ pub async fn run(args: MapArgs) -> anyhow::Result<MapReport> {
         updates += per_tick;
     }
     let expected = updates * n_live;
+    let in_window = received.load(Ordering::Relaxed);
+    let window = started.elapsed().as_secs_f64();
+    let server_cpu = match (cpu_before, args.server_pid.and_then(cpu_secs)) {
+        (Some(a), Some(b)) => Some((b - a) / window),
+        _ => None,
+    };
     // Let the last updates arrive (at most 10 s).
     let drain = Instant::now();
     while received.load(Ordering::Relaxed) < expected && drain.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
+    let _ = stop.send(true);
     let mut latency = Histogram::<u64>::new(3).expect("valid histogram");
+    let mut disconnected = 0u64;
     for f in followers {
-        if let Ok(h) = f.await {
+        if let Ok((h, closed)) = f.await {
             let _ = latency.add(&h);
+            disconnected += u64::from(closed);
         }
     }
     let got = received.load(Ordering::Relaxed);
@@ -351,11 +379,13 @@ pub async fn run(args: MapArgs) -> anyhow::Result<MapReport> {
         pages,
         snapshot_storm: Millis::of(&storm),
         failed_subscribers: failed,
+        disconnected_subscribers: disconnected,
         update_latency: Millis::of(&latency),
         updates,
         deliveries_expected: expected,
         deliveries_received: got,
-        deliveries_per_second: got as f64 / elapsed,
+        deliveries_per_second: in_window as f64 / window,
+        server_cpu,
         scenario: args,
     };
     let text = serde_json::to_string_pretty(&report)?;
