@@ -1081,6 +1081,16 @@ pub(crate) async fn apply(state: &AppState, method: &str, payload: &[u8], key: &
             }
             Err(e) => Err(e),
         }
+    } else if method == "map_publish" || method == "map_remove" {
+        match decode::<crate::api_map::MapWriteReq<'_>>(payload, false) {
+            Ok(mut req) => {
+                if req.idempotency_key.is_empty() {
+                    req.idempotency_key = key.to_owned();
+                }
+                crate::api_map::write(state, &req, method == "map_remove").await
+            }
+            Err(e) => Err(e),
+        }
     } else {
         execute_one(state, method, payload, false).await
     };

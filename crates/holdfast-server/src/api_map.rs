@@ -22,7 +22,8 @@ pub(crate) struct MapWriteReq<'a> {
     data: Option<&'a RawValue>,
     b64data: String,
     tags: BTreeMap<String, String>,
-    idempotency_key: String,
+    /// Set by consumers from the source position when the command has none.
+    pub(crate) idempotency_key: String,
     version: u64,
     version_epoch: String,
     key_mode: String,
