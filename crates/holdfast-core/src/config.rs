@@ -464,6 +464,10 @@ fn check_map(o: &ChannelOptions, e: &mut impl FnMut(&str, &str)) {
                     "presence maps need expiring keys: ephemeral or recoverable",
                 );
             }
+            if !m.key_ttl.is_zero() && m.key_ttl < Duration::from_secs(3) {
+                // The node refreshes entries every key_ttl / 3 (at least 1 s).
+                e("map.key_ttl", "at least 3s for presence maps");
+            }
         }
         SubscriptionType::SharedPoll => {
             e(

@@ -802,3 +802,42 @@ async fn a_tag_filter_on_a_map_subscription_is_refused() {
         .await;
     assert_eq!(code(&r), 107, "{r}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn map_channels_are_not_subscribed_at_the_engines_broker() {
+    let (node, engine) = testing::node(config());
+    let mut c = user(&node, "u").await;
+    let mut m = Mirror::new("pm:b");
+    m.subscribe(&mut c, 100).await;
+    let r = c.call("subscribe", json!({"channel": "plain"})).await;
+    assert!(r["subscribe"].is_object(), "{r}");
+    let calls = engine.calls();
+    assert!(
+        calls.contains(&testing::EngineCall::Subscribe("plain".into())),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.contains(&testing::EngineCall::Subscribe("pm:b".into())),
+        "a map channel's publications come from the map broker: {calls:?}"
+    );
+    c.call("unsubscribe", json!({"channel": "pm:b"})).await;
+    assert!(
+        !engine
+            .calls()
+            .contains(&testing::EngineCall::Unsubscribe("pm:b".into()))
+    );
+}
+
+#[test]
+fn presence_map_key_ttl_must_leave_room_for_refreshes() {
+    let mut c = config();
+    c.channel.namespaces.push(ChannelOptions {
+        subscription_type: SubscriptionType::MapUsers,
+        ..map_ns("fast", MapMode::Ephemeral, 2)
+    });
+    let errs = c.validate().unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.key.ends_with("map.key_ttl")),
+        "{errs:?}"
+    );
+}

@@ -694,6 +694,22 @@ async fn map_paging_at_a_revision(b: &dyn super::map::MapBroker) {
         cursor = p.cursor;
     }
     assert_eq!(keys, ["a", "b", "c", "e"], "d changed after the revision");
+    // A page covers `limit` keys, visible or not: at a revision before every write it is empty
+    // but goes on (no read walks the whole map).
+    let early = b
+        .read_state(
+            "m",
+            &StateQuery {
+                limit: 2,
+                revision: Some((0, p1.top.epoch.to_string())),
+                ..Default::default()
+            },
+            &s,
+        )
+        .await
+        .expect("early page");
+    assert!(early.entries.is_empty());
+    assert_eq!(early.cursor, "b", "the cursor is the last key covered");
     let rest = b
         .read_stream(
             "m",

@@ -120,6 +120,9 @@ impl MemoryMapBroker {
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
             shard.retain(|name, ch| {
+                // Only the shard holds it (callers clone it under this shard lock): no write or
+                // read is about to use it, so dropping it cannot lose one.
+                let unused = Arc::strong_count(ch) == 1;
                 let mut c = ch.lock();
                 while let Some((at, key)) = c.expiries.first().cloned() {
                     if at > now {
@@ -145,7 +148,10 @@ impl MemoryMapBroker {
                 }
                 c.idempotent.retain(|_, (_, exp)| *exp > now);
                 c.stream.expire(now);
-                !(c.entries.is_empty() && c.idempotent.is_empty() && now >= c.stream.meta_expire)
+                !(unused
+                    && c.entries.is_empty()
+                    && c.idempotent.is_empty()
+                    && now >= c.stream.meta_expire)
             });
         }
     }
@@ -325,12 +331,15 @@ impl MapBroker for MemoryMapBroker {
         } else {
             Bound::Excluded(query.cursor.clone())
         };
+        // A page covers `limit` keys, visible or not: entries written after the revision are
+        // left out (a page may hold fewer), so no read walks more than a page of keys under
+        // the channel's lock.
         let limit = query.limit.max(1);
         let mut entries = Vec::with_capacity(limit.min(c.entries.len()));
         let mut last = None;
         let mut more = false;
-        for (k, e) in c.entries.range((start, Bound::Unbounded)) {
-            if entries.len() == limit {
+        for (scanned, (k, e)) in c.entries.range((start, Bound::Unbounded)).enumerate() {
+            if scanned == limit {
                 more = true;
                 break;
             }

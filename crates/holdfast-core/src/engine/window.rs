@@ -126,7 +126,7 @@ impl StreamWindow {
             let start = if after < first {
                 0
             } else {
-                (after + 1 - first) as usize
+                usize::try_from(after.saturating_add(1) - first).unwrap_or(usize::MAX)
             };
             self.items
                 .range(start.min(self.items.len())..)
@@ -135,5 +135,37 @@ impl StreamWindow {
                 .collect()
         };
         Ok(HistoryPage { publications, top })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_after_the_largest_offset_is_empty_not_an_overflow() {
+        let now = Instant::now();
+        let mut w = StreamWindow::new("e".into(), now, Duration::from_secs(60));
+        let h = HistoryOptions {
+            size: 10,
+            ttl: Duration::from_secs(60),
+            meta_ttl: Duration::from_secs(60),
+        };
+        w.push(
+            Arc::new(Publication {
+                offset: 1,
+                ..Default::default()
+            }),
+            &h,
+            now,
+        );
+        let q = HistoryQuery {
+            since: Some((u64::MAX, String::new())),
+            limit: None,
+            reverse: false,
+            meta_ttl: Duration::from_secs(60),
+        };
+        let page = w.read(&q, now).expect("read");
+        assert!(page.publications.is_empty());
     }
 }

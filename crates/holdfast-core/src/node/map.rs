@@ -295,8 +295,22 @@ impl Node {
             info,
             ..Default::default()
         };
-        if let Err(e) = self.map_publish(pch, w).await {
-            tracing::warn!(channel = %pch, code = e.code, "presence map write failed");
+        match self.map_publish(pch, w).await {
+            // Another subscription of the user (here or on another node) wrote it: keep it for a
+            // whole key_ttl from now, or it could expire before the next refresh touches it.
+            Ok(out) if out.suppressed.is_some() => {
+                if let Ok((_, settings)) = self.resolve_map(pch)
+                    && let Err(e) = self
+                        .inner
+                        .maps
+                        .touch(pch, &[key.to_owned()], &settings)
+                        .await
+                {
+                    tracing::warn!(channel = %pch, error = %e, "presence map touch failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(channel = %pch, code = e.code, "presence map write failed"),
         }
     }
 

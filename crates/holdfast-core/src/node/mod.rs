@@ -425,6 +425,17 @@ impl Node {
         self.inner.sub_locks.get(channel)
     }
 
+    /// Whether the engine's broker carries a channel's publications: map channels' come from
+    /// the map broker, so the node does not subscribe to them at the broker (whose position
+    /// checks after a reconnect would otherwise judge them by another stream).
+    fn broker_carries(&self, channel: &str) -> bool {
+        !self
+            .inner
+            .rules
+            .resolve(channel)
+            .is_ok_and(|r| r.options.subscription_type.is_map())
+    }
+
     /// Registers a subscription in the hub; the first local subscriber of a channel subscribes
     /// the node at the broker.
     pub(crate) async fn add_subscription(&self, sub: Arc<Subscription>) -> Result<(), EngineError> {
@@ -432,6 +443,7 @@ impl Node {
         let seq = sub.client.seq;
         let _g = self.sub_lock(&channel).lock().await;
         if self.inner.hub.add_subscription(sub)
+            && self.broker_carries(&channel)
             && let Err(e) = self.inner.broker.subscribe(&channel).await
         {
             self.inner.hub.remove_subscription(&channel, seq);
@@ -444,6 +456,7 @@ impl Node {
     pub(crate) async fn remove_subscription(&self, channel: &str, client_seq: u64) {
         let _g = self.sub_lock(channel).lock().await;
         if self.inner.hub.remove_subscription(channel, client_seq)
+            && self.broker_carries(channel)
             && let Err(e) = self.inner.broker.unsubscribe(channel).await
         {
             tracing::warn!(channel, error = %e, "broker unsubscribe failed");

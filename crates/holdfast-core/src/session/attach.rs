@@ -299,7 +299,14 @@ impl Session {
         }
         if (plan.options.history_enabled() || plan.map) && (plan.positioned || plan.recoverable) {
             let max = self.node.config().client.recovery_max_publication_limit;
-            let meta_ttl = self.node.rules().meta_ttl(&plan.options);
+            let meta_ttl = match plan.map {
+                // A map's stream lives as its map settings say.
+                true => self.node.map_settings_of(&plan.options).map_or_else(
+                    || self.node.rules().meta_ttl(&plan.options),
+                    |s| s.stream.meta_ttl,
+                ),
+                false => self.node.rules().meta_ttl(&plan.options),
+            };
             let read = match &plan.recover {
                 Some((offset, epoch)) => {
                     let q = HistoryQuery {
