@@ -134,6 +134,28 @@ for (const [encoding, sdk] of ENCODINGS) {
       await new Promise((r) => setTimeout(r, 20));
     }
   };
+  /** A client on a network the test controls, with its map mirror synced. */
+  const syncedOnNet = async (channel) => {
+    const net = controlledNetwork();
+    const c = make({ websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
+    const m = mirrored(c, channel);
+    m.sub.subscribe();
+    c.connect();
+    await once(m.sub, 'sync');
+    return Object.assign(m, { net, c });
+  };
+  /** Cuts the mirror's network, runs `meanwhile`, brings the network back; resolves with the
+   * subscription's next `event`. */
+  const dropWhile = async (m, event, meanwhile) => {
+    m.net.offline = true;
+    const down = once(m.c, 'connecting');
+    m.net.drop();
+    await down;
+    await meanwhile();
+    const back = once(m.sub, event, () => true, 20000);
+    m.net.offline = false;
+    return back;
+  };
   const sortKeys = (o) => Object.fromEntries(Object.entries(o).sort(([a], [b]) => (a < b ? -1 : 1)));
   const feature = (name, fn) =>
     test(`${name} [${encoding}]`, async () => {
@@ -211,22 +233,12 @@ for (const [encoding, sdk] of ENCODINGS) {
     feature('map: recoverable mode catches up from the stream after a network drop', async () => {
       const ch = `state:${uniq('recover')}`;
       for (let i = 0; i < 3; i++) await srv.api('map_publish', { channel: ch, key: `k${i}`, data: { v: i } });
-      const net = controlledNetwork();
-      const c = make({ websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
-      const m = mirrored(c, ch);
-      m.sub.subscribe();
-      c.connect();
-      await once(m.sub, 'sync');
-      net.offline = true;
-      const down = once(c, 'connecting');
-      net.drop();
-      await down;
-      await srv.api('map_publish', { channel: ch, key: 'k0', data: { v: 100 } });
-      await srv.api('map_remove', { channel: ch, key: 'k1' });
-      await srv.api('map_publish', { channel: ch, key: 'k9', data: { v: 9 } });
-      const back = once(m.sub, 'subscribed', () => true, 20000);
-      net.offline = false;
-      const ctx = await back;
+      const m = await syncedOnNet(ch);
+      const ctx = await dropWhile(m, 'subscribed', async () => {
+        await srv.api('map_publish', { channel: ch, key: 'k0', data: { v: 100 } });
+        await srv.api('map_remove', { channel: ch, key: 'k1' });
+        await srv.api('map_publish', { channel: ch, key: 'k9', data: { v: 9 } });
+      });
       assert.equal(ctx.recovered, true, 'caught up from the change stream');
       assert.equal(m.syncs, 1, 'no second snapshot');
       await equalsServer(m, ch, 'mirror after the catch-up');
@@ -235,21 +247,11 @@ for (const [encoding, sdk] of ENCODINGS) {
     feature('map: a client too far behind the stream gets a fresh snapshot', async () => {
       const ch = `state:${uniq('behind')}`;
       await srv.api('map_publish', { channel: ch, key: 'a', data: { v: 0 } });
-      const net = controlledNetwork();
-      const c = make({ websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
-      const m = mirrored(c, ch);
-      m.sub.subscribe();
-      c.connect();
-      await once(m.sub, 'sync');
-      net.offline = true;
-      const down = once(c, 'connecting');
-      net.drop();
-      await down;
-      // More changes than the stream keeps (stream_size = 10).
-      for (let i = 0; i < 25; i++) await srv.api('map_publish', { channel: ch, key: `k${i % 4}`, data: { v: i } });
-      const resynced = once(m.sub, 'sync', () => true, 20000);
-      net.offline = false;
-      await resynced;
+      const m = await syncedOnNet(ch);
+      await dropWhile(m, 'sync', async () => {
+        // More changes than the stream keeps (stream_size = 10).
+        for (let i = 0; i < 25; i++) await srv.api('map_publish', { channel: ch, key: `k${i % 4}`, data: { v: i } });
+      });
       assert.equal(m.syncs, 2, 'a second snapshot');
       await equalsServer(m, ch, 'mirror after the snapshot');
     });
@@ -257,21 +259,11 @@ for (const [encoding, sdk] of ENCODINGS) {
     feature('map: ephemeral mode takes a fresh snapshot after a network drop', async () => {
       const ch = `room:${uniq('who')}`;
       await srv.api('map_publish', { channel: ch, key: 'alice', data: { stage: 'intro' } });
-      const net = controlledNetwork();
-      const c = make({ websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
-      const m = mirrored(c, ch);
-      m.sub.subscribe();
-      c.connect();
-      await once(m.sub, 'sync');
-      net.offline = true;
-      const down = once(c, 'connecting');
-      net.drop();
-      await down;
-      await srv.api('map_publish', { channel: ch, key: 'bob', data: { stage: 'coding' } });
-      await srv.api('map_remove', { channel: ch, key: 'alice' });
-      const resynced = once(m.sub, 'sync', () => true, 20000);
-      net.offline = false;
-      await resynced;
+      const m = await syncedOnNet(ch);
+      await dropWhile(m, 'sync', async () => {
+        await srv.api('map_publish', { channel: ch, key: 'bob', data: { stage: 'coding' } });
+        await srv.api('map_remove', { channel: ch, key: 'alice' });
+      });
       assert.deepEqual(m.state, { bob: { stage: 'coding' } });
       await equalsServer(m, ch, 'mirror after the snapshot');
     });
