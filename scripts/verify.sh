@@ -58,6 +58,16 @@ free_port > "$state/port0"
 free_port > "$state/port1"
 port="$(cat "$state/port0")"
 cleanup() {
+  local rc=$?
+  # A failed run shows what the servers said: the verifier's error alone rarely says why.
+  if [ "$rc" -ne 0 ]; then
+    for n in 0 1; do
+      if [ -s "$state/server$n.log" ]; then
+        echo "--- last lines of holdfast node $n's log" >&2
+        tail -n 40 "$state/server$n.log" >&2
+      fi
+    done
+  fi
   stop_server KILL 0
   stop_server KILL 1
   for f in "$state"/redis*.pid "$state"/sentinel.pid; do

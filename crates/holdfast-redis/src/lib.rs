@@ -19,6 +19,7 @@
 mod codec;
 mod config;
 mod keys;
+mod map;
 mod pubsub;
 mod scripts;
 mod sentinel;
@@ -27,6 +28,7 @@ pub(crate) use config::Target;
 use config::parse_address;
 pub use config::{RedisConfig, RedisTlsConfig};
 use keys::Keys;
+pub use map::RedisMapBroker;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -47,10 +49,7 @@ use std::time::Duration;
 #[derive(Clone)]
 enum Conn {
     Single(redis::aio::ConnectionManager),
-    /// With the longest a command may take, retries and slot refreshes included: a command
-    /// parked by the cluster client while a shard fails over is cut there instead of waiting
-    /// for ever (seen under a master kill: subscribes hung until shutdown).
-    Cluster(redis::cluster_async::ClusterConnection, Duration),
+    Cluster(Arc<ClusterCmd>),
     Sentinel(Arc<sentinel::SentinelConn>),
 }
 
@@ -61,17 +60,74 @@ fn timed_out() -> redis::RedisError {
     ))
 }
 
+/// A cluster command connection with the longest a command may take, retries and slot
+/// refreshes included: a command parked by the cluster client while a shard fails over is cut
+/// there instead of waiting for ever (seen under a master kill: subscribes hung until
+/// shutdown). A command cut so replaces the connection with a fresh one: after a master kill
+/// the client was seen to park every later command of that connection for good (both nodes
+/// of a failover run, 90 s, while newly made connections worked).
+pub(crate) struct ClusterCmd {
+    client: redis::cluster::ClusterClient,
+    config: redis::cluster::ClusterConfig,
+    limit: Duration,
+    /// The connection and its generation.
+    current: Mutex<(redis::cluster_async::ClusterConnection, u64)>,
+}
+
+impl ClusterCmd {
+    fn new(
+        client: redis::cluster::ClusterClient,
+        config: redis::cluster::ClusterConfig,
+        limit: Duration,
+    ) -> Self {
+        let conn = client.get_pending_async_connection_with_config(config.clone());
+        Self {
+            client,
+            config,
+            limit,
+            current: Mutex::new((conn, 0)),
+        }
+    }
+
+    fn get(&self) -> (redis::cluster_async::ClusterConnection, u64) {
+        self.current.lock().clone()
+    }
+
+    /// Replaces generation `gen` (a command on it timed out); a later generation is kept.
+    fn replace(&self, gen_: u64) {
+        let mut cur = self.current.lock();
+        if cur.1 == gen_ {
+            tracing::warn!("redis cluster command timed out: replacing the connection");
+            metrics::counter!("holdfast_redis_cluster_reconnects_total").increment(1);
+            *cur = (
+                self.client
+                    .get_pending_async_connection_with_config(self.config.clone()),
+                gen_ + 1,
+            );
+        }
+    }
+
+    async fn run<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut redis::cluster_async::ClusterConnection) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        let (mut c, gen_) = self.get();
+        match tokio::time::timeout(self.limit, f(&mut c)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.replace(gen_);
+                Err(timed_out())
+            }
+        }
+    }
+}
+
 impl redis::aio::ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c, limit) => {
-                let limit = *limit;
-                Box::pin(async move {
-                    tokio::time::timeout(limit, c.req_packed_command(cmd))
-                        .await
-                        .unwrap_or_else(|_| Err(timed_out()))
-                })
+            Conn::Cluster(c) => {
+                Box::pin(async move { c.run(async |c| c.req_packed_command(cmd).await).await })
             }
             Conn::Sentinel(c) => Box::pin(async move { c.command(cmd).await }),
         }
@@ -84,21 +140,17 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c, limit) => {
-                let limit = *limit;
-                Box::pin(async move {
-                    tokio::time::timeout(limit, c.req_packed_commands(pipeline, offset, count))
-                        .await
-                        .unwrap_or_else(|_| Err(timed_out()))
-                })
-            }
+            Conn::Cluster(c) => Box::pin(async move {
+                c.run(async |c| c.req_packed_commands(pipeline, offset, count).await)
+                    .await
+            }),
             Conn::Sentinel(c) => Box::pin(async move { c.commands(pipeline, offset, count).await }),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c, _) => c.get_db(),
+            Conn::Cluster(c) => c.get().0.get_db(),
             Conn::Sentinel(c) => c.db(),
         }
     }
@@ -340,10 +392,11 @@ impl RedisEngine {
                     let cc = redis::cluster::ClusterConfig::new()
                         .set_connection_timeout(cfg.connect_timeout)
                         .set_response_timeout(cfg.command_timeout);
-                    Conn::Cluster(
-                        client.get_pending_async_connection_with_config(cc),
+                    Conn::Cluster(Arc::new(ClusterCmd::new(
+                        (**client).clone(),
+                        cc,
                         cfg.connect_timeout + 3 * cfg.command_timeout,
-                    )
+                    )))
                 }
             });
         }
