@@ -34,6 +34,12 @@ struct StoredPub {
     /// The publisher allows a delta (other nodes' fan-out needs it too).
     #[prost(bool, tag = "6")]
     use_delta: bool,
+    /// A map write's key (map channels only).
+    #[prost(string, tag = "7")]
+    key: String,
+    /// A map write removed its key (the map scripts build removals with tags 4, 7 and 8).
+    #[prost(bool, tag = "8")]
+    removed: bool,
 }
 
 fn stored_info(i: &ClientInfo) -> StoredInfo {
@@ -63,6 +69,8 @@ pub(crate) fn encode_pub(p: &Publication) -> Vec<u8> {
         time: p.time,
         binary: p.binary,
         use_delta: p.use_delta,
+        key: p.key.clone(),
+        removed: p.removed,
     }
     .encode_to_vec()
 }
@@ -79,9 +87,8 @@ pub(crate) fn decode_pub(buf: &[u8], offset: u64) -> Result<Publication, prost::
         binary: s.binary,
         delta: false,
         use_delta: s.use_delta,
-        // Map entries live in the map broker, not in channel history.
-        key: String::new(),
-        removed: false,
+        key: s.key,
+        removed: s.removed,
     })
 }
 
@@ -102,9 +109,12 @@ pub(crate) enum Wire<'a> {
     Pub(u64, &'a str, &'a [u8]),
     Join(&'a [u8]),
     Leave(&'a [u8]),
+    /// The channel's stream is now at (offset, epoch): subscribers elsewhere must recover
+    /// (a map channel was cleared).
+    Check(u64, &'a str),
 }
 
-/// Parses `p<offset>:<epoch>:<payload>`, `j<info>` or `l<info>`.
+/// Parses `p<offset>:<epoch>:<payload>`, `c<offset>:<epoch>`, `j<info>` or `l<info>`.
 pub(crate) fn parse_wire(msg: &[u8]) -> Option<Wire<'_>> {
     let (&kind, rest) = msg.split_first()?;
     match kind {
@@ -115,6 +125,12 @@ pub(crate) fn parse_wire(msg: &[u8]) -> Option<Wire<'_>> {
             let c2 = rest.iter().position(|&b| b == b':')?;
             let epoch = std::str::from_utf8(&rest[..c2]).ok()?;
             Some(Wire::Pub(offset, epoch, &rest[c2 + 1..]))
+        }
+        b'c' => {
+            let c1 = rest.iter().position(|&b| b == b':')?;
+            let offset: u64 = std::str::from_utf8(&rest[..c1]).ok()?.parse().ok()?;
+            let epoch = std::str::from_utf8(&rest[c1 + 1..]).ok()?;
+            Some(Wire::Check(offset, epoch))
         }
         b'j' => Some(Wire::Join(rest)),
         b'l' => Some(Wire::Leave(rest)),
@@ -165,6 +181,12 @@ mod tests {
         };
         let enc = encode_pub(&p);
         assert_eq!(decode_pub(&enc, 9).unwrap(), p);
+        let entry = Publication {
+            key: "k\u{e9}y".into(),
+            data: Bytes::from_static(b"1"),
+            ..p.clone()
+        };
+        assert_eq!(decode_pub(&encode_pub(&entry), 9).unwrap(), entry);
     }
 
     #[test]
@@ -179,6 +201,8 @@ mod tests {
             Some(Wire::Pub(0, "", b"a:b"))
         );
         assert_eq!(parse_wire(b"jabc"), Some(Wire::Join(b"abc")));
+        assert_eq!(parse_wire(b"c0:xyz"), Some(Wire::Check(0, "xyz")));
+        assert_eq!(parse_wire(b"cx:xyz"), None);
         assert_eq!(parse_wire(b"lx"), Some(Wire::Leave(b"x")));
         assert_eq!(parse_wire(b""), None);
         assert_eq!(parse_wire(b"px:e:"), None);

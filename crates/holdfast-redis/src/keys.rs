@@ -84,6 +84,29 @@ impl Keys {
             user.len()
         )
     }
+    /// A map channel's keys, in the order the map scripts take them (see `scripts::map_lib`):
+    /// stream, meta, state, key order, key expiries, versions, the partition's expiring set.
+    pub(crate) fn map(&self, ch: &str) -> [String; 7] {
+        [
+            self.stream(ch),
+            self.meta(ch),
+            self.key("ms", ch),
+            self.key("mo", ch),
+            self.key("mx", ch),
+            self.key("mv", ch),
+            self.map_expiring(self.partition(ch)),
+        ]
+    }
+    /// A partition's map channels with expiring keys (channel → earliest expiry).
+    pub(crate) fn map_expiring(&self, partition: u32) -> String {
+        format!("{}:{{{partition}}}:mexp", self.prefix)
+    }
+    pub(crate) fn partitions(&self) -> u32 {
+        self.partitions
+    }
+    pub(crate) fn instances(&self) -> usize {
+        self.instances.max(1)
+    }
     pub(crate) fn control(&self) -> &str {
         &self.control
     }

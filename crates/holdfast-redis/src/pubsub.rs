@@ -488,6 +488,14 @@ fn dispatch(shared: &Shared, p: PushInfo, seen: &Seen) {
             };
             handler.on_publication(channel, &publication, &epoch);
         }
+        Some(Wire::Check(offset, epoch)) => {
+            let top = StreamTop {
+                offset,
+                epoch: Arc::from(epoch),
+            };
+            seen.lock().remove(channel);
+            handler.check_position(channel, &top);
+        }
         Some(Wire::Join(info)) | Some(Wire::Leave(info)) => {
             let join = msg.first() == Some(&b'j');
             match codec::decode_info(info) {

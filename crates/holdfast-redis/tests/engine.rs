@@ -9,12 +9,13 @@ mod redis_server;
 
 use bytes::Bytes;
 use holdfast_core::engine::conformance::{self};
+use holdfast_core::engine::map::{MapBroker, MapWrite, StateQuery};
 use holdfast_core::engine::{
     Broker, BrokerHandler, Engine, EngineError, HistoryOptions, HistoryQuery, PresenceStore,
     PublishOptions, StreamTop,
 };
 use holdfast_protocol::{ClientInfo, Publication};
-use holdfast_redis::{RedisConfig, RedisEngine};
+use holdfast_redis::{RedisConfig, RedisEngine, RedisMapBroker};
 use parking_lot::Mutex;
 use redis_server::{RedisCluster, RedisServer, raw};
 use std::sync::Arc;
@@ -440,4 +441,147 @@ async fn history_reads_fail_clearly_while_down_and_work_after() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "history works again after Redis returns");
+}
+
+// ---- The Redis map broker -------------------------------------------------------------------
+
+async fn map_broker(cfg: RedisConfig) -> Arc<dyn MapBroker> {
+    RedisMapBroker::new(engine(cfg).await)
+}
+
+fn map_put(key: &str, v: &str) -> MapWrite {
+    MapWrite {
+        key: key.into(),
+        data: Bytes::from(v.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn state_query() -> StateQuery {
+    StateQuery {
+        limit: 100,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_conformance_one_instance() {
+    let r = RedisServer::start();
+    let url = r.url();
+    conformance::run_map(|| map_broker(config(vec![url.clone()]))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_conformance_sharded_over_two_instances() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let urls = vec![a.url(), b.url()];
+    conformance::run_map(|| map_broker(config(urls.clone()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_conformance_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    conformance::run_map(|| map_broker(config(vec![url.clone()]))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_map_and_its_expiry() {
+    let r = RedisServer::start();
+    let cfg = config(vec![r.url()]);
+    let (a, b) = (map_broker(cfg.clone()).await, map_broker(cfg).await);
+    let rec = Rec::new();
+    a.set_handler(Rec::new());
+    b.set_handler(rec.clone());
+    b.subscribe("room").await.expect("subscribe");
+    let s = conformance::map_settings(Some(Duration::from_secs(2)));
+    let w = a
+        .publish("room", map_put("alice", "here"), &s)
+        .await
+        .expect("publish");
+    assert_eq!(w.position.offset, 1);
+    rec.wait("the write reaches the other node", |_| {
+        rec.pubs("room") == [1]
+    })
+    .await;
+    let page = b
+        .read_state("room", &state_query(), &s)
+        .await
+        .expect("state");
+    assert_eq!(page.top, w.position, "one stream, one position");
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(
+        (&*page.entries[0].key, &page.entries[0].data[..]),
+        ("alice", &b"here"[..])
+    );
+    // Some node's sweeper removes the key at its TTL; the removal reaches the subscriber.
+    rec.wait("the expiry's removal delivered", |_| {
+        rec.pubs("room") == [1, 2]
+    })
+    .await;
+    for m in [&a, &b] {
+        assert_eq!(m.num_keys("room").await.expect("keys"), 0);
+    }
+    let stream = b
+        .read_stream(
+            "room",
+            &HistoryQuery {
+                since: Some((1, w.position.epoch.to_string())),
+                limit: None,
+                reverse: false,
+                meta_ttl: Duration::from_secs(60),
+            },
+        )
+        .await
+        .expect("stream");
+    assert_eq!(stream.publications.len(), 1, "one removal, swept once");
+    assert!(stream.publications[0].removed && stream.publications[0].key == "alice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_state_survives_a_persistent_redis_restart_and_a_lost_one_is_told() {
+    let s = conformance::map_settings(None);
+    // With an append-only file, a kill -9 and restart keeps the state and its epoch.
+    let mut r = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let m = map_broker(config(vec![r.url()])).await;
+    m.set_handler(Rec::new());
+    let w = m
+        .publish("p", map_put("k", "v"), &s)
+        .await
+        .expect("publish");
+    r.kill();
+    r.restart();
+    let page = loop {
+        match m.read_state("p", &state_query(), &s).await {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(page.top, w.position, "same epoch, same offset");
+    assert_eq!(page.entries.len(), 1);
+    // Without persistence the state is gone: a subscriber is told (the position check after
+    // the pub/sub reconnect), and the channel starts over under a new epoch.
+    let mut r = RedisServer::start();
+    let m = map_broker(config(vec![r.url()])).await;
+    let rec = Rec::new();
+    m.set_handler(rec.clone());
+    m.subscribe("p").await.expect("subscribe");
+    let w = m
+        .publish("p", map_put("k", "v"), &s)
+        .await
+        .expect("publish");
+    rec.wait("first write", |_| rec.pubs("p") == [1]).await;
+    r.kill();
+    r.restart();
+    rec.wait("subscribers checked after the restart", |ev| {
+        ev.iter()
+            .any(|x| matches!(x, Ev::Check(c, 0, ep) if c == "p" && ep.is_empty()))
+    })
+    .await;
+    let page = m.read_state("p", &state_query(), &s).await.expect("state");
+    assert!(page.entries.is_empty());
+    assert_ne!(
+        page.top.epoch, w.position.epoch,
+        "a new epoch: never a stale state"
+    );
 }

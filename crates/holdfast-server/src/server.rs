@@ -148,14 +148,31 @@ const ENGINE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens the configured engine (replaying the disk engine's log).
 pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
-    use crate::config::{DiskDurability, EngineKind};
+    let mut engine = open_stream_engine(config)?;
+    if let Some(cfg) = config.map_broker.own_redis(&config.engine) {
+        tracing::info!(addresses = ?cfg.addresses, prefix = %cfg.prefix, "redis map broker");
+        let redis = holdfast_redis::RedisEngine::new(cfg.clone()).map_err(anyhow::Error::msg)?;
+        engine.maps = holdfast_redis::RedisMapBroker::new(redis);
+    }
+    Ok(engine)
+}
+
+fn open_stream_engine(config: &Config) -> anyhow::Result<Engine> {
+    use crate::config::{DiskDurability, EngineKind, MapBrokerKind};
     match config.engine.kind {
         EngineKind::Memory => Ok(Engine::from_one(MemoryEngine::new())),
         EngineKind::Redis => {
             let cfg = config.engine.redis.clone();
             tracing::info!(addresses = ?cfg.addresses, prefix = %cfg.prefix, "redis engine");
             let engine = holdfast_redis::RedisEngine::new(cfg).map_err(anyhow::Error::msg)?;
-            Ok(Engine::from_one(engine))
+            let mut e = Engine::from_one(engine.clone());
+            if config.map_broker.kind != MapBrokerKind::Memory
+                && config.map_broker.own_redis(&config.engine).is_none()
+            {
+                tracing::info!("redis map broker over the engine's connections");
+                e.maps = holdfast_redis::RedisMapBroker::new(engine);
+            }
+            Ok(e)
         }
         EngineKind::Disk => {
             let d = &config.engine.disk;

@@ -85,6 +85,11 @@ impl Drop for Node {
 }
 
 fn write_config(dir: &Path, addresses: &[String], prefix: &str) -> PathBuf {
+    write_config_with(dir, addresses, prefix, "")
+}
+
+/// [`write_config`] with more TOML after it (namespaces).
+fn write_config_with(dir: &Path, addresses: &[String], prefix: &str, extra: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let p = dir.join("config.toml");
     let addrs: Vec<String> = addresses.iter().map(|a| format!("{a:?}")).collect();
@@ -118,6 +123,7 @@ join_leave = true
 force_push_join_leave = true
 allow_subscribe_for_client = true
 allow_presence_for_subscriber = true
+{extra}
 "#,
             addrs.join(", ")
         ),
@@ -247,6 +253,96 @@ async fn two_nodes_share_publications_presence_and_api_commands() {
         assert!(tokio::time::Instant::now() < deadline, "info: {info}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+const MAP_NAMESPACES: &str = r#"
+[[channel.namespaces]]
+name = "board"
+subscription_type = "map"
+allow_subscribe_for_client = true
+[channel.namespaces.map]
+mode = "persistent"
+
+[[channel.namespaces]]
+name = "lobby"
+allow_subscribe_for_client = true
+map_users_presence_channel_prefix = "here:"
+
+[[channel.namespaces]]
+name = "here"
+subscription_type = "map_users"
+allow_subscribe_for_client = true
+[channel.namespaces.map]
+mode = "ephemeral"
+key_ttl = "3s"
+"#;
+
+/// Subscribes `c` to a map channel (type 1 map, 3 map_users) and returns the state's keys.
+async fn map_subscribe(c: &mut TestClient, channel: &str, sub_type: u64) -> Vec<String> {
+    let r = c
+        .call(
+            "subscribe",
+            json!({"channel": channel, "type": sub_type, "phase": 2}),
+        )
+        .await;
+    let s = &r["subscribe"];
+    assert!(s.is_object() && s.get("phase").is_none(), "{r}");
+    s["state"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["key"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_map_state_and_presence_and_it_outlives_a_node() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let redis = RedisServer::start();
+    let cfg = write_config_with(&test_dir("maps"), &[redis.url()], "maps", MAP_NAMESPACES);
+    let (a, b) = (start_node(&cfg).await, start_node(&cfg).await);
+    let put = |key: &str, n: u64| json!({"channel": "board:1", "key": key, "data": {"n": n}});
+    let r = a.api("map_publish", put("k1", 1)).await;
+    assert!(r.get("error").is_none(), "{r}");
+    // Written through a, read on b: one state in Redis (the map broker follows the engine).
+    let mut cb = client(&b, "ub").await;
+    assert_eq!(map_subscribe(&mut cb, "board:1", 1).await, ["k1"]);
+    let r = a.api("map_publish", put("k2", 2)).await;
+    assert!(r.get("error").is_none(), "{r}");
+    let p = cb.push().await;
+    assert_eq!(
+        (&p["pub"]["key"], &p["pub"]["data"]["n"]),
+        (&json!("k2"), &json!(2)),
+        "{p}"
+    );
+    // Presence: a user in a's lobby is an entry of the here: map b's client watches.
+    let mut watcher = client(&b, "watcher").await;
+    assert!(
+        map_subscribe(&mut watcher, "here:lobby:1", 3)
+            .await
+            .is_empty()
+    );
+    let mut ca = client(&a, "ua").await;
+    let r = ca.call("subscribe", json!({"channel": "lobby:1"})).await;
+    assert!(r.get("subscribe").is_some(), "{r}");
+    let p = watcher.push().await;
+    assert_eq!(p["pub"]["key"], "ua", "{p}");
+    // The state lives in Redis, not in a node: a restarted node serves it whole.
+    let mut a = a;
+    a.terminate();
+    let a = start_node(&cfg).await;
+    let mut fresh = client(&a, "late").await;
+    assert_eq!(map_subscribe(&mut fresh, "board:1", 1).await, ["k1", "k2"]);
+    // ua's connection went with the old a: its entry expires by key_ttl and b's watcher sees
+    // the removal (swept by whichever node comes first).
+    let p = watcher.push().await;
+    assert_eq!(
+        (&p["pub"]["key"], &p["pub"]["removed"]),
+        (&json!("ua"), &json!(true)),
+        "{p}"
+    );
 }
 
 /// A client on a node that goes away (killed, or shut down with 3001) reconnects to another

@@ -25,6 +25,8 @@ pub enum Event {
     Leave(String, String),
     /// control message
     Control(Bytes),
+    /// channel, epoch: subscribers must be at this position (`check_position`)
+    Check(String, String),
 }
 
 /// A [`BrokerHandler`] that records deliveries.
@@ -57,6 +59,11 @@ impl BrokerHandler for Recorder {
         self.events
             .lock()
             .push(Event::Control(Bytes::copy_from_slice(data)));
+    }
+    fn check_position(&self, channel: &str, top: &StreamTop) {
+        self.events
+            .lock()
+            .push(Event::Check(channel.into(), top.epoch.to_string()));
     }
 }
 
@@ -572,6 +579,7 @@ where
         let b = factory().await;
         let rec = Arc::new(Recorder::default());
         b.set_handler(rec.clone());
+        b.subscribe("m").await.expect("subscribe");
         (b, rec)
     };
     let (b, rec) = fresh().await;
@@ -582,8 +590,8 @@ where
     map_versions_idempotency_and_key_modes(&*b, &rec).await;
     let (b, rec) = fresh().await;
     map_key_ttl(&*b, &rec).await;
-    let (b, _) = fresh().await;
-    map_limits_and_clear(&*b).await;
+    let (b, rec) = fresh().await;
+    map_limits_and_clear(&*b, &rec).await;
 }
 
 async fn map_writes_state_and_stream(b: &dyn super::map::MapBroker, rec: &Recorder) {
@@ -883,7 +891,7 @@ async fn map_key_ttl(b: &dyn super::map::MapBroker, rec: &Recorder) {
     );
 }
 
-async fn map_limits_and_clear(b: &dyn super::map::MapBroker) {
+async fn map_limits_and_clear(b: &dyn super::map::MapBroker, rec: &Recorder) {
     use super::map::StateQuery;
     let mut s = map_settings(None);
     s.max_keys = 2;
@@ -927,4 +935,10 @@ async fn map_limits_and_clear(b: &dyn super::map::MapBroker) {
         after.top.epoch, before.top.epoch,
         "a cleared map starts a new epoch"
     );
+    let epoch = after.top.epoch.to_string();
+    rec.wait_for("subscribers told of the new epoch", |ev| {
+        ev.iter()
+            .any(|e| matches!(e, Event::Check(ch, ep) if ch == "m" && *ep == epoch))
+    })
+    .await;
 }

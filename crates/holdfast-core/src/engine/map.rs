@@ -131,6 +131,17 @@ pub trait MapBroker: Send + Sync + Debug {
     /// Registers the node that receives the writes. Called once before any other method.
     fn set_handler(&self, handler: Arc<dyn BrokerHandler>);
 
+    /// Starts delivering a channel's writes to the handler (the node's first local subscriber
+    /// of it). A broker that delivers every channel's writes has nothing to do.
+    async fn subscribe(&self, _channel: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// Stops delivering a channel's writes (its last local subscriber left).
+    async fn unsubscribe(&self, _channel: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Writes (or removes) one key: appends to the stream, updates the state and delivers.
     async fn publish(
         &self,

@@ -425,15 +425,29 @@ impl Node {
         self.inner.sub_locks.get(channel)
     }
 
-    /// Whether the engine's broker carries a channel's publications: map channels' come from
-    /// the map broker, so the node does not subscribe to them at the broker (whose position
-    /// checks after a reconnect would otherwise judge them by another stream).
-    fn broker_carries(&self, channel: &str) -> bool {
-        !self
-            .inner
+    /// Whether a channel's publications come from the map broker (map channels) rather than
+    /// the engine's broker; the node subscribes to each channel at the one that carries it.
+    fn is_map_channel(&self, channel: &str) -> bool {
+        self.inner
             .rules
             .resolve(channel)
             .is_ok_and(|r| r.options.subscription_type.is_map())
+    }
+
+    async fn broker_subscribe(&self, channel: &str) -> Result<(), EngineError> {
+        if self.is_map_channel(channel) {
+            self.inner.maps.subscribe(channel).await
+        } else {
+            self.inner.broker.subscribe(channel).await
+        }
+    }
+
+    async fn broker_unsubscribe(&self, channel: &str) -> Result<(), EngineError> {
+        if self.is_map_channel(channel) {
+            self.inner.maps.unsubscribe(channel).await
+        } else {
+            self.inner.broker.unsubscribe(channel).await
+        }
     }
 
     /// Registers a subscription in the hub; the first local subscriber of a channel subscribes
@@ -443,8 +457,7 @@ impl Node {
         let seq = sub.client.seq;
         let _g = self.sub_lock(&channel).lock().await;
         if self.inner.hub.add_subscription(sub)
-            && self.broker_carries(&channel)
-            && let Err(e) = self.inner.broker.subscribe(&channel).await
+            && let Err(e) = self.broker_subscribe(&channel).await
         {
             self.inner.hub.remove_subscription(&channel, seq);
             return Err(e);
@@ -456,8 +469,7 @@ impl Node {
     pub(crate) async fn remove_subscription(&self, channel: &str, client_seq: u64) {
         let _g = self.sub_lock(channel).lock().await;
         if self.inner.hub.remove_subscription(channel, client_seq)
-            && self.broker_carries(channel)
-            && let Err(e) = self.inner.broker.unsubscribe(channel).await
+            && let Err(e) = self.broker_unsubscribe(channel).await
         {
             tracing::warn!(channel, error = %e, "broker unsubscribe failed");
         }

@@ -43,6 +43,8 @@ pub struct Config {
     pub http_api: HttpApiConfig,
     /// Engine selection.
     pub engine: EngineConfig,
+    /// Where map channels keep their state (Centrifugo's `map_broker`).
+    pub map_broker: MapBrokerConfig,
     /// Logging.
     pub log: LogConfig,
     /// Graceful shutdown.
@@ -630,6 +632,46 @@ pub struct EngineConfig {
     pub redis: holdfast_redis::RedisConfig,
 }
 
+/// `map_broker.type`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MapBrokerKind {
+    /// Follow the engine: Redis with the Redis engine (every node sees one state), memory
+    /// otherwise.
+    #[default]
+    Engine,
+    /// In this process (one node; lost on restart: clients re-sync under a new epoch).
+    Memory,
+    /// In Redis: shared by every node, kept across restarts of Holdfast.
+    Redis,
+}
+
+/// `map_broker.*`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MapBrokerConfig {
+    /// `engine` (the default), `memory` or `redis`.
+    #[serde(rename = "type")]
+    pub kind: MapBrokerKind,
+    /// The Redis map broker's own connection. Left at its defaults with the Redis engine, the
+    /// map broker shares the engine's connections.
+    pub redis: holdfast_redis::RedisConfig,
+}
+
+impl MapBrokerConfig {
+    /// The Redis settings the map broker connects with, when it does not share the engine's.
+    pub fn own_redis(&self, engine: &EngineConfig) -> Option<&holdfast_redis::RedisConfig> {
+        let redis = match self.kind {
+            MapBrokerKind::Redis => true,
+            MapBrokerKind::Engine => engine.kind == EngineKind::Redis,
+            MapBrokerKind::Memory => false,
+        };
+        let shares = engine.kind == EngineKind::Redis
+            && self.redis == holdfast_redis::RedisConfig::default();
+        (redis && !shares).then_some(&self.redis)
+    }
+}
+
 /// `engine.disk.*`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
@@ -726,6 +768,14 @@ impl Config {
         if self.engine.kind == EngineKind::Redis {
             for (key, problem) in self.engine.redis.validate() {
                 e(key, &problem);
+            }
+        }
+        if let Some(redis) = self.map_broker.own_redis(&self.engine) {
+            for (key, problem) in redis.validate() {
+                e(
+                    &key.replacen("engine.redis", "map_broker.redis", 1),
+                    &problem,
+                );
             }
         }
         if self.engine.kind == EngineKind::Disk && self.engine.disk.path.is_empty() {
