@@ -267,6 +267,47 @@ mod tests {
     }
 
     #[test]
+    fn the_map_broker_follows_the_engine_unless_told() {
+        use crate::config::MapBrokerKind;
+        // Centrifugo's JSON shape; HOLDFAST_MAP_BROKER_TYPE reaches it too.
+        let p = write(
+            "mb.json",
+            r#"{"engine": {"type": "memory"}, "map_broker": {"type": "redis", "redis": {"address": "redis://maps:6379"}}}"#,
+        );
+        let l = load(Some(&p), Vec::new(), &[]).expect("load");
+        assert!(l.unknown.is_empty(), "{:?}", l.unknown);
+        let own = l
+            .config
+            .map_broker
+            .own_redis(&l.config.engine)
+            .expect("own redis");
+        assert_eq!(own.addresses, ["redis://maps:6379"]);
+        let env = vec![("HOLDFAST_MAP_BROKER_TYPE".to_string(), "memory".to_string())];
+        let l = load(None, env, &[]).expect("load");
+        assert_eq!(l.config.map_broker.kind, MapBrokerKind::Memory);
+        // The Redis engine with map_broker left alone: the engine's connections, no other.
+        let env = vec![("HOLDFAST_ENGINE_TYPE".to_string(), "redis".to_string())];
+        let l = load(None, env, &[]).expect("load");
+        assert_eq!(l.config.map_broker.kind, MapBrokerKind::Engine);
+        assert!(l.config.map_broker.own_redis(&l.config.engine).is_none());
+        // A bad address of the map broker's own Redis is named by its own path.
+        let p = write(
+            "mb-bad.toml",
+            "[map_broker]\ntype = \"redis\"\n[map_broker.redis]\naddress = \"mongodb://x\"\n",
+        );
+        let l = load(Some(&p), Vec::new(), &[]).expect("load");
+        let errs = l.config.validate().unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.key.starts_with("map_broker.redis.address")),
+            "{errs:?}"
+        );
+        let p = write("mb-type.toml", "[map_broker]\ntype = \"postgres\"\n");
+        let err = load(Some(&p), Vec::new(), &[]).unwrap_err().to_string();
+        assert!(err.contains("map_broker.type"), "{err}");
+    }
+
+    #[test]
     fn validation_names_history_without_ttl() {
         let p = write("b.toml", "[channel.without_namespace]\nhistory_size = 10\n");
         let c = load(Some(&p), Vec::new(), &[]).expect("load").config;
