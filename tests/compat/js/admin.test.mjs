@@ -14,6 +14,14 @@ const SHOTS = join(ROOT, 'artifacts', 'admin');
 const PASSWORD = 'admin-pass';
 const ADMIN_SECRET = 'admin-secret-0123456789';
 const ADMIN_CONFIG = `${CONFIG}
+[[channel.namespaces]]
+name = "adminmap"
+subscription_type = "map"
+allow_subscribe_for_client = true
+[channel.namespaces.map]
+mode = "recoverable"
+key_ttl = "300s"
+
 [admin]
 enabled = true
 password = "${PASSWORD}"
@@ -284,6 +292,67 @@ describe('admin UI', () => {
     await second;
     assert.deepEqual(got, [{ text: 'from admin' }, { n: 2, list: [1, 'two'] }]);
     await page.locator('#history tbody tr[data-offset="2"]').waitFor();
+  });
+
+  test('map channel page: state paged by key, recent changes, and the write console reaches a map subscriber', async () => {
+    const channel = `adminmap:${uniq('board')}`;
+    const key = (i) => `k${String(i).padStart(2, '0')}`;
+    for (let i = 1; i <= 25; i++) await srv.api('map_publish', { channel, key: key(i), data: { n: i } });
+    const c = connect(srv, 'map-user');
+    const sub = c.newMapSubscription(channel);
+    const mirror = {};
+    sub.on('sync', (ctx) => {
+      for (const e of ctx.entries) mirror[e.key] = e.data;
+    });
+    sub.on('update', (ctx) => {
+      if (ctx.removed) delete mirror[ctx.key];
+      else mirror[ctx.key] = ctx.data;
+    });
+    const synced = once(sub, 'sync');
+    sub.subscribe();
+    c.connect();
+    await synced;
+    await go(`#/channel/${encodeURIComponent(channel)}`, channel);
+    // No stream sections on a map channel: its state instead.
+    await page.locator('#map-state tbody tr[data-key="k01"]').waitFor();
+    assert.equal(await page.locator('#history').count(), 0, 'no history table on a map channel');
+    const rows = page.locator('#map-state tbody tr');
+    assert.equal(await rows.count(), 20, 'a page of 20 keys');
+    assert.match(await page.locator('#map-state tbody tr[data-key="k20"]').textContent(), /"n":20/);
+    await page.locator('#map-stats', { hasText: /^25 keys · page 1 · stream top 25 · epoch \w+$/ }).waitFor();
+    await page.locator('#map-stream tbody tr[data-offset="25"]', { hasText: 'k25' }).waitFor();
+    await page.locator('#map-next').click();
+    await page.locator('#map-state tbody tr[data-key="k25"]').waitFor();
+    assert.equal(await rows.count(), 5, 'the last 5 keys');
+    assert.equal(await page.locator('#map-next').isDisabled(), true, 'no page after the last');
+    await page.locator('#map-first').click();
+    await page.locator('#map-state tbody tr[data-key="k01"]').waitFor();
+    // Set a key from the console: the subscriber's mirror gets it, the page shows it.
+    const updated = once(sub, 'update');
+    await page.locator('#map-key').fill('k03');
+    await page.locator('#map-data').fill('{"n": 300, "by": "admin"}');
+    await page.locator('#map-publish').click();
+    assert.deepEqual((await updated).data, { n: 300, by: 'admin' });
+    await page.locator('#map-result', { hasText: /Set at offset 26\b/ }).waitFor();
+    await page.locator('#map-state tbody tr[data-key="k03"]', { hasText: '"by":"admin"' }).waitFor();
+    await shot(page, 'channel-map');
+    // Bad JSON is refused next to the button; a removal reaches the mirror and the stream.
+    await page.locator('#map-data').fill('{oops');
+    await page.locator('#map-publish').click();
+    await page.locator('#map-result.error', { hasText: /Not valid JSON/ }).waitFor();
+    const removed = once(sub, 'update');
+    await page.locator('#map-key').fill('k04');
+    await page.locator('#map-remove').click();
+    assert.equal((await removed).removed, true);
+    await page.locator('#map-stream tbody tr[data-offset="27"][data-change="removed"]', { hasText: 'k04' }).waitFor();
+    await page.locator('#map-state tbody tr[data-key="k04"]').waitFor({ state: 'detached' });
+    // Removing a key that is not there writes nothing and says so.
+    await page.locator('#map-remove').click();
+    await page.locator('#map-result.error', { hasText: /Nothing written \(key_mode\)/ }).waitFor();
+    const { entries } = await srv.api('map_read_state', { channel, limit: 100 });
+    const server = Object.fromEntries(entries.map((e) => [e.key, e.data]));
+    assert.deepEqual(mirror, server, "the subscriber's mirror is the server's state");
+    assert.equal(Object.keys(server).length, 24);
   });
 
   test('channel page: live trace of publications, subscribes and joins', async () => {

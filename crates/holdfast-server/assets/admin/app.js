@@ -317,7 +317,139 @@
   function pageChannel(channel) {
     if (!channel) throw new Error('no channel name in the address');
     main.append(el('h1', {}, 'Channel ', code(channel)));
+    const body = el('div', { id: 'channel-body' }, el('p', { class: 'muted' }, 'Loading…'));
+    main.append(body);
+    // A map channel (its namespace's subscription_type) answers map_stats; any other 107.
+    api('map_stats', { channel })
+      .then(
+        () => mapChannel(channel, body),
+        (e) => {
+          if (e.code !== 107) throw e;
+          body.replaceChildren();
+          streamChannel(channel, body);
+        },
+      )
+      .catch((e) => body.replaceChildren(el('p', { class: 'error' }, e.message)));
+    main.append(traceSection({ channel }, 'channel'));
+  }
 
+  /** The data of a publication or map entry as text (binary payloads are base64). */
+  const shown = (p) => (p.b64data !== undefined ? 'base64: ' + p.b64data : json(p.data));
+  const writer = (info) => (info && info.user !== undefined ? userLink(info.user) : el('span', { class: 'muted' }, 'API'));
+
+  /** A map channel: its state paged by key, its recent changes, and a console to write keys. */
+  function mapChannel(channel, box) {
+    box.replaceChildren();
+    // State
+    const stats = el('p', { id: 'map-stats', class: 'muted' });
+    const smsg = el('p', { class: 'msg', role: 'status' });
+    const sbox = el('div', { id: 'map-state' });
+    const first = el('button', { id: 'map-first', type: 'button' }, '« First keys');
+    const next = el('button', { id: 'map-next', type: 'button', disabled: true }, 'Next keys ›');
+    const st = { cursor: '', next: '', page: 1 };
+    const sChanged = differ();
+    const loadState = async () => {
+      try {
+        const [s, r] = await Promise.all([api('map_stats', { channel }), api('map_read_state', { channel, cursor: st.cursor, limit: PAGE_SIZE })]);
+        say(smsg, '');
+        stats.textContent = `${num(s.num_keys)} key${s.num_keys === 1 ? '' : 's'} · page ${st.page} · stream top ${r.offset} · epoch ${r.epoch}`;
+        st.next = r.cursor || '';
+        next.disabled = !st.next;
+        const entries = r.entries || [];
+        if (!sChanged(entries)) return;
+        const rows = entries.map((e) => ({
+          data: { key: e.key },
+          cells: [td('mono', e.key), td('data', el('div', {}, shown(e))), td('num mono', String(e.offset)), td('', writer(e.info)), td('mono', (e.info && e.info.client) || '')],
+        }));
+        sbox.replaceChildren(table(['Key', 'Data', ['Offset', 'num'], 'User', 'Client'], rows, st.page === 1 ? 'the map is empty' : 'no more keys'));
+      } catch (e) {
+        sChanged(null);
+        sbox.replaceChildren();
+        sayError(smsg, e);
+      }
+    };
+    first.addEventListener('click', () => {
+      Object.assign(st, { cursor: '', page: 1 });
+      loadState();
+    });
+    next.addEventListener('click', () => {
+      if (!st.next) return;
+      Object.assign(st, { cursor: st.next, page: st.page + 1 });
+      loadState();
+    });
+    box.append(
+      el('section', { class: 'card', 'aria-labelledby': 'h-map-state' },
+        el('h2', { id: 'h-map-state' }, 'Map state'), stats, el('div', { class: 'row' }, first, next), smsg, sbox),
+    );
+    every(3000, loadState);
+
+    // Recent changes (the change stream, newest first)
+    const cmsg = el('p', { class: 'msg', role: 'status' });
+    const cbox = el('div', { id: 'map-stream' });
+    const cChanged = differ();
+    const loadChanges = async () => {
+      try {
+        const r = await api('map_read_stream', { channel, limit: PAGE_SIZE, reverse: true });
+        say(cmsg, '');
+        const pubs = r.entries || [];
+        if (!cChanged(pubs)) return;
+        const rows = pubs.map((p) => ({
+          data: { offset: String(p.offset), change: p.removed ? 'removed' : 'set' },
+          cells: [td('num mono', String(p.offset)), td('mono', p.key), td('', p.removed ? 'removed' : 'set'), td('data', el('div', {}, p.removed ? '' : shown(p))), td('', writer(p.info))],
+        }));
+        cbox.replaceChildren(table([['Offset', 'num'], 'Key', 'Change', 'Data', 'User'], rows, 'no changes in the stream'));
+      } catch (e) {
+        cChanged(null);
+        cbox.replaceChildren();
+        sayError(cmsg, e);
+      }
+    };
+    box.append(el('section', { class: 'card', 'aria-labelledby': 'h-map-stream' }, el('h2', { id: 'h-map-stream' }, 'Recent changes'), cmsg, cbox));
+    every(3000, loadChanges);
+
+    // Write console
+    const key = el('input', { id: 'map-key', type: 'text', spellcheck: 'false', autocomplete: 'off', placeholder: 'key' });
+    const data = el('textarea', { id: 'map-data', spellcheck: 'false', placeholder: '{"status": "running"}' });
+    const set = el('button', { id: 'map-publish', type: 'button', class: 'primary' }, 'Set key');
+    const remove = el('button', { id: 'map-remove', type: 'button' }, 'Remove key');
+    const result = el('output', { id: 'map-result', class: 'msg', for: 'map-key map-data', 'aria-live': 'polite' });
+    const write = async (removed) => {
+      if (!key.value) return say(result, 'A key is needed.', 'error');
+      const params = { channel, key: key.value };
+      if (!removed) {
+        try {
+          params.data = JSON.parse(data.value);
+        } catch (e) {
+          return say(result, 'Not valid JSON: ' + e.message, 'error');
+        }
+      }
+      set.disabled = remove.disabled = true;
+      try {
+        const r = await api(removed ? 'map_remove' : 'map_publish', params);
+        if (r.suppressed) say(result, `Nothing written (${r.suppress_reason || 'suppressed'}).`, 'error');
+        else say(result, `${removed ? 'Removed' : 'Set'} at offset ${r.offset} (epoch ${r.epoch}).`, 'ok');
+        loadState();
+        loadChanges();
+      } catch (e) {
+        sayError(result, e);
+      } finally {
+        set.disabled = remove.disabled = false;
+      }
+    };
+    set.addEventListener('click', () => write(false));
+    remove.addEventListener('click', () => write(true));
+    box.append(
+      el('section', { class: 'card', 'aria-labelledby': 'h-map-write' },
+        el('h2', { id: 'h-map-write' }, 'Write a key'),
+        el('label', { for: 'map-key' }, 'Key'), key,
+        el('label', { for: 'map-data' }, 'Data (JSON)'), data,
+        el('div', { class: 'row' }, set, remove),
+        result),
+    );
+  }
+
+  /** A stream channel: presence, history and the publish console. */
+  function streamChannel(channel, main) {
     // Presence
     const stats = el('p', { id: 'presence-stats', class: 'muted' });
     const pmsg = el('p', { class: 'msg', role: 'status' });
@@ -453,8 +585,6 @@
         el('div', { class: 'row' }, send, el('span', { class: 'muted' }, 'Ctrl+Enter publishes from the text box.')),
         result),
     );
-
-    main.append(traceSection({ channel }, 'channel'));
   }
 
   function pageUser(user) {
