@@ -25,6 +25,10 @@ const SHARDS: usize = 64;
 /// Idempotency results kept per channel (as the memory engine).
 const MAX_IDEMPOTENCY_KEYS_PER_CHANNEL: usize = 100_000;
 
+/// Most keys one sweep removes from one channel (the rest wait for the next second), so a
+/// mass expiry never holds a shard's lock for long.
+const SWEEP_BATCH: usize = 1000;
+
 /// The memory map broker.
 #[derive(Debug)]
 pub struct MemoryMapBroker {
@@ -124,10 +128,12 @@ impl MemoryMapBroker {
                 // read is about to use it, so dropping it cannot lose one.
                 let unused = Arc::strong_count(ch) == 1;
                 let mut c = ch.lock();
+                let mut removed = 0;
                 while let Some((at, key)) = c.expiries.first().cloned() {
-                    if at > now {
+                    if at > now || removed == SWEEP_BATCH {
                         break;
                     }
+                    removed += 1;
                     c.expiries.pop_first();
                     if c.entries.remove(&key).is_none() {
                         continue;
@@ -148,6 +154,7 @@ impl MemoryMapBroker {
                 }
                 c.idempotent.retain(|_, (_, exp)| *exp > now);
                 c.stream.expire(now);
+                // A channel with expiries left for the next sweep is kept for it.
                 !(unused
                     && c.entries.is_empty()
                     && c.idempotent.is_empty()
@@ -449,6 +456,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn map_conformance_suite() {
         conformance::run_map(|| async { MemoryMapBroker::new() as Arc<dyn MapBroker> }).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mass_expiry_is_swept_a_batch_at_a_time() {
+        let b = MemoryMapBroker::new();
+        let s = conformance::map_settings(Some(Duration::from_secs(5)));
+        let s = MapSettings {
+            max_keys: 5000,
+            ..s
+        };
+        for i in 0..2500 {
+            let w = MapWrite {
+                key: format!("k{i}"),
+                data: bytes::Bytes::from_static(b"1"),
+                ..Default::default()
+            };
+            b.publish("m", w, &s).await.expect("publish");
+        }
+        tokio::time::advance(Duration::from_secs(6)).await;
+        b.sweep();
+        assert_eq!(b.num_keys("m").await.expect("keys"), 1500, "one batch");
+        b.sweep();
+        b.sweep();
+        assert_eq!(
+            b.num_keys("m").await.expect("keys"),
+            0,
+            "the rest, a batch a sweep"
+        );
     }
 
     #[tokio::test(start_paused = true)]
