@@ -39,11 +39,27 @@ enum Phase {
         /// Publication, its epoch, and its number in the channel's delta chain.
         buffer: Vec<(Arc<Publication>, Arc<str>, u64)>,
         bytes: usize,
+        /// Position checks that came meanwhile (a broker reconnect, a cleared map channel),
+        /// with their `rewound` flag: applied once the subscription's position is known.
+        checks: Vec<(crate::engine::StreamTop, bool)>,
     },
     /// Deliveries go straight to the outbox.
     Live,
     /// Ended by fan-out (gap) or by the session: deliveries are ignored.
     Dead,
+}
+
+/// Position checks kept per subscribing subscription (the newest).
+const MAX_PENDING_CHECKS: usize = 8;
+
+/// Whether a subscriber at `st` missed something by `top` (or, `rewound`, is past it in the
+/// same epoch, so its newest offsets will name other publications).
+fn behind(st: &SubState, top: &crate::engine::StreamTop, rewound: bool) -> bool {
+    if rewound {
+        *st.epoch == *top.epoch && st.offset > top.offset
+    } else {
+        (!st.epoch.is_empty() && *st.epoch != *top.epoch) || st.offset < top.offset
+    }
 }
 
 #[derive(Debug)]
@@ -151,6 +167,7 @@ impl Subscription {
                 phase: Phase::Subscribing {
                     buffer: Vec::new(),
                     bytes: 0,
+                    checks: Vec::new(),
                 },
                 positioned: false,
                 offset: 0,
@@ -203,17 +220,27 @@ impl Subscription {
         let entry = shard.as_ref().and_then(|s| s.get(&*self.channel));
         let mut chain = entry.map(|e| e.chain.lock());
         let mut st = self.state.lock();
-        let buffer = match std::mem::replace(&mut st.phase, Phase::Live) {
-            Phase::Subscribing { buffer, .. } => buffer,
+        let (buffer, checks) = match std::mem::replace(&mut st.phase, Phase::Live) {
+            Phase::Subscribing { buffer, checks, .. } => (buffer, checks),
             Phase::Dead => {
                 st.phase = Phase::Dead;
                 return GoLive::Dead;
             }
-            Phase::Live => Vec::new(),
+            Phase::Live => (Vec::new(), Vec::new()),
         };
         st.positioned = positioned;
         st.offset = offset;
         st.epoch = epoch.clone();
+        // A check that came while subscribing judges the position the reply gave: one the
+        // stream has left (another epoch, or behind a top the broker vouched for) is a gap.
+        if positioned
+            && checks
+                .iter()
+                .any(|(top, rewound)| behind(&st, top, *rewound))
+        {
+            st.phase = Phase::Dead;
+            return GoLive::Gap;
+        }
         let mut base = None;
         for (p, p_epoch, seq) in buffer {
             if positioned && p.offset > 0 {
@@ -278,13 +305,16 @@ impl Subscription {
     /// with `rewound`, past `top` in the same epoch (its newest offsets will be reused).
     fn check_behind(&self, top: &crate::engine::StreamTop, rewound: bool) {
         let mut st = self.state.lock();
+        if let Phase::Subscribing { checks, .. } = &mut st.phase {
+            // Judged at go_live; a handful is plenty (each is a reconnect or a clear).
+            if checks.len() == MAX_PENDING_CHECKS {
+                checks.remove(0);
+            }
+            checks.push((top.clone(), rewound));
+            return;
+        }
         let live = matches!(st.phase, Phase::Live) && st.positioned;
-        let stale = if rewound {
-            *st.epoch == *top.epoch && st.offset > top.offset
-        } else {
-            (!st.epoch.is_empty() && *st.epoch != *top.epoch) || st.offset < top.offset
-        };
-        if live && stale {
+        if live && behind(&st, top, rewound) {
             st.phase = Phase::Dead;
             drop(st);
             self.lost();
@@ -307,7 +337,7 @@ impl Subscription {
         let mut st = self.state.lock();
         match &mut st.phase {
             Phase::Dead => return,
-            Phase::Subscribing { buffer, bytes } => {
+            Phase::Subscribing { buffer, bytes, .. } => {
                 *bytes += p.data.len() + 64;
                 buffer.push((p.clone(), epoch.clone(), fan.seq));
                 if *bytes > self.max_buffer {

@@ -319,6 +319,7 @@ pub struct RecordingEngine {
     fail_prefix: Mutex<Option<String>>,
     lost: Arc<Mutex<Vec<(String, u64)>>>,
     history_hook: Mutex<Option<HistoryHook>>,
+    handler: Mutex<Option<Arc<dyn BrokerHandler>>>,
 }
 
 impl std::fmt::Debug for RecordingEngine {
@@ -338,7 +339,17 @@ impl RecordingEngine {
             fail_prefix: Mutex::new(None),
             lost: Arc::new(Mutex::new(Vec::new())),
             history_hook: Mutex::new(None),
+            handler: Mutex::new(None),
         })
+    }
+
+    /// Tells the node its broker vouches for `top` in `channel` (as a broker does after a
+    /// reconnect, or when a map channel is cleared).
+    pub fn check_position(&self, channel: &str, top: &StreamTop) {
+        let h = self.handler.lock().clone();
+        if let Some(h) = h {
+            h.check_position(channel, top);
+        }
     }
 
     /// The engine as a node takes it.
@@ -450,6 +461,7 @@ impl BrokerHandler for Lossy {
 #[async_trait]
 impl Broker for RecordingEngine {
     fn set_handler(&self, handler: Arc<dyn BrokerHandler>) {
+        *self.handler.lock() = Some(handler.clone());
         self.inner.set_handler(Arc::new(Lossy {
             lost: self.lost.clone(),
             next: handler,

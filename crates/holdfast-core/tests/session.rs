@@ -6,6 +6,7 @@
 
 use holdfast_core::Node;
 use holdfast_core::config::{ChannelOptions, NodeConfig};
+use holdfast_core::engine::Broker as _;
 use holdfast_core::node::PublishRequest;
 use holdfast_core::testing::{self, EngineCall, Stage, TestClient, token};
 use serde_json::{Value, json};
@@ -331,6 +332,66 @@ async fn recovery_merges_publications_that_arrive_during_the_history_read() {
     engine.on_history(|_, _| None);
     publish(&node, "rec:m", 8).await;
     assert_eq!(offsets(&mut c, "rec:m", 1).await, [8]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_position_check_during_a_subscribe_is_judged_when_it_goes_live() {
+    let (node, engine) = testing::node(config());
+    publish(&node, "rec:chk", 1).await;
+    // After the subscribe's history read, before it goes live, the broker vouches for a top the
+    // reply does not reach (a reconnect found publications that never arrived).
+    let hook_engine = engine.clone();
+    engine.on_history(move |ch, stage| {
+        if ch != "rec:chk" || stage != Stage::After {
+            return None;
+        }
+        let engine = hook_engine.clone();
+        Some(Box::pin(async move {
+            let top = engine
+                .inner
+                .history(
+                    "rec:chk",
+                    &holdfast_core::engine::HistoryQuery {
+                        since: None,
+                        limit: Some(0),
+                        reverse: false,
+                        meta_ttl: Duration::from_secs(60),
+                    },
+                )
+                .await
+                .unwrap()
+                .top;
+            engine.check_position(
+                "rec:chk",
+                &holdfast_core::engine::StreamTop {
+                    offset: top.offset + 3,
+                    epoch: top.epoch,
+                },
+            );
+        }))
+    });
+    let mut c = user(&node, "u").await;
+    let r = c.call("subscribe", json!({"channel": "rec:chk"})).await;
+    assert!(r["subscribe"].is_object(), "{r}");
+    let m = tokio::time::timeout(Duration::from_secs(30), c.next())
+        .await
+        .expect("told to resubscribe at once, not at the next publication");
+    assert_eq!(m["push"]["unsubscribe"]["code"], 2500, "{m}");
+    // A check the reply does reach changes nothing.
+    engine.on_history(|_, _| None);
+    let r = c.call("subscribe", json!({"channel": "rec:chk"})).await;
+    assert!(r["subscribe"].is_object(), "{r}");
+    let top = r["subscribe"]["offset"].as_u64().unwrap();
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    engine.check_position(
+        "rec:chk",
+        &holdfast_core::engine::StreamTop {
+            offset: top,
+            epoch: epoch.into(),
+        },
+    );
+    publish(&node, "rec:chk", 2).await;
+    assert_eq!(offsets(&mut c, "rec:chk", 1).await, [top + 1]);
 }
 
 #[tokio::test(start_paused = true)]
