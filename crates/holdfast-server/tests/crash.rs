@@ -54,11 +54,27 @@ allow_subscribe_for_client = true
     p
 }
 
+/// Starts the server with its log appended to `server.log` beside the config (shown when an
+/// assertion about what the restart found fails).
 async fn start(cfg: &std::path::Path, port: u16) -> Proc {
     Proc {
-        child: spawn_holdfast(cfg, port, WAIT).await,
+        child: spawn_holdfast_logged(cfg, port, WAIT, &server_log(cfg)).await,
         port,
     }
+}
+
+fn server_log(cfg: &std::path::Path) -> std::path::PathBuf {
+    cfg.with_file_name("server.log")
+}
+
+/// The servers' warnings and errors so far.
+fn log_problems(cfg: &std::path::Path) -> String {
+    std::fs::read_to_string(server_log(cfg))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 async fn api_at(port: u16, method: &str, body: Value) -> anyhow::Result<Value> {
@@ -125,7 +141,8 @@ async fn acknowledged_publications_survive_kill_9() {
         assert_eq!(
             epoch.get_or_insert(e.clone()),
             &e,
-            "round {round}: the epoch survives kill -9"
+            "round {round}: the epoch survives kill -9; the servers said:\n{}",
+            log_problems(&cfg)
         );
         let stored: std::collections::HashMap<u64, (u64, u64)> = h["publications"]
             .as_array()

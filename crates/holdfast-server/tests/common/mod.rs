@@ -542,21 +542,52 @@ pub async fn spawn_holdfast(
 }
 
 /// [`spawn_holdfast`] with extra environment variables (fault hooks).
-#[allow(clippy::zombie_processes)]
 pub async fn spawn_holdfast_env(
     cfg: &std::path::Path,
     port: u16,
     wait: Duration,
     env: &[(&str, &str)],
 ) -> std::process::Child {
+    spawn_holdfast_with(cfg, port, wait, env, None).await
+}
+
+/// [`spawn_holdfast`] with its log appended to `log` (for a test to show when it fails).
+#[allow(dead_code)]
+pub async fn spawn_holdfast_logged(
+    cfg: &std::path::Path,
+    port: u16,
+    wait: Duration,
+    log: &std::path::Path,
+) -> std::process::Child {
+    spawn_holdfast_with(cfg, port, wait, &[], Some(log)).await
+}
+
+#[allow(clippy::zombie_processes)]
+async fn spawn_holdfast_with(
+    cfg: &std::path::Path,
+    port: u16,
+    wait: Duration,
+    env: &[(&str, &str)],
+    log: Option<&std::path::Path>,
+) -> std::process::Child {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let stderr = match log {
+        Some(p) => std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap(),
+        ),
+        None => std::process::Stdio::null(),
+    };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
         .args(["serve", "--config"])
         .arg(cfg)
         .args(["--address", "127.0.0.1", "--port", &port.to_string()])
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let deadline = tokio::time::Instant::now() + wait;
