@@ -7,15 +7,32 @@
 #
 #   scripts/bench-map.sh                                   # 10,000 keys, 10,000 subscribers, 1,000 updates/s
 #   SUBSCRIBERS=1000 RATE=100 scripts/bench-map.sh
+#   ENGINE=redis SUBSCRIBERS=1000 RATE=100 scripts/bench-map.sh   # the Redis engine and map broker
+#                                                                 # (redis-server shares core 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keys="${KEYS:-10000}"
 subs="${SUBSCRIBERS:-10000}"
 rate="${RATE:-1000}"
 duration="${DURATION:-10}"
+engine="${ENGINE:-memory}"
 cargo build --release -q --bins
 work="$(mktemp -d -t holdfast-map-XXXX)"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port="$(free_port)"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+engine_toml="type = \"memory\""
+if [ "$engine" = "redis" ]; then
+  rport="$(free_port)"
+  taskset -c 0 redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$work" > "$work/redis.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do redis-cli -p "$rport" ping 2>/dev/null | grep -q PONG && break; sleep 0.05; done
+  engine_toml="type = \"redis\"
+[engine.redis]
+address = \"redis://127.0.0.1:$rport\""
+fi
 cat > "$work/config.toml" <<TOML
 [client]
 queue_max_size = 67108864          # a page of 1,000 keys is ~130 KB; a storm queues several
@@ -27,7 +44,7 @@ hmac_secret_key = "bench-map-secret"
 key = "bench-map-key"
 
 [engine]
-type = "memory"
+$engine_toml
 
 [[channel.namespaces]]
 name = "bench-map"
@@ -41,7 +58,7 @@ TOML
 taskset -c 0 target/release/holdfast serve --config "$work/config.toml" --address 127.0.0.1 \
   --port "$port" > "$work/server.log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+pids+=("$server")
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$port/ready" > /dev/null 2>&1 && break
   sleep 0.1
