@@ -2,13 +2,17 @@
 // JSON and protobuf: the paged snapshot (`sync`), updates and removals (`update`), client writes,
 // key expiry, and after a network drop a catch-up from the change stream (recoverable mode) or a
 // fresh snapshot (ephemeral mode, or a client too far behind). The judge is a mirror kept from the
-// client's own events, compared with the server's `map_read_state`.
+// client's own events, compared with the server's `map_read_state`. Every test runs twice: on
+// one node with the memory map broker, and on two nodes sharing a real redis-server (the Redis
+// map broker): clients on one node, writes through the other's API, and after a network drop
+// the client comes back on the other node.
 import { after, before, describe, test } from 'node:test';
+import { spawn, execFileSync } from 'node:child_process';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import * as jsonSdk from 'centrifuge';
 import * as protoSdk from 'centrifuge/build/protobuf';
-import { API_KEY, Recorder, SECRET, controlledNetwork, once, startServer, token } from './harness.mjs';
+import { API_KEY, Recorder, SECRET, controlledNetwork, freePort, once, startServer, token } from './harness.mjs';
 
 const rec = new Recorder('js-map', 'centrifuge-js (Node)');
 
@@ -18,9 +22,6 @@ hmac_secret_key = "${SECRET}"
 
 [http_api]
 key = "${API_KEY}"
-
-[engine]
-type = "memory"
 
 [channel.without_namespace]
 allow_subscribe_for_client = true
@@ -55,20 +56,47 @@ key_ttl = "60s"
 min_page_size = 1
 `;
 
-let srv;
+/** A redis-server without persistence on a free port: { port, stop() }. */
+async function startRedis() {
+  const port = await freePort();
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const deadline = Date.now() + 10000;
+  for (;;) {
+    try {
+      if (execFileSync('redis-cli', ['-p', String(port), 'ping']).toString().trim() === 'PONG') break;
+    } catch {}
+    if (Date.now() > deadline) throw new Error('redis-server did not start');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    port,
+    stop: () => new Promise((r) => (proc.exitCode !== null ? r() : (proc.once('exit', r), proc.kill('SIGKILL')))),
+  };
+}
+
+// The API node (writes, server state) and the node clients connect to first; one and the same
+// with the memory engine.
+const setups = {
+  memory: { label: '', api: null, client: null },
+  redis: { label: ' (Redis map broker, two nodes)', api: null, client: null, redis: null },
+};
 before(async () => {
-  srv = await startServer(CONFIG);
+  setups.memory.api = setups.memory.client = await startServer(`${CONFIG}\n[engine]\ntype = "memory"\n`);
+  const redis = await startRedis();
+  const cfg = `${CONFIG}\n[engine]\ntype = "redis"\n[engine.redis]\naddress = "redis://127.0.0.1:${redis.port}"\nprefix = "js-map-${process.pid}"\n`;
+  Object.assign(setups.redis, { redis, api: await startServer(cfg), client: await startServer(cfg) });
 });
 after(async () => {
   rec.write();
-  await srv?.stop();
+  await Promise.all([setups.memory.api?.stop(), setups.redis.api?.stop(), setups.redis.client?.stop()]);
+  await setups.redis.redis?.stop();
 });
 
 let n = 0;
 const uniq = (p) => `${p}_${process.pid}_${++n}`;
 
 /** The server's state of a map channel: key → data. */
-async function serverState(channel) {
+async function serverState(srv, channel) {
   const out = {};
   let cursor = '';
   for (;;) {
@@ -93,13 +121,15 @@ const ENCODINGS = [
   ['protobuf', protoSdk],
 ];
 
-for (const [encoding, sdk] of ENCODINGS) {
+for (const [setupName, setup] of Object.entries(setups)) for (const [encoding, sdk] of ENCODINGS) {
   const { Centrifuge } = sdk;
+  // Writes and state reads go to the API node; clients connect to the client node.
+  const srv = { api: (method, body) => setup.api.api(method, body) };
   const toData = (o) => (encoding === 'json' ? o : new TextEncoder().encode(JSON.stringify(o)));
   const fromData = (d) => (encoding === 'json' ? d : JSON.parse(new TextDecoder().decode(d)));
   const clients = [];
   const make = (opts = {}) => {
-    const c = new Centrifuge(srv.ws, {
+    const c = new Centrifuge(setup.client.ws, {
       websocket: WebSocket,
       token: token('42'),
       ...opts,
@@ -128,16 +158,22 @@ for (const [encoding, sdk] of ENCODINGS) {
     let want;
     const deadline = Date.now() + 10000;
     for (;;) {
-      want = await serverState(channel);
+      want = await serverState(srv, channel);
       if (JSON.stringify(sortKeys(m.state)) === JSON.stringify(sortKeys(want))) return;
       if (Date.now() > deadline) assert.deepEqual(m.state, want, what);
       await new Promise((r) => setTimeout(r, 20));
     }
   };
-  /** A client on a network the test controls, with its map mirror synced. */
+  /** A client on a network the test controls, with its map mirror synced. When the network
+   * comes back after a drop it reaches the API node (another node with Redis). */
   const syncedOnNet = async (channel) => {
     const net = controlledNetwork();
-    const c = make({ websocket: net.WebSocket, minReconnectDelay: 50, maxReconnectDelay: 200 });
+    class Redirected extends net.WebSocket {
+      constructor(url, protocols) {
+        super(net.back ? setup.api.ws : url, protocols);
+      }
+    }
+    const c = make({ websocket: Redirected, minReconnectDelay: 50, maxReconnectDelay: 200 });
     const m = mirrored(c, channel);
     m.sub.subscribe();
     c.connect();
@@ -153,24 +189,25 @@ for (const [encoding, sdk] of ENCODINGS) {
     await down;
     await meanwhile();
     const back = once(m.sub, event, () => true, 20000);
+    m.net.back = true;
     m.net.offline = false;
     return back;
   };
   const sortKeys = (o) => Object.fromEntries(Object.entries(o).sort(([a], [b]) => (a < b ? -1 : 1)));
   const feature = (name, fn) =>
-    test(`${name} [${encoding}]`, async () => {
+    test(`${name}${setup.label} [${encoding}]`, async () => {
       try {
         await fn();
-        rec.add(name, encoding, 'pass');
+        rec.add(name + setup.label, encoding, 'pass');
       } catch (e) {
-        rec.add(name, encoding, 'fail');
+        rec.add(name + setup.label, encoding, 'fail');
         throw e;
       } finally {
         for (const c of clients.splice(0)) c.disconnect();
       }
     });
 
-  describe(`map subscriptions, centrifuge-js ${encoding}`, () => {
+  describe(`map subscriptions, centrifuge-js ${encoding}${setup.label}`, () => {
     feature('map: paged snapshot (sync), then updates and removals', async () => {
       const ch = `state:${uniq('board')}`;
       for (let i = 0; i < 7; i++) await srv.api('map_publish', { channel: ch, key: `k${i}`, data: { v: i } });
