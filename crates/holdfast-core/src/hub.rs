@@ -52,13 +52,13 @@ enum Phase {
 /// Position checks kept per subscribing subscription (the newest).
 const MAX_PENDING_CHECKS: usize = 8;
 
-/// Whether a subscriber at `st` missed something by `top` (or, `rewound`, is past it in the
-/// same epoch, so its newest offsets will name other publications).
-fn behind(st: &SubState, top: &crate::engine::StreamTop, rewound: bool) -> bool {
+/// Whether a subscriber at (`offset`, `epoch`) missed something by `top` (or, `rewound`, is
+/// past it in the same epoch, so its newest offsets will name other publications).
+fn behind(offset: u64, epoch: &str, top: &crate::engine::StreamTop, rewound: bool) -> bool {
     if rewound {
-        *st.epoch == *top.epoch && st.offset > top.offset
+        *epoch == *top.epoch && offset > top.offset
     } else {
-        (!st.epoch.is_empty() && *st.epoch != *top.epoch) || st.offset < top.offset
+        (!epoch.is_empty() && *epoch != *top.epoch) || offset < top.offset
     }
 }
 
@@ -231,16 +231,6 @@ impl Subscription {
         st.positioned = positioned;
         st.offset = offset;
         st.epoch = epoch.clone();
-        // A check that came while subscribing judges the position the reply gave: one the
-        // stream has left (another epoch, or behind a top the broker vouched for) is a gap.
-        if positioned
-            && checks
-                .iter()
-                .any(|(top, rewound)| behind(&st, top, *rewound))
-        {
-            st.phase = Phase::Dead;
-            return GoLive::Gap;
-        }
         let mut base = None;
         for (p, p_epoch, seq) in buffer {
             if positioned && p.offset > 0 {
@@ -275,6 +265,18 @@ impl Subscription {
                     return GoLive::Binary;
                 }
             }
+        }
+        // Checks that came while subscribing: a top the broker vouched for that the reply and
+        // the buffered deliveries do not reach, or another epoch, is a gap; a rewind judges the
+        // reply's position (whether the buffered ones came before it cannot be known).
+        if positioned
+            && checks.iter().any(|(top, rewound)| {
+                let at = if *rewound { offset } else { st.offset };
+                behind(at, &st.epoch, top, *rewound)
+            })
+        {
+            st.phase = Phase::Dead;
+            return GoLive::Gap;
         }
         if base.is_none()
             && let (Some(chain), Some(r)) = (chain.as_deref_mut(), recovered)
@@ -314,7 +316,7 @@ impl Subscription {
             return;
         }
         let live = matches!(st.phase, Phase::Live) && st.positioned;
-        if live && behind(&st, top, rewound) {
+        if live && behind(st.offset, &st.epoch, top, rewound) {
             st.phase = Phase::Dead;
             drop(st);
             self.lost();

@@ -334,6 +334,14 @@ async fn recovery_merges_publications_that_arrive_during_the_history_read() {
     assert_eq!(offsets(&mut c, "rec:m", 1).await, [8]);
 }
 
+/// A position-only history read.
+const TOP: holdfast_core::engine::HistoryQuery = holdfast_core::engine::HistoryQuery {
+    since: None,
+    limit: Some(0),
+    reverse: false,
+    meta_ttl: Duration::from_secs(60),
+};
+
 #[tokio::test(start_paused = true)]
 async fn a_position_check_during_a_subscribe_is_judged_when_it_goes_live() {
     let (node, engine) = testing::node(config());
@@ -347,20 +355,7 @@ async fn a_position_check_during_a_subscribe_is_judged_when_it_goes_live() {
         }
         let engine = hook_engine.clone();
         Some(Box::pin(async move {
-            let top = engine
-                .inner
-                .history(
-                    "rec:chk",
-                    &holdfast_core::engine::HistoryQuery {
-                        since: None,
-                        limit: Some(0),
-                        reverse: false,
-                        meta_ttl: Duration::from_secs(60),
-                    },
-                )
-                .await
-                .unwrap()
-                .top;
+            let top = engine.inner.history("rec:chk", &TOP).await.unwrap().top;
             engine.check_position(
                 "rec:chk",
                 &holdfast_core::engine::StreamTop {
@@ -377,6 +372,39 @@ async fn a_position_check_during_a_subscribe_is_judged_when_it_goes_live() {
         .await
         .expect("told to resubscribe at once, not at the next publication");
     assert_eq!(m["push"]["unsubscribe"]["code"], 2500, "{m}");
+    // A check whose top the buffered deliveries reach is no gap: publications that landed
+    // after the read (buffered) and then a check vouching for them.
+    let (hook_engine, hook_node) = (engine.clone(), node.clone());
+    engine.on_history(move |ch, stage| {
+        if ch != "rec:chk" || stage != Stage::After {
+            return None;
+        }
+        let (engine, node) = (hook_engine.clone(), hook_node.clone());
+        Some(Box::pin(async move {
+            for n in 10..12 {
+                publish(&node, "rec:chk", n).await;
+            }
+            let top = engine.inner.history("rec:chk", &TOP).await.unwrap().top;
+            engine.check_position("rec:chk", &top);
+        }))
+    });
+    let r = c.call("subscribe", json!({"channel": "rec:chk"})).await;
+    let from = r["subscribe"]["offset"].as_u64().unwrap();
+    assert_eq!(
+        offsets(&mut c, "rec:chk", 2).await,
+        [from + 1, from + 2],
+        "the buffered ones follow the reply: {r}"
+    );
+    publish(&node, "rec:chk", 12).await;
+    let p = tokio::time::timeout(Duration::from_secs(30), c.push())
+        .await
+        .expect("a push");
+    assert_eq!(
+        p["pub"]["offset"],
+        from + 3,
+        "still live, not unsubscribed: {p}"
+    );
+    c.call("unsubscribe", json!({"channel": "rec:chk"})).await;
     // A check the reply does reach changes nothing.
     engine.on_history(|_, _| None);
     let r = c.call("subscribe", json!({"channel": "rec:chk"})).await;

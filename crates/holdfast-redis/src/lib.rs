@@ -275,15 +275,12 @@ impl Shared {
     }
 }
 
-/// Parses a HISTORY script reply into the position and the entries.
-fn parse_history(v: Value) -> Result<(StreamTop, Vec<Arc<Publication>>), EngineError> {
-    let bad =
-        |what: &str| EngineError::Unavailable(format!("redis: unexpected history reply ({what})"));
-    let Value::Array(items) = v else {
-        return Err(bad("not an array"));
-    };
-    let mut it = items.into_iter();
-    let top = match it.next() {
+/// The `{top, epoch, ...}` head of a script's reply (the rest stays in `it`).
+fn reply_top(
+    it: &mut impl Iterator<Item = Value>,
+    bad: impl Fn(&str) -> EngineError,
+) -> Result<StreamTop, EngineError> {
+    let offset = match it.next() {
         Some(Value::Int(n)) => u64::try_from(n).map_err(|_| bad("negative top"))?,
         _ => return Err(bad("top")),
     };
@@ -293,7 +290,18 @@ fn parse_history(v: Value) -> Result<(StreamTop, Vec<Arc<Publication>>), EngineE
             .into(),
         None => return Err(bad("epoch")),
     };
-    let top = StreamTop { offset: top, epoch };
+    Ok(StreamTop { offset, epoch })
+}
+
+/// Parses a HISTORY script reply into the position and the entries.
+fn parse_history(v: Value) -> Result<(StreamTop, Vec<Arc<Publication>>), EngineError> {
+    let bad =
+        |what: &str| EngineError::Unavailable(format!("redis: unexpected history reply ({what})"));
+    let Value::Array(items) = v else {
+        return Err(bad("not an array"));
+    };
+    let mut it = items.into_iter();
+    let top = reply_top(&mut it, bad)?;
     let mut pubs = Vec::new();
     match it.next() {
         None => {}
@@ -359,6 +367,17 @@ impl RedisEngine {
     /// Builds the engine and starts connecting in the background (see [`RedisEngine::connected`]).
     /// Fails only on invalid settings. Must run inside a Tokio runtime.
     pub fn new(cfg: RedisConfig) -> Result<Arc<Self>, String> {
+        Self::build(cfg, true)
+    }
+
+    /// An engine for a map broker's own Redis ([`RedisMapBroker`]): its pub/sub carries map
+    /// channels only, not the control channel (the node's engine does; hearing it twice would
+    /// apply every control command twice when both share a Redis and prefix).
+    pub fn for_maps(cfg: RedisConfig) -> Result<Arc<Self>, String> {
+        Self::build(cfg, false)
+    }
+
+    fn build(cfg: RedisConfig, control: bool) -> Result<Arc<Self>, String> {
         if let Some((field, msg)) = cfg.validate().into_iter().next() {
             return Err(format!("{field}: {msg}"));
         }
@@ -422,7 +441,9 @@ impl RedisEngine {
             .enumerate()
             .map(|(i, t)| {
                 (0..cfg.pubsub_shards)
-                    .map(|s| pubsub::spawn(shared.clone(), t.clone(), i, i == 0 && s == 0))
+                    .map(|s| {
+                        pubsub::spawn(shared.clone(), t.clone(), i, control && i == 0 && s == 0)
+                    })
                     .collect()
             })
             .collect();

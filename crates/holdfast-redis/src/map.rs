@@ -9,7 +9,7 @@
 //! swept by every node once a second from per-partition sets of channels with expiring keys
 //! (running the same sweep twice removes nothing twice); see `scripts::map_lib`.
 
-use crate::{RedisEngine, Shared, codec, ms, parse_history, scripts, unavailable};
+use crate::{RedisEngine, Shared, codec, ms, parse_history, reply_top, scripts, unavailable};
 use async_trait::async_trait;
 use holdfast_core::engine::map::{
     KeyMode, MapBroker, MapOutcome, MapSettings, MapWrite, StatePage, StateQuery, Suppressed,
@@ -20,6 +20,7 @@ use holdfast_core::engine::{
 use holdfast_protocol::Publication;
 use redis::{FromRedisValue, Script, Value};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ use std::time::Duration;
 const SWEEP_BATCH: usize = 1000;
 /// Most channels one sweep of one partition visits.
 const SWEEP_CHANNELS: usize = 100;
+/// Most partitions (of all instances) one tick visits; the next tick goes on from there.
+const SWEEP_PARTITIONS: usize = 256;
 
 struct MapScripts {
     publish: Script,
@@ -41,6 +44,8 @@ struct MapScripts {
 pub struct RedisMapBroker {
     engine: Arc<RedisEngine>,
     scripts: Arc<MapScripts>,
+    /// Set by the first map call: a node that never serves a map channel never sweeps.
+    active: Arc<AtomicBool>,
     sweeper: tokio::task::JoinHandle<()>,
 }
 
@@ -100,15 +105,25 @@ impl RedisMapBroker {
             expire: Script::new(scripts::MAP_EXPIRE),
             clear: Script::new(scripts::MAP_CLEAR),
         });
-        let sweeper = tokio::spawn(sweep_loop(Arc::downgrade(&engine.shared), scripts.clone()));
+        let active = Arc::new(AtomicBool::new(false));
+        let sweeper = tokio::spawn(sweep_loop(
+            Arc::downgrade(&engine.shared),
+            scripts.clone(),
+            active.clone(),
+        ));
         Arc::new(Self {
             engine,
             scripts,
+            active,
             sweeper,
         })
     }
 
+    /// The engine's connections, marking the broker in use (its sweeper starts).
     fn shared(&self) -> &Shared {
+        if !self.active.load(Ordering::Relaxed) {
+            self.active.store(true, Ordering::Relaxed);
+        }
         &self.engine.shared
     }
 
@@ -121,24 +136,36 @@ impl RedisMapBroker {
     }
 }
 
-/// Sweeps every partition of every instance once a second.
-async fn sweep_loop(shared: Weak<Shared>, scripts: Arc<MapScripts>) {
+/// Once a second, while the node serves map channels, sweeps up to [`SWEEP_PARTITIONS`]
+/// partitions, going on from the last (every partition each second with the default 64).
+async fn sweep_loop(shared: Weak<Shared>, scripts: Arc<MapScripts>, active: Arc<AtomicBool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = 0usize;
     loop {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        sweep(&shared, &scripts).await;
+        if active.load(Ordering::Relaxed) {
+            next = sweep(&shared, &scripts, next).await;
+        }
     }
 }
 
-async fn sweep(shared: &Shared, scripts: &MapScripts) {
+/// Sweeps partitions from number `from` (over all instances); returns where the next sweep
+/// starts.
+async fn sweep(shared: &Shared, scripts: &MapScripts, from: usize) -> usize {
     use futures_util::StreamExt;
     let now = unix_ms();
     let k = &shared.keys;
-    let targets = (0..k.instances()).flat_map(|i| (0..k.partitions()).map(move |p| (i, p)));
+    let parts = k.partitions() as usize;
+    let total = k.instances() * parts;
+    let count = total.min(SWEEP_PARTITIONS);
+    let targets = (0..count).map(|n| {
+        let at = (from + n) % total;
+        (at / parts, (at % parts) as u32)
+    });
     let removed: usize = futures_util::stream::iter(targets)
         .map(|(instance, partition)| async move {
             let mut c = shared.cmds[instance].clone();
@@ -184,13 +211,14 @@ async fn sweep(shared: &Shared, scripts: &MapScripts) {
     if removed > 0 {
         metrics::counter!("holdfast_map_keys_expired_total").increment(removed as u64);
     }
+    (from + count) % total
 }
 
 #[async_trait]
 impl MapBroker for RedisMapBroker {
     fn set_handler(&self, handler: Arc<dyn BrokerHandler>) {
         // The engine's pub/sub delivers map writes; its handler is the node's either way.
-        let _ = self.shared().handler.set(handler);
+        let _ = self.engine.shared.handler.set(handler);
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), EngineError> {
@@ -296,22 +324,13 @@ impl MapBroker for RedisMapBroker {
             return Err(bad("state"));
         };
         let mut it = items.into_iter();
-        let top = match it.next() {
-            Some(Value::Int(n)) => u64::try_from(n).map_err(|_| bad("top"))?,
-            _ => return Err(bad("top")),
-        };
-        let epoch: Arc<str> = it
-            .next()
-            .and_then(|v| String::from_redis_value(v).ok())
-            .ok_or_else(|| bad("epoch"))?
-            .into();
+        let top = reply_top(&mut it, bad)?;
+        match it.next() {
+            Some(Value::Int(1)) => {}
+            Some(Value::Int(0)) => return Err(EngineError::UnrecoverablePosition),
+            _ => return Err(bad("state flag")),
+        }
         let cursor = match it.next() {
-            Some(Value::SimpleString(s)) if s == "position" => {
-                return Err(EngineError::UnrecoverablePosition);
-            }
-            Some(Value::BulkString(b)) if b == b"position" => {
-                return Err(EngineError::UnrecoverablePosition);
-            }
             Some(v) => String::from_redis_value(v).map_err(|_| bad("cursor"))?,
             None => return Err(bad("cursor")),
         };
@@ -322,7 +341,7 @@ impl MapBroker for RedisMapBroker {
                 Value::BulkString(b) => {
                     let p = entry(&b)?;
                     // Written after the revision: the stream after it carries the write.
-                    if p.offset <= top {
+                    if p.offset <= top.offset {
                         entries.push(Arc::new(p));
                     }
                 }
@@ -332,7 +351,7 @@ impl MapBroker for RedisMapBroker {
         Ok(StatePage {
             entries,
             cursor,
-            top: StreamTop { offset: top, epoch },
+            top,
         })
     }
 

@@ -169,10 +169,28 @@ local function fresh(epoch)
   redis.call('del', KEYS[1], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
   redis.call('hset', KEYS[2], 'e', epoch, 's', 0)
 end
+-- A read keeps the channel at least meta_ttl longer: the meta and, with it, the state (never
+-- shortening a life, never giving one to what has none).
 local function extend(meta_ttl)
   if meta_ttl <= 0 then return end
-  local left = redis.call('pttl', KEYS[2])
-  if left >= 0 and left < meta_ttl then redis.call('pexpire', KEYS[2], meta_ttl) end
+  for i = 2, 6 do
+    local left = redis.call('pttl', KEYS[i])
+    if left >= 0 and left < meta_ttl then redis.call('pexpire', KEYS[i], meta_ttl) end
+  end
+end
+-- The channel's epoch and top; a channel without meta starts over under epoch `new`, living
+-- meta_ttl ('' = do not create: nil).
+local function open(new, meta_ttl)
+  local epoch = redis.call('hget', KEYS[2], 'e')
+  if not epoch then
+    if new == '' then return nil, 0 end
+    epoch = new
+    fresh(epoch)
+    if meta_ttl > 0 then redis.call('pexpire', KEYS[2], meta_ttl) end
+  else
+    extend(meta_ttl)
+  end
+  return epoch, tonumber(redis.call('hget', KEYS[2], 's') or '0')
 end
 local function retain(meta_ttl, key_ttl)
   if redis.call('hlen', KEYS[3]) == 0 then
@@ -227,17 +245,16 @@ end
 pub(crate) const MAP_PUBLISH: &str = concat!(
     map_lib!(),
     r#"
+local epoch, offset0 = open(ARGV[5], tonumber(ARGV[4]))
 local idem = ARGV[8] ~= '0'
 if idem then
+  -- A result of an earlier epoch (the map was cleared or lost since) does not answer.
   local prev = redis.call('get', KEYS[8])
-  if prev then return {1, prev} end
+  if prev and string.sub(prev, string.find(prev, ':', 1, true) + 1) == epoch then
+    return {1, prev}
+  end
 end
-local epoch = redis.call('hget', KEYS[2], 'e')
-if not epoch then
-  epoch = ARGV[5]
-  fresh(epoch)
-end
-local top = (redis.call('hget', KEYS[2], 's') or '0') .. ':' .. epoch
+local top = string.format('%d', offset0) .. ':' .. epoch
 local key = ARGV[11]
 local removed = ARGV[12] == '1'
 local exists = redis.call('hexists', KEYS[3], key) == 1
@@ -291,26 +308,18 @@ return {0, pos}
 /// Map state page. KEYS: 1–7 as [`map_lib`]. ARGV: 1 epoch to use if the channel has none,
 /// 2 meta ttl ms, 3 cursor (`` = from the start), 4 limit, 5 `1` = only the key ARGV 6,
 /// 7 revision offset (`` = the top), 8 revision epoch.
-/// Returns `{top, epoch, cursor, entries...}` (a missing entry is nil) or
-/// `{top, epoch, 'position'}` when the revision is not the channel's.
+/// Returns `{top, epoch, 1, cursor, entries...}` (a missing entry is nil) or `{top, epoch, 0}`
+/// when the revision is not the channel's.
 pub(crate) const MAP_STATE: &str = concat!(
     map_lib!(),
     r#"
-local epoch = redis.call('hget', KEYS[2], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  fresh(epoch)
-  if tonumber(ARGV[2]) > 0 then redis.call('pexpire', KEYS[2], ARGV[2]) end
-else
-  extend(tonumber(ARGV[2]))
-end
-local top = tonumber(redis.call('hget', KEYS[2], 's') or '0')
+local epoch, top = open(ARGV[1], tonumber(ARGV[2]))
 if ARGV[7] ~= '' then
-  if ARGV[8] ~= epoch or tonumber(ARGV[7]) > top then return {top, epoch, 'position'} end
+  if ARGV[8] ~= epoch or tonumber(ARGV[7]) > top then return {top, epoch, 0} end
   top = tonumber(ARGV[7])
 end
 if ARGV[5] == '1' then
-  return {top, epoch, '', redis.call('hget', KEYS[3], ARGV[6])}
+  return {top, epoch, 1, '', redis.call('hget', KEYS[3], ARGV[6])}
 end
 local limit = tonumber(ARGV[4])
 local lo = '-'
@@ -321,8 +330,8 @@ if #keys > limit then
   cursor = keys[limit]
   keys[limit + 1] = nil
 end
-local out = {top, epoch, cursor}
-for i = 1, #keys do out[3 + i] = redis.call('hget', KEYS[3], keys[i]) end
+local out = {top, epoch, 1, cursor}
+for i = 1, #keys do out[4 + i] = redis.call('hget', KEYS[3], keys[i]) end
 return out
 "#
 );
@@ -332,16 +341,8 @@ return out
 pub(crate) const MAP_STREAM: &str = concat!(
     map_lib!(),
     r#"
-local epoch = redis.call('hget', KEYS[2], 'e')
-if not epoch then
-  if ARGV[1] == '' then return {0, ''} end
-  epoch = ARGV[1]
-  fresh(epoch)
-  if tonumber(ARGV[2]) > 0 then redis.call('pexpire', KEYS[2], ARGV[2]) end
-else
-  extend(tonumber(ARGV[2]))
-end
-local top = tonumber(redis.call('hget', KEYS[2], 's') or '0')
+local epoch, top = open(ARGV[1], tonumber(ARGV[2]))
+if not epoch then return {0, ''} end
 "#,
     history_read!()
 );

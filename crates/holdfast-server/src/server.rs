@@ -151,7 +151,8 @@ pub fn open_engine(config: &Config) -> anyhow::Result<Engine> {
     let mut engine = open_stream_engine(config)?;
     if let Some(cfg) = config.map_broker.own_redis(&config.engine) {
         tracing::info!(addresses = ?cfg.addresses, prefix = %cfg.prefix, "redis map broker");
-        let redis = holdfast_redis::RedisEngine::new(cfg.clone()).map_err(anyhow::Error::msg)?;
+        let redis =
+            holdfast_redis::RedisEngine::for_maps(cfg.clone()).map_err(anyhow::Error::msg)?;
         engine.maps = holdfast_redis::RedisMapBroker::new(redis);
     }
     Ok(engine)

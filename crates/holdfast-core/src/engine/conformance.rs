@@ -892,7 +892,7 @@ async fn map_key_ttl(b: &dyn super::map::MapBroker, rec: &Recorder) {
 }
 
 async fn map_limits_and_clear(b: &dyn super::map::MapBroker, rec: &Recorder) {
-    use super::map::StateQuery;
+    use super::map::{MapWrite, StateQuery};
     let mut s = map_settings(None);
     s.max_keys = 2;
     b.publish("m", put("a", "1"), &s).await.expect("publish");
@@ -907,6 +907,14 @@ async fn map_limits_and_clear(b: &dyn super::map::MapBroker, rec: &Recorder) {
     b.publish("m", put("a", "2"), &s)
         .await
         .expect("an existing key may still change");
+    let once = || MapWrite {
+        key: "a".into(),
+        data: Bytes::from_static(b"3"),
+        idempotency_key: Some("once".into()),
+        idempotency_ttl: Duration::from_secs(60),
+        ..Default::default()
+    };
+    b.publish("m", once(), &s).await.expect("publish");
     let before = b
         .read_state(
             "m",
@@ -941,4 +949,32 @@ async fn map_limits_and_clear(b: &dyn super::map::MapBroker, rec: &Recorder) {
             .any(|e| matches!(e, Event::Check(ch, ep) if ch == "m" && *ep == epoch))
     })
     .await;
+    // An idempotency result of the cleared epoch does not answer in the new one.
+    let again = b.publish("m", once(), &s).await.expect("publish");
+    assert_eq!(again.suppressed, None, "written again after the clear");
+    assert_eq!(
+        (again.position.offset, &*again.position.epoch),
+        (1, &*epoch)
+    );
+    // A key named like nothing special, at a page's end, pages like any other.
+    s.max_keys = 3;
+    for k in ["position", "q"] {
+        b.publish("m", put(k, "1"), &s).await.expect("publish");
+    }
+    let page = |cursor: String| StateQuery {
+        cursor,
+        limit: 2,
+        ..Default::default()
+    };
+    let first = b
+        .read_state("m", &page(String::new()), &s)
+        .await
+        .expect("page");
+    assert_eq!(first.cursor, "position", "a, position | q");
+    let second = b
+        .read_state("m", &page(first.cursor), &s)
+        .await
+        .expect("page");
+    let keys: Vec<&str> = second.entries.iter().map(|e| &*e.key).collect();
+    assert_eq!((keys, second.cursor.as_str()), (vec!["q"], ""));
 }

@@ -553,7 +553,9 @@ impl Node {
         reverse: bool,
     ) -> Result<HistoryPage, ErrorReply> {
         let resolved = self.inner.rules.resolve(channel)?;
-        if !resolved.options.history_enabled() {
+        // A map channel's change stream is read with map_read_stream (with the Redis map
+        // broker it lives in the keys a stream's history would: never touched from here).
+        if !resolved.options.history_enabled() || resolved.options.subscription_type.is_map() {
             return Err(ErrorReply::NOT_AVAILABLE);
         }
         if reverse && since.as_ref().is_some_and(|(o, _)| *o == 0) {
@@ -575,7 +577,7 @@ impl Node {
     /// Drops a channel's publications, keeping its position.
     pub async fn remove_history(&self, channel: &str) -> Result<(), ErrorReply> {
         let resolved = self.inner.rules.resolve(channel)?;
-        if !resolved.options.history_enabled() {
+        if !resolved.options.history_enabled() || resolved.options.subscription_type.is_map() {
             return Err(ErrorReply::NOT_AVAILABLE);
         }
         self.inner
