@@ -275,6 +275,31 @@ impl Shared {
     }
 }
 
+/// Runs a history read (HISTORY, or MAP_STREAM: the same ARGV and reply) whose keys are set.
+async fn history_read(
+    mut inv: redis::ScriptInvocation<'_>,
+    c: &mut Conn,
+    query: &HistoryQuery,
+) -> Result<HistoryPage, EngineError> {
+    let (since, since_epoch) = match &query.since {
+        Some((o, e)) => (o.to_string(), e.as_str()),
+        None => (String::new(), ""),
+    };
+    let limit: i64 = match query.limit {
+        None => -1,
+        Some(n) => i64::try_from(n).unwrap_or(i64::MAX),
+    };
+    inv.arg(&*new_epoch())
+        .arg(ms(query.meta_ttl))
+        .arg(since)
+        .arg(since_epoch)
+        .arg(limit)
+        .arg(if query.reverse { "1" } else { "0" });
+    let v: Value = inv.invoke_async(c).await.map_err(unavailable)?;
+    let (top, publications) = parse_history(v)?;
+    Ok(HistoryPage { publications, top })
+}
+
 /// The `{top, epoch, ...}` head of a script's reply (the rest stays in `it`).
 fn reply_top(
     it: &mut impl Iterator<Item = Value>,
@@ -617,32 +642,9 @@ impl Broker for RedisEngine {
         query: &HistoryQuery,
     ) -> Result<HistoryPage, EngineError> {
         let k = &self.shared.keys;
-        let mut c = self.shared.conn(channel);
-        let (since, since_epoch) = match &query.since {
-            Some((o, e)) => (o.to_string(), e.as_str()),
-            None => (String::new(), ""),
-        };
-        let limit: i64 = match query.limit {
-            None => -1,
-            Some(n) => i64::try_from(n).unwrap_or(i64::MAX),
-        };
-        let v: Value = self
-            .shared
-            .scripts
-            .history
-            .key(k.stream(channel))
-            .key(k.meta(channel))
-            .arg(&*new_epoch())
-            .arg(ms(query.meta_ttl))
-            .arg(since)
-            .arg(since_epoch)
-            .arg(limit)
-            .arg(if query.reverse { "1" } else { "0" })
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        let (top, publications) = parse_history(v)?;
-        Ok(HistoryPage { publications, top })
+        let mut inv = self.shared.scripts.history.prepare_invoke();
+        inv.key(k.stream(channel)).key(k.meta(channel));
+        history_read(inv, &mut self.shared.conn(channel), query).await
     }
 
     async fn remove_history(&self, channel: &str) -> Result<(), EngineError> {

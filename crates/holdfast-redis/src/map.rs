@@ -9,7 +9,7 @@
 //! swept by every node once a second from per-partition sets of channels with expiring keys
 //! (running the same sweep twice removes nothing twice); see `scripts::map_lib`.
 
-use crate::{RedisEngine, Shared, codec, ms, parse_history, reply_top, scripts, unavailable};
+use crate::{RedisEngine, Shared, codec, history_read, ms, reply_top, scripts, unavailable};
 use async_trait::async_trait;
 use holdfast_core::engine::map::{
     KeyMode, MapBroker, MapOutcome, MapSettings, MapWrite, StatePage, StateQuery, Suppressed,
@@ -361,27 +361,8 @@ impl MapBroker for RedisMapBroker {
         query: &HistoryQuery,
     ) -> Result<HistoryPage, EngineError> {
         let shared = self.shared();
-        let (since, since_epoch) = match &query.since {
-            Some((o, e)) => (o.to_string(), e.as_str()),
-            None => (String::new(), ""),
-        };
-        let limit: i64 = match query.limit {
-            None => -1,
-            Some(n) => i64::try_from(n).unwrap_or(i64::MAX),
-        };
-        let mut inv = self.script(&self.scripts.stream, channel);
-        inv.arg(&*new_epoch())
-            .arg(ms(query.meta_ttl))
-            .arg(since)
-            .arg(since_epoch)
-            .arg(limit)
-            .arg(if query.reverse { "1" } else { "0" });
-        let v: Value = inv
-            .invoke_async(&mut shared.conn(channel))
-            .await
-            .map_err(unavailable)?;
-        let (top, publications) = parse_history(v)?;
-        Ok(HistoryPage { publications, top })
+        let inv = self.script(&self.scripts.stream, channel);
+        history_read(inv, &mut shared.conn(channel), query).await
     }
 
     async fn touch(
