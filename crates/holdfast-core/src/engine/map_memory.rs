@@ -46,6 +46,9 @@ struct Entry {
     version_epoch: Arc<str>,
 }
 
+/// One map channel: its state, expiries, change stream and idempotency results. A write is
+/// [`MapChannel::check`]ed, then [`MapChannel::apply`]ed: a broker that must store a write
+/// before it takes effect (a durable one) can do so between the two.
 #[derive(Debug)]
 struct MapChannel {
     entries: BTreeMap<String, Entry>,
@@ -81,6 +84,236 @@ impl MapChannel {
         if let Some(at) = e.expires {
             self.expiries.remove(&(at, key.to_owned()));
         }
+    }
+
+    /// A write's outcome when it writes nothing (idempotent repeat, stale version, key mode),
+    /// or the limit it breaks; `None`: [`MapChannel::apply`] it.
+    fn check(
+        &mut self,
+        write: &MapWrite,
+        settings: &MapSettings,
+        now: Instant,
+    ) -> Result<Option<MapOutcome>, EngineError> {
+        if let Some(k) = &write.idempotency_key {
+            if let Some((pos, exp)) = self.idempotent.get(k)
+                && *exp > now
+            {
+                return Ok(Some(MapOutcome {
+                    position: pos.clone(),
+                    suppressed: Some(Suppressed::Idempotent),
+                }));
+            }
+            if self.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
+                self.idempotent.retain(|_, (_, exp)| *exp > now);
+                if self.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
+                    return Err(EngineError::Limit("idempotency keys per channel"));
+                }
+            }
+        }
+        let existing = self.entries.get(&write.key);
+        let suppressed = match (write.key_mode, existing) {
+            (KeyMode::IfNew, Some(_)) | (KeyMode::IfExists, None) => Some(Suppressed::KeyMode),
+            // Removing what is not there changes nothing: no stream entry for it.
+            (_, None) if write.removed => Some(Suppressed::KeyMode),
+            (_, Some(e))
+                if write.version > 0
+                    && e.version > 0
+                    && (write.version_epoch.is_empty()
+                        || *write.version_epoch == *e.version_epoch)
+                    && write.version <= e.version =>
+            {
+                Some(Suppressed::Version)
+            }
+            _ => None,
+        };
+        if suppressed.is_some() {
+            return Ok(Some(MapOutcome {
+                position: self.stream.top(),
+                suppressed,
+            }));
+        }
+        if existing.is_none() && self.entries.len() >= settings.max_keys {
+            return Err(EngineError::Limit("keys per map channel"));
+        }
+        Ok(None)
+    }
+
+    /// Writes a checked write: appends it to the stream and updates the state; returns it as
+    /// stored and the new position.
+    fn apply(
+        &mut self,
+        write: MapWrite,
+        settings: &MapSettings,
+        now: Instant,
+    ) -> (Arc<Publication>, StreamTop) {
+        self.retention = settings.stream;
+        let MapWrite {
+            key,
+            data,
+            removed,
+            info,
+            tags,
+            binary,
+            idempotency_key,
+            idempotency_ttl,
+            version,
+            version_epoch,
+            ..
+        } = write;
+        let p = self.append(
+            Publication {
+                data,
+                info,
+                tags,
+                time: unix_ms(),
+                binary,
+                key: key.clone(),
+                removed,
+                ..Default::default()
+            },
+            now,
+        );
+        if let Some(old) = self.entries.remove(&key) {
+            self.unschedule(&key, &old);
+        }
+        if !removed {
+            let expires = settings.key_ttl.map(|t| now + t);
+            if let Some(at) = expires {
+                self.expiries.insert((at, key.clone()));
+            }
+            self.entries.insert(
+                key,
+                Entry {
+                    publication: p.clone(),
+                    expires,
+                    version,
+                    version_epoch: version_epoch.into(),
+                },
+            );
+        }
+        let position = self.stream.top();
+        if let Some(k) = idempotency_key {
+            self.idempotent
+                .insert(k, (position.clone(), now + idempotency_ttl));
+        }
+        (p, position)
+    }
+
+    /// A page of state (keeps the channel's epoch alive for `meta_ttl`).
+    fn page(
+        &mut self,
+        query: &StateQuery,
+        settings: &MapSettings,
+        now: Instant,
+    ) -> Result<StatePage, EngineError> {
+        self.stream.meta_expire = self.stream.meta_expire.max(now + settings.stream.meta_ttl);
+        let top = match &query.revision {
+            Some((offset, epoch)) => {
+                if **epoch != *self.stream.epoch || *offset > self.stream.top {
+                    return Err(EngineError::UnrecoverablePosition);
+                }
+                StreamTop {
+                    offset: *offset,
+                    epoch: self.stream.epoch.clone(),
+                }
+            }
+            None => self.stream.top(),
+        };
+        let visible = |e: &Entry| e.publication.offset <= top.offset;
+        if let Some(k) = &query.key {
+            let entries = self
+                .entries
+                .get(k)
+                .filter(|e| visible(e))
+                .map(|e| vec![e.publication.clone()])
+                .unwrap_or_default();
+            return Ok(StatePage {
+                entries,
+                cursor: String::new(),
+                top,
+            });
+        }
+        let start = if query.cursor.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(query.cursor.clone())
+        };
+        // A page covers `limit` keys, visible or not: entries written after the revision are
+        // left out (a page may hold fewer), so no read walks more than a page of keys under
+        // the channel's lock.
+        let limit = query.limit.max(1);
+        let mut entries = Vec::with_capacity(limit.min(self.entries.len()));
+        let mut last = None;
+        let mut more = false;
+        for (scanned, (k, e)) in self.entries.range((start, Bound::Unbounded)).enumerate() {
+            if scanned == limit {
+                more = true;
+                break;
+            }
+            last = Some(k);
+            if visible(e) {
+                entries.push(e.publication.clone());
+            }
+        }
+        let cursor = match (more, last) {
+            (true, Some(k)) => k.clone(),
+            _ => String::new(),
+        };
+        Ok(StatePage {
+            entries,
+            cursor,
+            top,
+        })
+    }
+
+    /// Extends the expiry of `keys`; returns those not there.
+    fn touch(&mut self, keys: &[String], settings: &MapSettings, now: Instant) -> Vec<String> {
+        let mut missing = Vec::new();
+        for k in keys {
+            let Some(old) = self.entries.get(k).and_then(|e| e.expires) else {
+                if !self.entries.contains_key(k) {
+                    missing.push(k.clone());
+                }
+                continue;
+            };
+            let Some(ttl) = settings.key_ttl else {
+                continue;
+            };
+            self.expiries.remove(&(old, k.clone()));
+            let at = now + ttl;
+            self.expiries.insert((at, k.clone()));
+            if let Some(e) = self.entries.get_mut(k) {
+                e.expires = Some(at);
+            }
+        }
+        missing
+    }
+
+    /// Removes up to `max` keys whose time has come, each a removal appended to the stream;
+    /// returns the removals.
+    fn expire_due(&mut self, now: Instant, max: usize) -> Vec<Arc<Publication>> {
+        let mut out = Vec::new();
+        let mut removed = 0;
+        while let Some((at, key)) = self.expiries.first().cloned() {
+            if at > now || removed == max {
+                break;
+            }
+            removed += 1;
+            self.expiries.pop_first();
+            if self.entries.remove(&key).is_none() {
+                continue;
+            }
+            out.push(self.append(
+                Publication {
+                    key,
+                    removed: true,
+                    time: unix_ms(),
+                    ..Default::default()
+                },
+                now,
+            ));
+        }
+        out
     }
 }
 
@@ -128,25 +361,7 @@ impl MemoryMapBroker {
                 // read is about to use it, so dropping it cannot lose one.
                 let unused = Arc::strong_count(ch) == 1;
                 let mut c = ch.lock();
-                let mut removed = 0;
-                while let Some((at, key)) = c.expiries.first().cloned() {
-                    if at > now || removed == SWEEP_BATCH {
-                        break;
-                    }
-                    removed += 1;
-                    c.expiries.pop_first();
-                    if c.entries.remove(&key).is_none() {
-                        continue;
-                    }
-                    let p = c.append(
-                        Publication {
-                            key,
-                            removed: true,
-                            time: unix_ms(),
-                            ..Default::default()
-                        },
-                        now,
-                    );
+                for p in c.expire_due(now, SWEEP_BATCH) {
                     metrics::counter!("holdfast_map_keys_expired_total").increment(1);
                     if let Some(h) = handler {
                         h.on_publication(name, &p, &c.stream.epoch);
@@ -197,99 +412,12 @@ impl MapBroker for MemoryMapBroker {
         let ch = self.channel(channel, settings);
         let mut c = ch.lock();
         let now = Instant::now();
-        c.retention = settings.stream;
-        if let Some(k) = &write.idempotency_key {
-            if let Some((pos, exp)) = c.idempotent.get(k)
-                && *exp > now
-            {
-                return Ok(MapOutcome {
-                    position: pos.clone(),
-                    suppressed: Some(Suppressed::Idempotent),
-                });
-            }
-            if c.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
-                c.idempotent.retain(|_, (_, exp)| *exp > now);
-                if c.idempotent.len() >= MAX_IDEMPOTENCY_KEYS_PER_CHANNEL {
-                    return Err(EngineError::Limit("idempotency keys per channel"));
-                }
-            }
+        if let Some(suppressed) = c.check(&write, settings, now)? {
+            return Ok(suppressed);
         }
-        let existing = c.entries.get(&write.key);
-        let suppressed = match (write.key_mode, existing) {
-            (KeyMode::IfNew, Some(_)) | (KeyMode::IfExists, None) => Some(Suppressed::KeyMode),
-            // Removing what is not there changes nothing: no stream entry for it.
-            (_, None) if write.removed => Some(Suppressed::KeyMode),
-            (_, Some(e))
-                if write.version > 0
-                    && e.version > 0
-                    && (write.version_epoch.is_empty()
-                        || *write.version_epoch == *e.version_epoch)
-                    && write.version <= e.version =>
-            {
-                Some(Suppressed::Version)
-            }
-            _ => None,
-        };
-        if suppressed.is_some() {
-            return Ok(MapOutcome {
-                position: c.stream.top(),
-                suppressed,
-            });
-        }
-        if existing.is_none() && c.entries.len() >= settings.max_keys {
-            return Err(EngineError::Limit("keys per map channel"));
-        }
-        let MapWrite {
-            key,
-            data,
-            removed,
-            info,
-            tags,
-            binary,
-            idempotency_key,
-            idempotency_ttl,
-            version,
-            version_epoch,
-            ..
-        } = write;
-        let p = c.append(
-            Publication {
-                data,
-                info,
-                tags,
-                time: unix_ms(),
-                binary,
-                key: key.clone(),
-                removed,
-                ..Default::default()
-            },
-            now,
-        );
-        if let Some(old) = c.entries.remove(&key) {
-            c.unschedule(&key, &old);
-        }
-        if !removed {
-            let expires = settings.key_ttl.map(|t| now + t);
-            if let Some(at) = expires {
-                c.expiries.insert((at, key.clone()));
-            }
-            c.entries.insert(
-                key,
-                Entry {
-                    publication: p.clone(),
-                    expires,
-                    version,
-                    version_epoch: version_epoch.into(),
-                },
-            );
-        }
-        let position = c.stream.top();
+        let (p, position) = c.apply(write, settings, now);
         if let Some(h) = self.handler.get() {
             h.on_publication(channel, &p, &position.epoch);
-        }
-        if let Some(k) = idempotency_key {
-            c.idempotent
-                .insert(k, (position.clone(), now + idempotency_ttl));
         }
         Ok(MapOutcome {
             position,
@@ -305,65 +433,7 @@ impl MapBroker for MemoryMapBroker {
     ) -> Result<StatePage, EngineError> {
         let ch = self.channel(channel, settings);
         let mut c = ch.lock();
-        let now = Instant::now();
-        c.stream.meta_expire = c.stream.meta_expire.max(now + settings.stream.meta_ttl);
-        let top = match &query.revision {
-            Some((offset, epoch)) => {
-                if **epoch != *c.stream.epoch || *offset > c.stream.top {
-                    return Err(EngineError::UnrecoverablePosition);
-                }
-                StreamTop {
-                    offset: *offset,
-                    epoch: c.stream.epoch.clone(),
-                }
-            }
-            None => c.stream.top(),
-        };
-        let visible = |e: &Entry| e.publication.offset <= top.offset;
-        if let Some(k) = &query.key {
-            let entries = c
-                .entries
-                .get(k)
-                .filter(|e| visible(e))
-                .map(|e| vec![e.publication.clone()])
-                .unwrap_or_default();
-            return Ok(StatePage {
-                entries,
-                cursor: String::new(),
-                top,
-            });
-        }
-        let start = if query.cursor.is_empty() {
-            Bound::Unbounded
-        } else {
-            Bound::Excluded(query.cursor.clone())
-        };
-        // A page covers `limit` keys, visible or not: entries written after the revision are
-        // left out (a page may hold fewer), so no read walks more than a page of keys under
-        // the channel's lock.
-        let limit = query.limit.max(1);
-        let mut entries = Vec::with_capacity(limit.min(c.entries.len()));
-        let mut last = None;
-        let mut more = false;
-        for (scanned, (k, e)) in c.entries.range((start, Bound::Unbounded)).enumerate() {
-            if scanned == limit {
-                more = true;
-                break;
-            }
-            last = Some(k);
-            if visible(e) {
-                entries.push(e.publication.clone());
-            }
-        }
-        let cursor = match (more, last) {
-            (true, Some(k)) => k.clone(),
-            _ => String::new(),
-        };
-        Ok(StatePage {
-            entries,
-            cursor,
-            top,
-        })
+        c.page(query, settings, Instant::now())
     }
 
     async fn read_stream(
@@ -402,26 +472,7 @@ impl MapBroker for MemoryMapBroker {
             return Ok(keys.to_vec());
         };
         let mut c = ch.lock();
-        let now = Instant::now();
-        let mut missing = Vec::new();
-        for k in keys {
-            let Some(old) = c.entries.get(k).and_then(|e| e.expires) else {
-                if !c.entries.contains_key(k) {
-                    missing.push(k.clone());
-                }
-                continue;
-            };
-            let Some(ttl) = settings.key_ttl else {
-                continue;
-            };
-            c.expiries.remove(&(old, k.clone()));
-            let at = now + ttl;
-            c.expiries.insert((at, k.clone()));
-            if let Some(e) = c.entries.get_mut(k) {
-                e.expires = Some(at);
-            }
-        }
-        Ok(missing)
+        Ok(c.touch(keys, settings, Instant::now()))
     }
 
     async fn num_keys(&self, channel: &str) -> Result<usize, EngineError> {
